@@ -1,0 +1,247 @@
+"""The run configuration: one typed tree loaded from YAML, with `--set a.b=c` overrides.
+
+`load_config(path, overrides)` returns a validated, frozen `Config` or raises `ConfigError`
+naming the config path, what was wrong and the accepted values — before any stage runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHODS = ("sft", "dpo", "simpo", "wpo", "vanilla_kd", "dckd", "adpa", "adpa+", "tvkd", "dpkd")
+Method = Literal["sft", "dpo", "simpo", "wpo", "vanilla_kd", "dckd", "adpa", "adpa+", "tvkd", "dpkd"]
+Layout = Literal["auto", "messages", "prompt_completion", "pairs", "conversational", "scored"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the config path and the fix."""
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Node):
+    """A causal LM: a tiny offline preset, a local checkpoint directory, or a hub id."""
+    preset: Literal["tiny-teacher", "tiny-student"] | None = None
+    name_or_path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.preset is None) == (self.name_or_path is None):
+            raise ValueError("give exactly one of `preset` (tiny-teacher, tiny-student) or "
+                             "`name_or_path` (a hub id or a local directory)")
+        return self
+
+
+class Models(Node):
+    teacher: ModelSpec
+    student: ModelSpec
+
+
+class NumbersTask(Node):
+    """Sizes of the built-in numbers → digits task."""
+    n_sft: int = Field(2000, ge=1)
+    n_pairs: int = Field(2000, ge=1)
+    n_eval: int = Field(200, ge=1)
+    max_value: int = Field(9999, ge=9, le=999_999)
+    noise: float = Field(0.6, ge=0.0, le=1.0, description="share of zero-containing SFT answers written without their zeros")
+    seed: int = 0
+
+
+class DataSpec(Node):
+    """One dataset: the built-in task, a local JSONL/Parquet file, or `hf://owner/name`."""
+    source: str = Field(..., description="'builtin:numbers', a .jsonl/.parquet path, or hf://id")
+    layout: Layout = "auto"
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _source_exists(self):
+        s = self.source
+        if s.startswith("builtin:"):
+            if s != "builtin:numbers":
+                raise ValueError(f"unknown built-in dataset {s!r}; accepted: builtin:numbers")
+        elif not s.startswith("hf://"):
+            p = Path(s).expanduser()
+            if p.suffix not in (".jsonl", ".json", ".parquet"):
+                raise ValueError(f"{s!r}: accepted sources are builtin:numbers, hf://<dataset id>, "
+                                 "or a .jsonl / .parquet file")
+            if not p.exists():
+                raise ValueError(f"file not found: {s}")
+        return self
+
+
+class Data(Node):
+    sft: DataSpec
+    preferences: DataSpec
+    eval: DataSpec
+    numbers: NumbersTask = NumbersTask()
+    max_length: int = Field(256, ge=8, description="prompt + response tokens; longer rows are skipped")
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0,
+                                    description="refuse a dataset with more bad rows than this")
+
+
+class TrainHP(Node):
+    """Optimiser settings shared by every training stage."""
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+
+
+class Sft(Node):
+    teacher: TrainHP = TrainHP()
+    student: TrainHP = TrainHP()
+
+
+class TeacherDpo(TrainHP):
+    beta: float = Field(0.05, gt=0)
+
+
+class Rollouts(Node):
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class TeacherLogits(Node):
+    top_k: int = Field(50, ge=1)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    num_workers: int = Field(1, ge=1)
+    batch_tokens: int = Field(4096, ge=16, description="tokens per forward batch (not fingerprinted)")
+    store: str | None = Field(None, description="cache root; default: per-user cache directory")
+
+
+class Train(TrainHP):
+    loss: dict[str, Any] = Field(default_factory=dict, description="loss options of the method")
+
+
+class Evaluate(Node):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+
+
+class Resources(Node):
+    """Ray resource requests per task."""
+    train_cpus: float = Field(1, gt=0)
+    generate_cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)
+
+
+class RayCfg(Node):
+    address: str | None = Field(None, description="attach to a cluster; default: embedded local")
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class Config(Node):
+    run_dir: str
+    method: Method = "adpa"
+    models: Models
+    data: Data
+    sft: Sft = Sft()
+    teacher_dpo: TeacherDpo = TeacherDpo()
+    rollouts: Rollouts = Rollouts()
+    teacher_logits: TeacherLogits = TeacherLogits()
+    train: Train = Train()
+    evaluate: Evaluate = Evaluate()
+    resources: Resources = Resources()
+    ray: RayCfg = RayCfg()
+
+
+def _unalias(node: Any) -> Any:
+    """Copy without sharing: YAML anchors/aliases load as one shared object, and an override of
+    `a.x` must not also change an aliased sibling `b.x`."""
+    if isinstance(node, dict):
+        return {k: _unalias(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unalias(v) for v in node]
+    return node
+
+
+def _set(tree: dict, dotted: str, raw: str, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {source}: {'.'.join(keys[:i + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _accepted(model: type[BaseModel], loc: tuple) -> str:
+    """The keys accepted at `loc` in the tree, for unknown-key messages."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        cands = [a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not cands:
+            return ""
+        model = cands[0]
+    return ", ".join(model.model_fields)
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            accepted = _accepted(Config, loc)
+            msg = f"unknown key; accepted here: {accepted}" if accepted else "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML, apply `a.b=c` overrides (values parsed as YAML scalars), validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(tree).__name__}")
+    tree = _unalias(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set(tree, key.strip(), raw, item)
+    return config_from_dict(tree, source=str(path))
+
+
+def config_from_dict(tree: dict, *, source: str = "<dict>") -> Config:
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+    from distill_pipeline.pipeline.recipes import validate_method_options
+
+    validate_method_options(cfg, source)
+    return cfg

@@ -1,0 +1,295 @@
+"""Plan, status and execution of a run.
+
+Each node's output folder is `<run_dir>/<node>-<fingerprint[:12]>`, the fingerprint hashing
+(stage, stage version, the node's view, upstream fingerprints). A node is up to date when its
+folder holds a `manifest.json`. Work happens in `<run_dir>/.partial/<folder>` (a crashed stage
+resumes there) and is published by one atomic rename. `<run_dir>/.state/<node>.json` remembers
+the last published view so `status` can say why a node will run. Stages that train or generate
+run as Ray tasks with resource requests; `status` and a no-op `run` never start Ray.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from distill_pipeline.pipeline.recipes import NodeSpec, build_graph, canonical, jsonable
+from distill_pipeline.stages import STAGE_NAMES, get_stage
+
+MANIFEST = "manifest.json"
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or a run request is invalid."""
+
+
+@dataclass
+class Plan:
+    cfg: Any
+    nodes: list[NodeSpec]
+    fingerprints: dict[str, str]
+    run_dir: Path
+
+    def node(self, name: str) -> NodeSpec:
+        return next(n for n in self.nodes if n.name == name)
+
+    def folder(self, name: str) -> Path:
+        return self.run_dir / f"{name}-{self.fingerprints[name][:12]}"
+
+    def partial(self, name: str) -> Path:
+        return self.run_dir / ".partial" / self.folder(name).name
+
+    def done(self, name: str) -> bool:
+        return (self.folder(name) / MANIFEST).exists()
+
+
+def fingerprinted_view(node: NodeSpec) -> dict:
+    """The view minus fields the stage declares value- and layout-neutral."""
+    view = jsonable(node.view)
+    for dotted in getattr(get_stage(node.stage), "UNFINGERPRINTED", ()):
+        key, sub = dotted.split(".", 1)
+        if isinstance(view.get(key), dict):
+            view[key] = {k: v for k, v in view[key].items() if k != sub}
+    return view
+
+
+def make_plan(cfg: Any) -> Plan:
+    nodes = build_graph(cfg)
+    fps: dict[str, str] = {}
+    for n in nodes:
+        stage = get_stage(n.stage)
+        payload = {"stage": n.stage, "version": stage.VERSION, "view": fingerprinted_view(n),
+                   "inputs": {role: fps[up] for role, up in sorted(n.needs.items())}}
+        fps[n.name] = hashlib.sha256(canonical(payload).encode()).hexdigest()
+    return Plan(cfg, nodes, fps, Path(cfg.run_dir))
+
+
+def select(plan: Plan, targets: list[str]) -> list[str]:
+    """Node names for targets (stage names, node names or 'all') plus their upstream closure."""
+    if not targets or targets == ["all"]:
+        return [n.name for n in plan.nodes]
+    wanted: set[str] = set()
+    names = [n.name for n in plan.nodes]
+    for t in targets:
+        hit = [n.name for n in plan.nodes if n.name == t or n.stage == t]
+        if not hit:
+            known = ", ".join(dict.fromkeys(names + [s for s in STAGE_NAMES]))
+            raise PipelineError(f"no node or stage {t!r} in method {plan.cfg.method}; "
+                                f"choose from: all, {known}")
+        wanted.update(hit)
+    closure = set(wanted)
+    for n in reversed(plan.nodes):
+        if n.name in closure:
+            closure.update(n.needs.values())
+    return [n for n in names if n in closure]
+
+
+# ---------------------------------------------------------------------------- status
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def _state_path(plan: Plan, name: str) -> Path:
+    return plan.run_dir / ".state" / f"{name}.json"
+
+
+def why(plan: Plan, name: str) -> str:
+    """Why a node that is not up to date will run."""
+    node = plan.node(name)
+    state_file = _state_path(plan, name)
+    partial = " (resumes from its partial output)" if plan.partial(name).exists() else ""
+    if not state_file.exists():
+        return "never run" + partial
+    prev = json.loads(state_file.read_text())
+    reasons = []
+    version = get_stage(node.stage).VERSION
+    if prev.get("version") != version:
+        reasons.append(f"stage version {prev.get('version')} → {version}")
+    old, new = _flatten(prev["view"]), _flatten(fingerprinted_view(node))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            head, _, rest = key.partition(".")
+            path = ".".join(p for p in (node.origin.get(head, head), rest) if p)
+            if head == "data" and rest == "sha256":
+                reasons.append(f"{node.origin.get('data', 'data')} file content changed")
+            else:
+                reasons.append(f"{path} {old.get(key, '(unset)')} → {new.get(key, '(unset)')}")
+    for role, up in sorted(node.needs.items()):
+        if prev.get("inputs", {}).get(role) != plan.fingerprints[up]:
+            reasons.append(f"upstream {up} changed")
+    return ("; ".join(reasons) or "output folder missing") + partial
+
+
+def status(plan: Plan) -> list[tuple[str, bool, str]]:
+    """(node, up to date, explanation) for every node, in execution order."""
+    rows = []
+    for n in plan.nodes:
+        if plan.done(n.name):
+            rows.append((n.name, True, f"up to date ({plan.folder(n.name)})"))
+        else:
+            rows.append((n.name, False, f"will run: {why(plan, n.name)}"))
+    return rows
+
+
+# ---------------------------------------------------------------------------- execution
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("distill-pipeline", "torch", "transformers", "ray", "zarr", "pyarrow", "vllm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def execute_node(stage_name: str, view: dict, inputs: dict[str, str], partial: str,
+                 num_threads: int | None = None) -> dict:
+    """Run one stage into its partial folder; returns the stage summary. Runs in a Ray task."""
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    out = Path(partial)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = get_stage(stage_name)
+    return stage.run(view, {k: Path(v) for k, v in inputs.items()}, out)
+
+
+def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
+    node = plan.node(name)
+    partial, final = plan.partial(name), plan.folder(name)
+    manifest = {
+        "node": name, "stage": node.stage, "version": get_stage(node.stage).VERSION,
+        "fingerprint": plan.fingerprints[name], "config": jsonable(node.view),
+        "inputs": {role: {"node": up, "fingerprint": plan.fingerprints[up],
+                          "path": str(plan.folder(up))} for role, up in node.needs.items()},
+        "summary": summary,
+        "timings": {"started": started, "finished": time.time(),
+                    "seconds": round(time.time() - started, 3)},
+        "versions": _versions(), "host": platform.node(),
+    }
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if final.exists():  # a stale folder without manifest (crash after rename is impossible)
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    state = {"fingerprint": plan.fingerprints[name], "version": manifest["version"],
+             "view": fingerprinted_view(node),
+             "inputs": {role: plan.fingerprints[up] for role, up in node.needs.items()}}
+    _state_path(plan, name).parent.mkdir(parents=True, exist_ok=True)
+    tmp = _state_path(plan, name).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, _state_path(plan, name))
+
+
+def _summary_line(plan: Plan, name: str, summary: dict, seconds: float) -> str:
+    folder = plan.folder(name)
+    parts = ", ".join(f"{k} {v}" for k, v in summary.items())
+    line = f"{name}: done in {seconds:.1f}s — {parts} → {folder}"
+    report = getattr(get_stage(plan.node(name).stage), "report", None)
+    return f"{line}\n{report(folder)}" if report else line
+
+
+def preflight(plan: Plan) -> None:
+    """Checks that need libraries (not just the config) and must pass before compute is spent."""
+    from distill_pipeline.models import check_same_tokenizer, load_tokenizer
+
+    models = plan.cfg.models
+    check_same_tokenizer(load_tokenizer(models.teacher), load_tokenizer(models.student),
+                         teacher=models.teacher.preset or models.teacher.name_or_path,
+                         student=models.student.preset or models.student.name_or_path)
+
+
+def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = True,
+        echo: Callable[[str], None] = print) -> list[str]:
+    """Bring the selected nodes up to date; returns the names of the nodes that executed."""
+    selected = select(plan, targets)
+    everything = targets in ([], ["all"])
+    forced = {n.name for n in plan.nodes
+              if force and (everything or n.name in targets or n.stage in targets)}
+    todo = [n for n in selected if n in forced or not plan.done(n)]
+    for n in selected:
+        if n not in todo:
+            echo(f"{n}: up to date")
+    if not todo:
+        return []
+    preflight(plan)
+    for n in todo:
+        echo(f"{n}: will run: {'forced' if n in forced and plan.done(n) else why(plan, n)}")
+    if use_ray:
+        _run_ray(plan, todo, echo)
+    else:
+        for n in todo:
+            _run_one_inline(plan, n, echo)
+    return todo
+
+
+def _inputs(plan: Plan, name: str) -> dict[str, str]:
+    return {role: str(plan.folder(up)) for role, up in plan.node(name).needs.items()}
+
+
+def _run_one_inline(plan: Plan, name: str, echo: Callable[[str], None]) -> None:
+    node, started = plan.node(name), time.time()
+    try:
+        summary = execute_node(node.stage, node.view, _inputs(plan, name), str(plan.partial(name)))
+    except Exception as exc:
+        raise PipelineError(f"{name} failed: {type(exc).__name__}: {exc}\n"
+                            f"partial output kept in {plan.partial(name)}") from exc
+    _publish(plan, name, summary, started)
+    echo(_summary_line(plan, name, summary, time.time() - started))
+
+
+def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
+    import ray
+
+    from distill_pipeline.pipeline.raysetup import ensure_ray
+
+    ensure_ray(plan.cfg.ray)
+    res = plan.cfg.resources
+    remote = ray.remote(execute_node)
+    pending, running, started = list(todo), {}, {}
+    failures: list[str] = []
+    while pending or running:
+        for name in list(pending):
+            node = plan.node(name)
+            if any(up in pending or up in running.values() for up in node.needs.values()):
+                continue
+            if failures:
+                break
+            kind = get_stage(node.stage).KIND
+            cpus = res.train_cpus if kind == "train" else res.generate_cpus
+            ref = remote.options(num_cpus=cpus, num_gpus=res.gpus, name=name).remote(
+                node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
+                max(1, int(cpus)))
+            running[ref] = name
+            started[name] = time.time()
+            pending.remove(name)
+        if not running:
+            break
+        done, _ = ray.wait(list(running), num_returns=1)
+        name = running.pop(done[0])
+        try:
+            summary = ray.get(done[0])
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            failures.append(f"{name} failed: {type(cause).__name__}: {cause}\n"
+                            f"partial output kept in {plan.partial(name)}")
+            continue
+        _publish(plan, name, summary, started[name])
+        echo(_summary_line(plan, name, summary, time.time() - started[name]))
+    if failures:
+        raise PipelineError("\n".join(failures))

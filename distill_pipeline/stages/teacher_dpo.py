@@ -1,0 +1,78 @@
+"""Stage `teacher_dpo`: DPO-train the teacher from the SFT teacher, which stays on disk as the
+reference teacher. Produces `model/` and `metrics.jsonl`.
+Run alone: `distill-pipeline run teacher_dpo -c configs/quickstart.yaml`.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+NAME = "teacher_dpo"
+VERSION = 1
+KIND = "train"
+
+
+def reference_logps(model, examples, pad_id, batch_size=64):
+    """Summed reference log-probs of chosen and rejected for every pair: two lists of floats."""
+    import torch
+
+    from distill_pipeline.data.tokenize import collate, sequence_logps
+
+    out_w, out_l = [], []
+    with torch.no_grad():
+        for s in range(0, len(examples), batch_size):
+            chunk = examples[s:s + batch_size]
+            for field, acc in (("chosen_ids", out_w), ("rejected_ids", out_l)):
+                ids, mask, labels = collate([e["prompt_ids"] for e in chunk],
+                                            [e[field] for e in chunk], pad_id)
+                acc.extend(sequence_logps(model, ids, mask, labels)[0].tolist())
+    return out_w, out_l
+
+
+def pair_batches(examples, hp, pad_id, extra=()):
+    """Deterministic per-epoch batches of (chosen batch, rejected batch, *extra tensors)."""
+    import torch
+
+    from distill_pipeline.data.tokenize import collate
+
+    def batches(epoch: int):
+        order = list(range(len(examples)))
+        random.Random(hp.seed * 1000 + epoch).shuffle(order)
+        for s in range(0, len(order), hp.batch_size):
+            chunk = [examples[i] for i in order[s:s + hp.batch_size]]
+            prompts = [e["prompt_ids"] for e in chunk]
+            yield (collate(prompts, [e["chosen_ids"] for e in chunk], pad_id),
+                   collate(prompts, [e["rejected_ids"] for e in chunk], pad_id),
+                   *[torch.tensor([e[k] for e in chunk], dtype=torch.float32) for k in extra])
+    return batches
+
+
+def run(view: dict, inputs: dict, out: Path) -> dict:
+    from distill_pipeline.data import pair_examples
+    from distill_pipeline.losses import dpo_loss
+    from distill_pipeline.models import load_checkpoint
+    from distill_pipeline.training import finish, train_loop
+
+    hp = view["hp"]
+    policy, tok = load_checkpoint(inputs["reference"] / "model")
+    reference, _ = load_checkpoint(inputs["reference"] / "model")
+    examples = pair_examples(view["data"], tok)
+    ref_w, ref_l = reference_logps(reference, examples, tok.pad_token_id)
+    for e, w, l in zip(examples, ref_w, ref_l):
+        e["ref_w"], e["ref_l"] = w, l
+    del reference
+
+    def loss_fn(model, batch):
+        (iw, mw, lw), (il, ml, ll), ref_w, ref_l = batch
+        logits_w = model(input_ids=iw, attention_mask=mw).logits
+        logits_l = model(input_ids=il, attention_mask=ml).logits
+        return dpo_loss(logits_w[:, :-1], lw[:, 1:], logits_l[:, :-1], ll[:, 1:], ref_w, ref_l,
+                        beta=hp.beta)
+
+    summary = train_loop(policy, hp=hp, examples=len(examples),
+                         batches=pair_batches(examples, hp, tok.pad_token_id, ("ref_w", "ref_l")),
+                         loss_fn=loss_fn, work_dir=out, desc="teacher_dpo")
+    policy.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    finish(out)
+    return {**summary, "pairs": len(examples)}

@@ -1,0 +1,140 @@
+"""One optimisation loop for every training stage (SFT, teacher DPO, student distillation).
+
+AdamW, linear warm-up then cosine decay, gradient clipping and accumulation, JSONL metrics, and
+checkpoints that resume mid-training with the same data order. Written here rather than taken
+from TRL because the distillation losses stream their batches from the teacher-logit cache,
+and one small loop serves all three stages with identical resume semantics.
+
+A stage supplies `batches(epoch) -> iterator of micro-batches` (deterministic per epoch) and
+`loss_fn(model, micro_batch) -> (loss, metrics)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from distill_pipeline.progress import progress
+
+
+def total_steps(hp: Any, examples: int) -> int:
+    per_step = hp.batch_size * hp.grad_accum
+    return hp.max_steps or max(1, math.ceil(hp.epochs * examples / per_step))
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def _save(ckpt: Path, model: Any, opt: Any, state: dict) -> None:
+    import torch
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), **state}, tmp / "state.pt")
+    old = ckpt.with_name(ckpt.name + ".old")
+    if ckpt.exists():
+        ckpt.rename(old)
+    tmp.rename(ckpt)  # atomic: a crash leaves either the old or the new checkpoint
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_loop(model: Any, *, hp: Any, examples: int,
+               batches: Callable[[int], Iterable[Any]],
+               loss_fn: Callable[[Any, Any], tuple[Any, dict]],
+               work_dir: Path, desc: str,
+               on_checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Train `model` in place; returns summary metrics. Resumes from `work_dir/checkpoint`."""
+    import torch
+
+    torch.manual_seed(hp.seed)
+    steps = total_steps(hp, examples)
+    warmup = int(hp.warmup_ratio * steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = work_dir / "checkpoint"
+    log_path = work_dir / "metrics.jsonl"
+    step, epoch, consumed = 0, 0, 0
+    if (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        torch.set_rng_state(state["rng"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup),
+                                                  last_epoch=step - 1)
+        print(f"{desc}: resuming at step {step}/{steps}")
+    elif log_path.exists():
+        log_path.unlink()
+    model.train()
+    t0 = time.perf_counter()
+    last: dict = {}
+    writer = _tensorboard(work_dir)
+
+    def micro_batches() -> Iterator[tuple[int, int, Any]]:
+        e, skip = epoch, consumed
+        while True:
+            for i, mb in enumerate(batches(e)):
+                if i < skip:
+                    continue  # resume: same data order, skip what was consumed
+                yield e, i + 1, mb
+            e, skip = e + 1, 0
+
+    stream = micro_batches()
+    with open(log_path, "a") as log, progress(total=steps, initial=step, desc=desc) as bar:
+        while step < steps:
+            opt.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for _ in range(hp.grad_accum):
+                epoch, consumed, mb = next(stream)
+                loss, metrics = loss_fn(model, mb)
+                (loss / hp.grad_accum).backward()
+                for k, v in {"loss": loss.item(), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v / hp.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm).item()
+            opt.step()
+            sched.step()
+            step += 1
+            last = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                    "grad_norm": grad_norm, **sums}
+            log.write(json.dumps(last) + "\n")
+            if writer:
+                for k, v in last.items():
+                    writer.add_scalar(k, v, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            if step % hp.checkpoint_every == 0 or step == steps:
+                log.flush()
+                _save(ckpt, model, opt, {"step": step, "epoch": epoch, "consumed": consumed,
+                                         "rng": torch.get_rng_state()})
+                if on_checkpoint:
+                    on_checkpoint(step)
+    if writer:
+        writer.close()
+    model.eval()
+    return {"steps": steps, "final_loss": round(last.get("loss", float("nan")), 6),
+            "train_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _tensorboard(work_dir: Path):
+    if os.environ.get("DISTILL_TENSORBOARD", "1") == "0":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: JSONL only
+        return None
+    return SummaryWriter(str(work_dir / "tensorboard"))
+
+
+def finish(work_dir: Path) -> None:
+    """Drop the resume checkpoint once the final model is saved."""
+    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)

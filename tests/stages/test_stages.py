@@ -1,0 +1,87 @@
+"""Each stage on the tiny config, in process: exact output files; a rerun executes nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distill_pipeline.generation import BackendError, gpu_available, pick_backend
+from distill_pipeline.pipeline import runner
+from distill_pipeline.pipeline.config import load_config
+from tests.conftest import tiny_tree, write_config
+
+MODEL_FILES = {"chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json"}
+
+
+@pytest.fixture(scope="module")
+def done_plan(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stages")
+    cfg = load_config(write_config(tmp / "c.yaml", tiny_tree(tmp / "run", method="sft")))
+    plan = runner.make_plan(cfg)
+    ran = runner.run(plan, ["all"], use_ray=False, echo=lambda s: None)
+    assert ran == [n.name for n in plan.nodes]
+    return plan
+
+
+def files(folder):
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("node", ["sft.teacher", "sft.student", "teacher_dpo"])
+def test_training_stage_outputs(done_plan, node):
+    folder = done_plan.folder(node)
+    assert files(folder) == {"manifest.json", "metrics.jsonl"} | {f"model/{f}" for f in MODEL_FILES}
+    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["fingerprint"] == done_plan.fingerprints[node]
+    assert manifest["summary"]["steps"] == 4
+    assert {"torch", "transformers", "ray", "python"} <= set(manifest["versions"])
+
+
+def test_teacher_dpo_keeps_reference_on_disk(done_plan):
+    manifest = json.loads((done_plan.folder("teacher_dpo") / "manifest.json").read_text())
+    assert manifest["inputs"]["reference"]["path"] == str(done_plan.folder("sft.teacher"))
+    assert (done_plan.folder("sft.teacher") / "model/model.safetensors").exists()
+    assert "reward_acc" in (done_plan.folder("teacher_dpo") / "metrics.jsonl").read_text()
+
+
+def test_rollouts_outputs(done_plan):
+    folder = done_plan.folder("rollouts")
+    assert files(folder) == {"manifest.json", "rollouts.jsonl"}
+    rows = [json.loads(l) for l in (folder / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    assert all(1 <= len(r["response_ids"]) <= 6 for r in rows)
+    assert {"prompt", "prompt_ids", "response_ids", "response", "chosen", "rejected"} <= set(rows[0])
+    assert json.loads((folder / "manifest.json").read_text())["summary"]["backend"] == "hf"
+
+
+def test_evaluate_outputs(done_plan):
+    folder = done_plan.folder("evaluate")
+    assert files(folder) == {"manifest.json", "results.json", "table.txt"}
+    results = json.loads((folder / "results.json").read_text())
+    assert set(results) == set(done_plan.node("evaluate").needs) >= {"sft.student", "sft.teacher", "teacher_dpo"}
+    for r in results.values():
+        assert 0 <= r["task_accuracy"] <= 1 and 0 <= r["reward_accuracy"] <= 1 and r["n"] == 12
+        assert 1 <= r["mean_length"] <= 6
+    assert "task_accuracy" in (folder / "table.txt").read_text()
+
+
+def test_rerun_is_noop(done_plan):
+    again = runner.make_plan(done_plan.cfg)
+    assert runner.run(again, ["all"], use_ray=False, echo=lambda s: None) == []
+    assert all(ok for _, ok, _ in runner.status(again))
+
+
+def test_force_reruns_only_the_named_stage(done_plan):
+    again = runner.make_plan(done_plan.cfg)
+    assert runner.run(again, ["rollouts"], force=True, use_ray=False, echo=lambda s: None) == ["rollouts"]
+
+
+def test_vllm_without_gpu_is_a_clear_error():
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+        pick_backend("vllm")
+    assert pick_backend("auto") == "hf"
