@@ -290,6 +290,8 @@ class LossSpec:
     doc: str = ""
 
 
+OPTION_CHOICES = {"potential": ("teacher_value", "student_entropy")}
+
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft_loss, "sft", doc="NLL on y_w"),
     "dpo": LossSpec(dpo_loss, "pairs", reference=True, options={"beta": 0.1}, doc="DPO vs the SFT student"),

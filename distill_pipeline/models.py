@@ -125,6 +125,14 @@ def load_checkpoint(path: Path, *, dtype: str = "float32"):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
+def load_tokenizer_dir(path: Path):
+    """Tokenizer saved by a stage next to its model."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def tokenizer_fingerprint(tok) -> str:
     """Hash of the vocabulary, special tokens and chat template: equal iff ids mean the same."""
     payload = json.dumps({"vocab": sorted(tok.get_vocab().items()),
@@ -166,16 +174,18 @@ def directory_digest(path: Path) -> str:
 
 def teacher_identity(model_dir: Path) -> str:
     """Teacher part of a cache key: weights + tokenizer + chat template of a saved checkpoint.
-    Memoised in the directory (checkpoints written by stages are immutable)."""
+    Stages write it beside the weights when they save (`save_model`); other directories are hashed."""
     memo = Path(model_dir) / ".identity"
     if memo.exists():
         return memo.read_text().strip()
-    digest = directory_digest(model_dir)
-    try:
-        memo.write_text(digest)
-    except OSError:
-        pass  # read-only shared checkpoint: recompute next time
-    return digest
+    return directory_digest(model_dir)
+
+
+def save_model(model, tok, folder: Path) -> None:
+    """save_pretrained for weights and tokenizer, plus the identity hash used by cache keys."""
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (Path(folder) / ".identity").write_text(directory_digest(folder))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,18 @@ def sft_examples(view: dict, tok: Any) -> list[dict]:
 def pair_examples(view: dict, tok: Any, kind: str = "preferences") -> list[dict]:
     rows, bad = read_dataset(view["spec"], kind, view.get("numbers"))
     return _finish(bad, view, encode_rows(tok, rows, ["chosen", "rejected"], view["max_length"], bad))
+
+
+def rollout_examples(folder: Any) -> list[dict]:
+    """Rows of a rollouts stage's `rollouts.jsonl`: prompt_ids, rollout_ids (the student's exact
+    generated ids) and chosen_ids (the dataset's y_w, for ADPA's SFT term)."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    with open(Path(folder) / "rollouts.jsonl") as fh:
+        for line in fh:
+            r = json.loads(line)
+            rows.append({"prompt_ids": r["prompt_ids"], "rollout_ids": r["response_ids"],
+                         "chosen_ids": r["chosen_ids"], "prompt": r["prompt"]})
+    return rows

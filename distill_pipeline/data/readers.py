@@ -191,7 +191,7 @@ def _iter_raw(source: str, split: str) -> Iterator[tuple[int, Any]]:
 
 
 def read_dataset(spec: Any, kind: str, numbers: Any = None) -> tuple[list[dict], BadRows]:
-    """Read the dataset of a `DataSpec` as `kind` ('sft', 'preferences' or 'eval')."""
+    """Read the dataset of a `DataSpec` as `kind` ('sft', 'preferences', 'validation' or 'eval')."""
     if spec.source == "builtin:numbers":
         from distill_pipeline.data.toy import make_task
 

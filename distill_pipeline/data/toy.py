@@ -71,15 +71,17 @@ def drop_zeros(answer: str) -> str:
 
 
 def make_task(*, n_sft: int, n_pairs: int, n_eval: int, max_value: int, noise: float,
-              seed: int) -> dict[str, list[dict]]:
-    """Deterministic SFT / preference / eval rows for the numbers task."""
-    if n_sft + n_eval > max_value + 1:
-        raise ValueError(f"numbers task: n_sft + n_eval = {n_sft + n_eval} exceeds the "
-                         f"{max_value + 1} distinct numbers 0..{max_value}; raise max_value")
+              seed: int, n_validation: int = 100) -> dict[str, list[dict]]:
+    """Deterministic SFT / preference / validation / eval rows for the numbers task."""
+    held_out = n_eval + n_validation
+    if n_sft + held_out > max_value + 1:
+        raise ValueError(f"numbers task: n_sft + n_eval + n_validation = {n_sft + held_out} exceeds "
+                         f"the {max_value + 1} distinct numbers 0..{max_value}; raise max_value")
     rng = random.Random(seed)
     numbers = list(range(max_value + 1))
     rng.shuffle(numbers)
-    eval_numbers, train_numbers = numbers[:n_eval], numbers[n_eval:]
+    eval_numbers, train_numbers = numbers[:n_eval], numbers[held_out:]
+    validation_numbers = numbers[n_eval:held_out]
     sft_numbers = train_numbers[:n_sft]
     sft = []
     for n in sft_numbers:
@@ -94,11 +96,12 @@ def make_task(*, n_sft: int, n_pairs: int, n_eval: int, max_value: int, noise: f
     for k in range(n_pairs):
         n = train_numbers[k % len(train_numbers)]
         pairs.append({"prompt": prompt_for(n), "chosen": str(n), "rejected": rejected(n)})
-    evaluation = []
-    for n in eval_numbers:
-        evaluation.append({"prompt": prompt_for(n), "answer": str(n), "chosen": str(n),
-                           "rejected": rejected(n)})
-    return {"sft": sft, "preferences": pairs, "eval": evaluation}
+    def held(ns: list[int]) -> list[dict]:
+        return [{"prompt": prompt_for(n), "answer": str(n), "chosen": str(n), "rejected": rejected(n)}
+                for n in ns]
+    evaluation = held(eval_numbers)
+    validation = held(validation_numbers)
+    return {"sft": sft, "preferences": pairs, "eval": evaluation, "validation": validation}
 
 
 def corpus(max_value: int = 99_999) -> list[str]:

@@ -48,6 +48,7 @@ class NumbersTask(Node):
     n_sft: int = Field(2000, ge=1)
     n_pairs: int = Field(2000, ge=1)
     n_eval: int = Field(200, ge=1)
+    n_validation: int = Field(100, ge=1)
     max_value: int = Field(9999, ge=9, le=999_999)
     noise: float = Field(0.6, ge=0.0, le=1.0, description="share of zero-containing SFT answers written without their zeros")
     seed: int = 0
@@ -80,6 +81,8 @@ class Data(Node):
     sft: DataSpec
     preferences: DataSpec
     eval: DataSpec
+    validation: DataSpec | None = Field(None, description="pairs for the train stage's validation "
+                                        "reward accuracy (tune here, report on eval)")
     numbers: NumbersTask = NumbersTask()
     max_length: int = Field(256, ge=8, description="prompt + response tokens; longer rows are skipped")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0,
@@ -119,15 +122,20 @@ class Rollouts(Node):
 
 
 class TeacherLogits(Node):
-    top_k: int = Field(50, ge=1)
+    top_k: int = Field(50, ge=1, le=1024)
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    num_workers: int = Field(1, ge=1)
-    batch_tokens: int = Field(4096, ge=16, description="tokens per forward batch (not fingerprinted)")
-    store: str | None = Field(None, description="cache root; default: per-user cache directory")
+    store: str | None = Field(None, description="cache root (shared path for a team); default: "
+                              "$DISTILL_CACHE_DIR or ~/.cache/distill-pipeline/teacher-logits")
+    unit_tokens: int = Field(16384, ge=1, description="response tokens per published segment")
+    num_workers: int = Field(1, ge=1, description="extraction workers (not fingerprinted)")
+    batch_tokens: int = Field(4096, ge=16, description="padded tokens per forward batch (not fingerprinted)")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads per CPU worker (not fingerprinted)")
 
 
 class Train(TrainHP):
     loss: dict[str, Any] = Field(default_factory=dict, description="loss options of the method")
+    dckd_loss: dict[str, Any] = Field(default_factory=dict,
+                                      description="adpa+ only: loss options of its DCKD phase")
 
 
 class Evaluate(Node):

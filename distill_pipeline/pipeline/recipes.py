@@ -56,8 +56,37 @@ def _data_origin(which: str) -> dict:
     return {"data": f"data.{which}"}
 
 
+def _train_view(cfg: Any, loss: str, options: dict) -> dict:
+    from distill_pipeline.losses import LOSSES
+
+    hp = cfg.train.model_dump(exclude={"loss", "dckd_loss"})
+    view = {"hp": hp, "loss": loss, "options": {**LOSSES[loss].options, **options},
+            "data": data_view(cfg, "preferences"), "top_k": cfg.teacher_logits.top_k,
+            "cache_dtype": cfg.teacher_logits.dtype}
+    if cfg.data.validation is not None:
+        view["validation"] = data_view(cfg, "validation")
+    return view
+
+
+_TRAIN_ORIGIN = {"hp": "train", "options": "train.loss", **_data_origin("preferences"),
+                 "validation": "data.validation",
+                 "top_k": "teacher_logits.top_k", "cache_dtype": "teacher_logits.dtype"}
+
+
+def _extraction(cfg: Any, name: str, needs: dict, source: str) -> NodeSpec:
+    return NodeSpec(name, "teacher_logits", needs,
+                    {"teacher_logits": cfg.teacher_logits, "source": source,
+                     "data": data_view(cfg, "preferences")},
+                    {"teacher_logits": "teacher_logits", **_data_origin("preferences")})
+
+
 def build_graph(cfg: Any) -> list[NodeSpec]:
     """The nodes of `cfg.method`, in a valid execution order."""
+    from distill_pipeline.losses import LOSSES
+
+    method = cfg.method
+    loss = "adpa" if method == "adpa+" else method
+    spec = LOSSES[loss]
     nodes = [
         NodeSpec("sft.teacher", "sft", {},
                  {"role": "teacher", "model": cfg.models.teacher, "hp": cfg.sft.teacher,
@@ -70,11 +99,40 @@ def build_graph(cfg: Any) -> list[NodeSpec]:
         NodeSpec("teacher_dpo", "teacher_dpo", {"reference": "sft.teacher"},
                  {"hp": cfg.teacher_dpo, "data": data_view(cfg, "preferences")},
                  {"hp": "teacher_dpo", **_data_origin("preferences")}),
-        NodeSpec("rollouts", "rollouts", {"policy": "sft.student"},
-                 {"rollouts": cfg.rollouts, "data": data_view(cfg, "preferences")},
-                 {"rollouts": "rollouts", **_data_origin("preferences")}),
     ]
-    models = {"sft.student": "sft.student", "sft.teacher": "sft.teacher", "teacher_dpo": "teacher_dpo"}
+
+    def rollouts(name: str, policy: str) -> NodeSpec:
+        return NodeSpec(name, "rollouts", {"policy": policy},
+                        {"rollouts": cfg.rollouts, "data": data_view(cfg, "preferences")},
+                        {"rollouts": "rollouts", **_data_origin("preferences")})
+
+    students = {}
+    if spec.teacher == "pairs" or method == "adpa+":
+        nodes.append(_extraction(cfg, "teacher_logits", {"teacher": "teacher_dpo"}, "pairs"))
+    init = "sft.student"
+    if method == "adpa+":
+        nodes.append(NodeSpec("train.dckd", "train", {"init": "sft.student", "cache": "teacher_logits"},
+                              _train_view(cfg, "dckd", cfg.train.dckd_loss),
+                              {**_TRAIN_ORIGIN, "options": "train.dckd_loss"}))
+        students["train.dckd"] = "train.dckd"
+        init = "train.dckd"
+    if spec.teacher == "rollouts":
+        suffix = ".dckd" if method == "adpa+" else ""
+        nodes.append(rollouts("rollouts" + suffix, init))
+        nodes.append(_extraction(cfg, "teacher_logits.rollouts",
+                                 {"teacher": "teacher_dpo", "reference": "sft.teacher",
+                                  "rollouts": "rollouts" + suffix}, "rollouts"))
+    needs = {"init": init}
+    if spec.teacher:
+        needs["cache"] = "teacher_logits.rollouts" if spec.teacher == "rollouts" else "teacher_logits"
+    if spec.teacher == "rollouts":
+        needs["rollouts"] = "rollouts.dckd" if method == "adpa+" else "rollouts"
+    if spec.reference:
+        needs["reference"] = "sft.student"
+    nodes.append(NodeSpec("train", "train", needs, _train_view(cfg, loss, cfg.train.loss), _TRAIN_ORIGIN))
+    students["train"] = "train"
+    models = {"sft.student": "sft.student", "sft.teacher": "sft.teacher", "teacher_dpo": "teacher_dpo",
+              **students}
     nodes.append(NodeSpec("evaluate", "evaluate", models,
                           {"evaluate": cfg.evaluate, "data": data_view(cfg, "eval")},
                           {"evaluate": "evaluate", **_data_origin("eval")}))
@@ -87,19 +145,33 @@ def validate_method_options(cfg: Any, source: str) -> None:
     from distill_pipeline.pipeline.config import ConfigError
 
     loss = "adpa" if cfg.method == "adpa+" else cfg.method
-    accepted = LOSSES[loss].options
-    unknown = sorted(set(cfg.train.loss) - set(accepted))
+    _check_options(cfg.train.loss, LOSSES[loss].options, "train.loss", cfg.method, source)
+    if cfg.train.dckd_loss and cfg.method != "adpa+":
+        raise ConfigError(f"invalid config {source}:\n  train.dckd_loss: only used by method adpa+ "
+                          f"(method is {cfg.method}); remove it or use train.loss")
+    _check_options(cfg.train.dckd_loss, LOSSES["dckd"].options, "train.dckd_loss", "adpa+ (DCKD phase)", source)
+
+
+def _check_options(given: dict, accepted: dict, path: str, method: str, source: str) -> None:
+    from distill_pipeline.losses import OPTION_CHOICES
+    from distill_pipeline.pipeline.config import ConfigError
+
+    unknown = sorted(set(given) - set(accepted))
     if unknown:
-        raise ConfigError(f"invalid config {source}:\n  train.loss.{unknown[0]}: unknown option for "
-                          f"method {cfg.method}; accepted: {', '.join(accepted) or '(none)'}")
-    for key, value in cfg.train.loss.items():
+        raise ConfigError(f"invalid config {source}:\n  {path}.{unknown[0]}: unknown option for "
+                          f"method {method}; accepted: {', '.join(accepted) or '(none)'}")
+    for key, value in given.items():
         default = accepted[key]
         ok = (isinstance(value, bool) if isinstance(default, bool) else
               isinstance(value, (int, float)) and not isinstance(value, bool)
               if isinstance(default, (int, float)) else isinstance(value, type(default)))
         if not ok:
-            raise ConfigError(f"invalid config {source}:\n  train.loss.{key}: expected "
+            raise ConfigError(f"invalid config {source}:\n  {path}.{key}: expected "
                               f"{type(default).__name__} like {default!r} (got {value!r})")
+        choices = OPTION_CHOICES.get(key)
+        if choices and value not in choices:
+            raise ConfigError(f"invalid config {source}:\n  {path}.{key}: {value!r} is not one of "
+                              f"{', '.join(choices)}")
 
 
 def jsonable(value: Any) -> Any:

@@ -16,7 +16,7 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import sft_examples
     from distill_pipeline.data.tokenize import collate
     from distill_pipeline.losses import sft_loss
-    from distill_pipeline.models import describe, load_model, load_tokenizer
+    from distill_pipeline.models import describe, load_model, load_tokenizer, save_model
     from distill_pipeline.training import finish, train_loop
 
     hp = view["hp"]
@@ -40,7 +40,6 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
 
     summary = train_loop(model, hp=hp, examples=len(examples), batches=batches, loss_fn=loss_fn,
                          work_dir=out, desc=f"sft {view['role']}")
-    model.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
+    save_model(model, tok, out / "model")
     finish(out)
     return {**summary, "examples": len(examples)}

@@ -50,7 +50,7 @@ def pair_batches(examples, hp, pad_id, extra=()):
 def run(view: dict, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.losses import dpo_loss
-    from distill_pipeline.models import load_checkpoint
+    from distill_pipeline.models import load_checkpoint, save_model
     from distill_pipeline.training import finish, train_loop
 
     hp = view["hp"]
@@ -72,7 +72,6 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
     summary = train_loop(policy, hp=hp, examples=len(examples),
                          batches=pair_batches(examples, hp, tok.pad_token_id, ("ref_w", "ref_l")),
                          loss_fn=loss_fn, work_dir=out, desc="teacher_dpo")
-    policy.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
+    save_model(policy, tok, out / "model")
     finish(out)
     return {**summary, "pairs": len(examples)}

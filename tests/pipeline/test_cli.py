@@ -24,7 +24,7 @@ def executed(out: str) -> list[str]:
 
 
 def test_run_twice_then_set_change(tmp_path):
-    config = write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="sft"))
+    config = write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="adpa"))
     first = cli("run", "all", "-c", str(config))
     assert first.returncode == 0, first.stderr[-3000:]
     assert set(executed(first.stdout)) >= {"sft.teacher", "sft.student", "teacher_dpo", "rollouts", "evaluate"}
@@ -54,7 +54,7 @@ def test_run_twice_then_set_change(tmp_path):
 
 
 def test_run_single_stage_builds_upstream_first(tmp_path):
-    config = write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="sft"))
+    config = write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="adpa"))
     out = cli("run", "teacher_dpo", "-c", str(config), "--no-ray")
     assert out.returncode == 0, out.stderr[-3000:]
     assert executed(out.stdout) == ["sft.teacher", "teacher_dpo"]

@@ -10,14 +10,14 @@ from distill_pipeline.pipeline import runner
 from distill_pipeline.pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 
-MODEL_FILES = {"chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+MODEL_FILES = {".identity", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json"}
 
 
 @pytest.fixture(scope="module")
 def done_plan(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stages")
-    cfg = load_config(write_config(tmp / "c.yaml", tiny_tree(tmp / "run", method="sft")))
+    cfg = load_config(write_config(tmp / "c.yaml", tiny_tree(tmp / "run", method="adpa")))
     plan = runner.make_plan(cfg)
     ran = runner.run(plan, ["all"], use_ray=False, echo=lambda s: None)
     assert ran == [n.name for n in plan.nodes]
@@ -28,10 +28,11 @@ def files(folder):
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("node", ["sft.teacher", "sft.student", "teacher_dpo"])
+@pytest.mark.parametrize("node", ["sft.teacher", "sft.student", "teacher_dpo", "train"])
 def test_training_stage_outputs(done_plan, node):
     folder = done_plan.folder(node)
-    assert files(folder) == {"manifest.json", "metrics.jsonl"} | {f"model/{f}" for f in MODEL_FILES}
+    extra = {"validation.jsonl"} if node == "train" else set()
+    assert files(folder) == {"manifest.json", "metrics.jsonl"} | extra | {f"model/{f}" for f in MODEL_FILES}
     lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -55,6 +56,23 @@ def test_rollouts_outputs(done_plan):
     assert all(1 <= len(r["response_ids"]) <= 6 for r in rows)
     assert {"prompt", "prompt_ids", "response_ids", "response", "chosen", "rejected"} <= set(rows[0])
     assert json.loads((folder / "manifest.json").read_text())["summary"]["backend"] == "hf"
+
+
+def test_teacher_logits_outputs(done_plan):
+    folder = done_plan.folder("teacher_logits.rollouts")
+    assert files(folder) == {"manifest.json", "teachers.json"}
+    meta = json.loads((folder / "teachers.json").read_text())
+    assert set(meta["teachers"]) == {"teacher", "reference"} and meta["top_k"] == 8
+    summary = json.loads((folder / "manifest.json").read_text())["summary"]
+    assert summary["entries"] == 48 and summary["cached"] + summary["extracted"] == 48
+
+
+def test_train_logs_components_and_validation(done_plan):
+    folder = done_plan.folder("train")
+    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "sft", "advantage", "lr", "grad_norm"} <= set(lines[-1])
+    val = [json.loads(l) for l in (folder / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [2, 4] and all(0 <= v["val_reward_accuracy"] <= 1 for v in val)
 
 
 def test_evaluate_outputs(done_plan):

@@ -1,0 +1,257 @@
+"""Sharded, resumable top-K extraction into the teacher-logit cache.
+
+`extract(requests, store, …)` looks up which entries already exist, groups the missing ones into
+*units* (deterministic: the same work always forms the same units, whatever the worker count or
+how often the run was interrupted), and has N workers — Ray actors, each holding its own
+teacher(s), one per GPU on a GPU machine — compute and publish one segment per unit. A `kill -9`
+loses only the units in flight; the rerun recomputes exactly those, giving a bit-identical cache.
+Within a unit, sequences are sorted by length and packed into batches of ≤ `batch_tokens` padded
+tokens, so padding waste stays bounded.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from distill_pipeline.cache.store import SCHEMA_VERSION, SegmentData, Store, entry_key, to_bits
+from distill_pipeline.progress import progress
+
+
+@dataclass(frozen=True)
+class Request:
+    """One (sequence, teacher) entry to extract."""
+    teacher: str          # teacher identity (weights + tokenizer + chat template hash)
+    prompt_ids: tuple
+    response_ids: tuple
+    key: str = ""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.response_ids)
+
+
+def make_request(teacher: str, prompt_ids: Sequence[int], response_ids: Sequence[int], top_k: int,
+                 dtype: str) -> Request:
+    p, r = tuple(prompt_ids), tuple(response_ids)
+    return Request(teacher, p, r, entry_key(teacher, p + r, len(p), top_k, dtype))
+
+
+@dataclass
+class Unit:
+    id: str
+    teacher: str
+    requests: list[Request] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(r.n_tokens for r in self.requests)
+
+
+def plan_units(requests: Sequence[Request], existing: set[str], unit_tokens: int) -> list[Unit]:
+    """Deterministic units over *all* requested entries, then filtered to the missing ones, so an
+    interrupted run replans the same units for what it had not finished."""
+    unique = {r.key: r for r in requests}.values()
+    ordered = sorted(unique, key=lambda r: (r.teacher, len(r.prompt_ids) + r.n_tokens, r.key))
+    chunks: list[list[Request]] = []
+    current: list[Request] = []
+    tokens, teacher = 0, None
+    for r in ordered:
+        if current and (tokens >= unit_tokens or r.teacher != teacher):
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(r)
+        tokens += r.n_tokens
+        teacher = r.teacher
+    if current:
+        chunks.append(current)
+    units = []
+    for chunk in chunks:
+        missing = [r for r in chunk if r.key not in existing]
+        if missing:
+            uid = hashlib.sha256("".join(r.key for r in missing).encode()).hexdigest()[:32]
+            units.append(Unit(uid, missing[0].teacher, missing))
+    return units
+
+
+def _batches(requests: list[Request], batch_tokens: int) -> list[list[Request]]:
+    """Length-sorted packing: each batch's padded size (rows × longest) stays ≤ batch_tokens."""
+    out, cur, longest = [], [], 0
+    for r in sorted(requests, key=lambda r: len(r.prompt_ids) + r.n_tokens):
+        length = len(r.prompt_ids) + r.n_tokens
+        if cur and max(longest, length) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(r)
+        longest = max(longest, length)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _head_only_ok(model: Any) -> bool:
+    """The LM head can be applied to response positions only when logits are a plain linear map
+    of the last hidden state (no soft-capping or scaling)."""
+    cfg = model.config
+    return (getattr(cfg, "final_logit_softcapping", None) is None and not hasattr(model, "logit_scale")
+            and model.get_output_embeddings() is not None and hasattr(model, "base_model"))
+
+
+def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int) -> list[dict]:
+    """Teacher-forced top-K on one batch. Per request: float32 numpy ids (n, K), logp (n, K),
+    lse (n,), label_logp (n,). Log-softmax in float32 from the raw logits."""
+    import torch
+
+    from distill_pipeline.data.tokenize import collate
+
+    ids, mask, _ = collate([r.prompt_ids for r in batch], [r.response_ids for r in batch], pad_id)
+    rows = torch.cat([torch.full((r.n_tokens,), i) for i, r in enumerate(batch)])  # (N,)
+    cols = torch.cat([torch.arange(len(r.prompt_ids) - 1, len(r.prompt_ids) - 1 + r.n_tokens)
+                      for r in batch])  # (N,) positions predicting the response tokens
+    labels = ids[rows, cols + 1]  # (N,)
+    with torch.no_grad():
+        if _head_only_ok(model):
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+            logits = model.get_output_embeddings()(hidden[rows, cols]).float()  # (N, V)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float()  # (N, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        logp = logits - lse[:, None]  # (N, V)
+        top = logp.topk(top_k, dim=-1)  # sorted by probability, descending
+        label_logp = logp.gather(1, labels[:, None]).squeeze(1)  # (N,)
+    out, start = [], 0
+    t_ids, t_lp = top.indices.int().numpy(), top.values.numpy()
+    lse_np, lab_np = lse.numpy(), label_logp.numpy()
+    for r in batch:
+        s = slice(start, start + r.n_tokens)
+        out.append({"ids": t_ids[s], "logp": t_lp[s], "lse": lse_np[s], "label_logp": lab_np[s]})
+        start += r.n_tokens
+    return out
+
+
+class Extractor:
+    """Holds teacher models (loaded on first use) and turns units into published segments.
+    Used in-process, or as the body of a Ray actor (one per worker)."""
+
+    def __init__(self, store_root: str, teacher_dirs: dict[str, str], *, top_k: int, dtype: str,
+                 batch_tokens: int, threads: int | None = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.store = Store(store_root)
+        self.teacher_dirs = teacher_dirs
+        self.top_k, self.dtype, self.batch_tokens = top_k, dtype, batch_tokens
+        self.models: dict[str, tuple] = {}
+        self.throttle = float(os.environ.get("DISTILL_EXTRACT_THROTTLE_S", "0"))
+
+    def _model(self, teacher: str):
+        if teacher not in self.models:
+            from distill_pipeline.models import load_checkpoint
+
+            model, tok = load_checkpoint(self.teacher_dirs[teacher])
+            model.eval()
+            self.models[teacher] = (model, tok.pad_token_id)
+        return self.models[teacher]
+
+    def run(self, unit: Unit) -> tuple[str, int, bool]:
+        import numpy as np
+
+        model, pad_id = self._model(unit.teacher)
+        results: dict[str, dict] = {}
+        for batch in _batches(unit.requests, self.batch_tokens):
+            for r, res in zip(batch, topk_for_batch(model, batch, pad_id, self.top_k)):
+                results[r.key] = res
+        entries, offset = [], 0
+        for r in unit.requests:  # unit order, independent of batching
+            entries.append({"key": r.key, "teacher": r.teacher, "offset": offset, "n_tokens": r.n_tokens,
+                            "prompt_len": len(r.prompt_ids), "token_ids": r.prompt_ids + r.response_ids})
+            offset += r.n_tokens
+        cat = lambda f: np.concatenate([results[r.key][f] for r in unit.requests])  # noqa: E731
+        data = SegmentData(ids=cat("ids").astype(np.int32), logp_bits=to_bits(cat("logp"), self.dtype),
+                           lse=cat("lse").astype(np.float32), label_logp=cat("label_logp").astype(np.float32),
+                           entries=entries)
+        manifest = {"schema_version": SCHEMA_VERSION, "teacher": unit.teacher, "top_k": self.top_k,
+                    "logp_dtype": self.dtype, "n_entries": len(entries), "n_tokens": offset,
+                    "versions": _versions()}
+        published = self.store.publish(unit.id, data, manifest)
+        if self.throttle:
+            time.sleep(self.throttle)  # crash tests and demos: widen the window between units
+        return unit.id, offset, published
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("distill-pipeline", "torch", "transformers", "zarr"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, str], *, top_k: int,
+            dtype: str, num_workers: int = 1, batch_tokens: int = 4096, unit_tokens: int = 16384,
+            threads_per_worker: int = 1, gpus_per_worker: float = 0) -> dict:
+    """Extract every missing entry of `requests` into `store`. Returns counts and throughput."""
+    t0 = time.perf_counter()
+    keys = {r.key for r in requests}
+    existing = store.existing_keys()
+    units = plan_units(requests, existing, unit_tokens)
+    todo_tokens = sum(u.n_tokens for u in units)
+    stats = {"entries": len(keys), "cached": len(keys & existing),
+             "extracted": sum(len(u.requests) for u in units), "units": len(units),
+             "tokens_extracted": todo_tokens}
+    kw = dict(top_k=top_k, dtype=dtype, batch_tokens=batch_tokens, threads=threads_per_worker)
+    with progress(total=todo_tokens, desc=f"teacher_logits ({num_workers} worker(s))", unit="tok") as bar:
+        if units and _use_ray():
+            _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus_per_worker, bar)
+        else:
+            worker = Extractor(str(store.root), teacher_dirs, **kw)
+            for unit in units:
+                bar.update(worker.run(unit)[1])
+    seconds = time.perf_counter() - t0
+    stats.update(seconds=round(seconds, 3), tokens_per_s=round(todo_tokens / seconds, 1) if units else 0.0)
+    return stats
+
+
+def _use_ray() -> bool:
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
+def _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus, bar) -> None:
+    import ray
+
+    n = min(num_workers, len(units))
+    # Fractional CPUs so N workers fit beside the stage task on a small machine; a GPU worker's
+    # real resource is its GPU.
+    free = ray.available_resources().get("CPU", 1.0)
+    cpus = 1.0 if gpus else max(0.01, min(1.0, free / n))
+    actor = ray.remote(Extractor).options(num_cpus=cpus, num_gpus=gpus)
+    workers = [actor.remote(str(store.root), teacher_dirs, **kw) for _ in range(n)]
+    queue = list(units)
+    running = {}
+    for w in workers:
+        if queue:
+            running[w.run.remote(queue.pop(0))] = w
+    try:
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            w = running.pop(done[0])
+            _, tokens, _ = ray.get(done[0])
+            bar.update(tokens)
+            if queue:
+                running[w.run.remote(queue.pop(0))] = w
+    finally:
+        for w in workers:
+            ray.kill(w)

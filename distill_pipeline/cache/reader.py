@@ -1,0 +1,219 @@
+"""Reading the teacher-logit cache: random access by key, and a streaming batch iterator.
+
+`CacheReader` maps keys to (segment, offset) and decodes zarr chunks lazily through a bounded LRU,
+so memory stays bounded whatever the cache size. `TeacherBatches` yields padded student batches
+with the aligned teacher tensors for one or two teachers, built ahead by a prefetch thread; every
+cached row's token ids are checked against the student's sequence.
+"""
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from distill_pipeline.cache.store import CacheError, Store, from_bits
+
+
+class TokenMismatch(CacheError):
+    """A cached entry's token ids differ from the student sequence it is paired with."""
+
+
+class CacheReader:
+    def __init__(self, root: Any, *, max_cached_bytes: int = 256 << 20):
+        self.store = Store(root, create=False)
+        idx = self.store.index(columns=["key", "offset", "n_tokens", "prompt_len"]).to_pydict()
+        self._where = {k: (s, o, n, p) for k, s, o, n, p in zip(
+            idx["key"], idx["segment"], idx["offset"], idx["n_tokens"], idx["prompt_len"])}
+        self._groups: dict[str, Any] = {}
+        self._chunks: OrderedDict = OrderedDict()
+        self._budget, self._held = max_cached_bytes, 0
+        self._tokens: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _group(self, segment: str):
+        if segment not in self._groups:
+            self._groups[segment] = self.store.open_segment(segment)
+        return self._groups[segment]
+
+    def _chunk(self, segment: str, field: str, c: int):
+        """Decoded chunk `c` of one array, through the LRU."""
+        key = (segment, field, c)
+        with self._lock:
+            if key in self._chunks:
+                self._chunks.move_to_end(key)
+                return self._chunks[key]
+        arr = self._group(segment)[field]
+        rows = arr.chunks[0]
+        data = arr[c * rows:(c + 1) * rows]
+        with self._lock:
+            self._chunks[key] = data
+            self._held += data.nbytes
+            while self._held > self._budget and len(self._chunks) > 1:
+                _, old = self._chunks.popitem(last=False)
+                self._held -= old.nbytes
+        return data
+
+    def _rows(self, segment: str, field: str, offset: int, n: int):
+        import numpy as np
+
+        rows = self._group(segment)[field].chunks[0]
+        parts = []
+        pos = offset
+        while pos < offset + n:
+            c = pos // rows
+            chunk = self._chunk(segment, field, c)
+            take = min(offset + n, (c + 1) * rows) - pos
+            parts.append(chunk[pos - c * rows:pos - c * rows + take])
+            pos += take
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def token_ids(self, key: str) -> list[int]:
+        segment = self._where[key][0]
+        with self._lock:
+            table = self._tokens.get(segment)
+        if table is None:
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(self.store.root / "segments" / segment / "index.parquet",
+                              columns=["key", "token_ids"]).to_pydict()
+            table = dict(zip(t["key"], t["token_ids"]))
+            with self._lock:
+                self._tokens[segment] = table
+                while len(self._tokens) > 64:
+                    self._tokens.popitem(last=False)
+        return table[key]
+
+    def get(self, key: str, expect_tokens: Sequence[int] | None = None) -> dict:
+        """One entry: ids (n, K) int32, logp (n, K) float32, lse (n,), label_logp (n,)."""
+        if key not in self._where:
+            raise CacheError(f"cache entry {key[:16]}… is not in {self.store.root}; run "
+                             "`distill-pipeline run teacher_logits` for this data and teacher")
+        segment, offset, n, prompt_len = self._where[key]
+        if expect_tokens is not None:
+            stored = self.token_ids(key)
+            if list(stored) != list(expect_tokens):
+                first = next((i for i, (a, b) in enumerate(zip(stored, expect_tokens)) if a != b),
+                             min(len(stored), len(expect_tokens)))
+                raise TokenMismatch(
+                    f"cache entry {key[:16]}… (segment {segment}) holds token ids that differ from "
+                    f"the student sequence at position {first} (cached {list(stored[first:first + 5])}, "
+                    f"student {list(expect_tokens[first:first + 5])}; lengths {len(stored)} vs "
+                    f"{len(expect_tokens)}). Teacher and student tokenisation disagree — rerun "
+                    "teacher_logits for this data, and check both models share one tokenizer")
+        dtype = self._group(segment).attrs["logp_dtype"]
+        return {"ids": self._rows(segment, "ids", offset, n),
+                "logp": from_bits(self._rows(segment, "logp", offset, n), dtype),
+                "lse": self._rows(segment, "lse", offset, n),
+                "label_logp": self._rows(segment, "label_logp", offset, n),
+                "prompt_len": prompt_len}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One response of an example to batch: its token ids and, per teacher role, its cache key."""
+    name: str                   # e.g. "chosen", "rejected", "rollout"
+    teachers: tuple[str, ...]   # teacher roles whose tensors to attach, e.g. ("teacher", "reference")
+
+
+def _aligned(reader: CacheReader, rows: list[tuple[str, list[int], int]], width: int, top_k: int):
+    """Teacher tensors aligned with the student's shifted logits (position j predicts token j+1):
+    ids/logp (B, width-1, K), lse/label_logp/mask (B, width-1)."""
+    import torch
+
+    B, T = len(rows), width - 1
+    ids = torch.zeros((B, T, top_k), dtype=torch.long)  # (B, T, K)
+    logp = torch.zeros((B, T, top_k), dtype=torch.float32)  # (B, T, K)
+    lse = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    label = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    mask = torch.zeros((B, T), dtype=torch.bool)  # (B, T)
+    for b, (key, seq, prompt_len) in enumerate(rows):
+        e = reader.get(key, expect_tokens=seq)
+        if e["prompt_len"] != prompt_len:
+            raise TokenMismatch(f"cache entry {key[:16]}…: prompt length {e['prompt_len']} ≠ {prompt_len}")
+        n = len(e["lse"])
+        s = slice(prompt_len - 1, prompt_len - 1 + n)
+        ids[b, s] = torch.from_numpy(e["ids"]).long()
+        logp[b, s] = torch.from_numpy(e["logp"])
+        lse[b, s] = torch.from_numpy(e["lse"])
+        label[b, s] = torch.from_numpy(e["label_logp"])
+        mask[b, s] = True
+    return {"ids": ids, "logp": logp, "lse": lse, "label_logp": label, "mask": mask}
+
+
+class TeacherBatches:
+    """Per-epoch deterministic batches of examples with their cached teacher tensors.
+
+    `examples[i]` holds `prompt_ids`, `<field>_ids` for each field and `keys[(field, role)]`.
+    Each batch: {"index": [...], field: {"student": (ids, mask, labels), role: {tensors}}}.
+    """
+
+    def __init__(self, reader: CacheReader | None, examples: list[dict], fields: Sequence[Field], *,
+                 batch_size: int, pad_id: int, top_k: int, seed: int = 0, prefetch: int = 4):
+        self.reader, self.examples, self.fields = reader, examples, list(fields)
+        self.batch_size, self.pad_id, self.top_k = batch_size, pad_id, top_k
+        self.seed, self.prefetch = seed, prefetch
+
+    def __len__(self) -> int:
+        return (len(self.examples) + self.batch_size - 1) // self.batch_size
+
+    def build(self, idx: list[int]) -> dict:
+        from distill_pipeline.data.tokenize import collate
+
+        chunk = [self.examples[i] for i in idx]
+        batch: dict[str, Any] = {"index": idx}
+        for f in self.fields:
+            prompts = [e["prompt_ids"] for e in chunk]
+            responses = [e[f"{f.name}_ids"] for e in chunk]
+            student = collate(prompts, responses, self.pad_id)
+            entry: dict[str, Any] = {"student": student}
+            for role in f.teachers:
+                rows = [(e["keys"][(f.name, role)], list(p) + list(r), len(p))
+                        for e, p, r in zip(chunk, prompts, responses)]
+                entry[role] = _aligned(self.reader, rows, student[0].shape[1], self.top_k)
+            batch[f.name] = entry
+        return batch
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """Batches of one epoch, built ahead by a background thread (bounded queue)."""
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1000 + epoch).shuffle(order)
+        groups = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for g in groups:
+                    if stop.is_set():
+                        return
+                    q.put(self.build(g))
+                q.put(None)
+            except BaseException as exc:  # surface reader errors in the training thread
+                q.put(exc)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
