@@ -199,6 +199,10 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, s
             threads_per_worker: int = 1, gpus_per_worker: float = 0) -> dict:
     """Extract every missing entry of `requests` into `store`. Returns counts and throughput."""
     t0 = time.perf_counter()
+    for r in requests:
+        if r.key != entry_key(r.teacher, r.prompt_ids + r.response_ids, len(r.prompt_ids), top_k, dtype):
+            raise ValueError(f"request {r.key[:12]}… was keyed for a different top_k/dtype than "
+                             f"this extraction (top_k={top_k}, dtype={dtype}); build it with make_request")
     keys = {r.key for r in requests}
     existing = store.existing_keys()
     units = plan_units(requests, existing, unit_tokens)

@@ -80,6 +80,85 @@ def status(config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt):
         typer.secho(f"{name.ljust(width)}  {text}", fg=typer.colors.GREEN if ok else typer.colors.YELLOW)
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect, check and clean the teacher-logit cache.")
+app.add_typer(cache_app, name="cache")
+StoreOpt = typer.Option(None, "--store", help="cache root (default: $DISTILL_CACHE_DIR or "
+                        "~/.cache/distill-pipeline/teacher-logits)")
+
+
+def _store(path: Optional[str]):
+    from distill_pipeline.cache.store import CacheError, Store
+
+    try:
+        return Store(path, create=False)
+    except CacheError as exc:
+        fail(str(exc))
+
+
+@cache_app.command("ls")
+def cache_ls(store: Optional[str] = StoreOpt):
+    """One line per segment: teacher, entries, tokens, size."""
+    from distill_pipeline.cache.admin import human_bytes, ls
+
+    rows = ls(_store(store))
+    typer.echo(f"{'segment':34}{'teacher':14}{'K':>4}{'dtype':>10}{'entries':>9}{'tokens':>10}{'size':>11}")
+    for r in rows:
+        typer.echo(f"{r['segment']:34}{r['teacher']:14}{r['top_k']:>4}{r['dtype']:>10}{r['entries']:>9}"
+                   f"{r['tokens']:>10}{human_bytes(r['bytes']):>11}")
+    typer.echo(f"{len(rows)} segment(s)")
+
+
+@cache_app.command("info")
+def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")):
+    """Entries, tokens, bytes on disk and per token, K, dtype, teachers, mean top-K mass."""
+    import json
+
+    from distill_pipeline.cache.admin import human_bytes, info
+
+    r = info(_store(store))
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(f"store            {r['root']} (schema {r['schema_version']})")
+    typer.echo(f"segments         {r['segments']}")
+    typer.echo(f"entries          {r['entries']}")
+    typer.echo(f"tokens           {r['tokens']}")
+    typer.echo(f"bytes on disk    {human_bytes(r['bytes_on_disk'])} ({r['bytes_on_disk']} B)")
+    typer.echo(f"bytes per token  {r['bytes_per_token']}")
+    typer.echo(f"top-K            {', '.join(map(str, r['top_k']))}")
+    typer.echo(f"dtype            {', '.join(r['dtype'])}")
+    typer.echo(f"top-K mass       {r['mean_topk_mass']} (mean probability the stored top-K keeps)")
+    for t, v in r["teachers"].items():
+        typer.echo(f"teacher          {t}…  {v['entries']} entries, {v['tokens']} tokens")
+
+
+@cache_app.command("verify")
+def cache_verify(store: Optional[str] = StoreOpt):
+    """Decode every chunk and check checksums, keys, offsets and shapes; exit 1 on any problem."""
+    from distill_pipeline.cache.admin import verify
+
+    checked, problems = verify(_store(store))
+    for p in problems:
+        typer.secho(p, fg=typer.colors.RED)
+    if problems:
+        fail(f"{len(problems)} problem(s) in {checked} entries")
+    typer.echo(f"ok: {checked} entries verified")
+
+
+@cache_app.command("gc")
+def cache_gc(store: Optional[str] = StoreOpt,
+             older_than: float = typer.Option(60.0, help="minutes after which a tmp/ write counts as abandoned"),
+             drop_teacher: Optional[str] = typer.Option(None, help="remove every segment of this teacher (id prefix)"),
+             dry_run: bool = typer.Option(False, "--dry-run")):
+    """Remove abandoned writes, incomplete segments, and optionally one teacher's segments."""
+    from distill_pipeline.cache.admin import gc
+
+    removed = gc(_store(store), older_than_s=older_than * 60, drop_teacher=drop_teacher, dry_run=dry_run)
+    for r in removed:
+        typer.echo(("would remove " if dry_run else "removed ") + r)
+    typer.echo(f"{len(removed)} item(s)")
+
+
 def main() -> None:
     try:
         app()

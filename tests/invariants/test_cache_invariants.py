@@ -1,0 +1,220 @@
+"""The teacher-logit cache's guarantees: identical bits whatever the worker count or a kill -9,
+dedup by content, token checks, corruption found by verify, plain zarr/pyarrow readability,
+and values equal to the teacher computed live."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill_pipeline.cache.admin import info, verify
+from distill_pipeline.cache.reader import CacheReader, Field, TeacherBatches, TokenMismatch
+from distill_pipeline.cache.store import Store
+from tests.conftest import ROOT
+from tests.invariants.helpers import (DTYPE, TOP_K, make_teacher, requests, run_extraction,
+                                      sequences, tree_bytes)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "model")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_one_vs_three_workers_bit_identical(teacher, tmp_path, ray_local):
+    one = run_extraction(teacher, tmp_path / "one", 60, unit_tokens=64, workers=1)
+    three = run_extraction(teacher, tmp_path / "three", 60, unit_tokens=64, workers=3)
+    assert one["units"] == three["units"] >= 4
+    a, b = tree_bytes(tmp_path / "one"), tree_bytes(tmp_path / "three")
+    assert a.keys() == b.keys() and a == b
+
+
+def test_in_process_equals_ray_workers(teacher, tmp_path, ray_local):
+    import ray
+    run_extraction(teacher, tmp_path / "ray", 30, unit_tokens=64, workers=2)
+    ray.shutdown()  # the next extraction runs in this process
+    try:
+        run_extraction(teacher, tmp_path / "inline", 30, unit_tokens=64)
+    finally:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    assert tree_bytes(tmp_path / "ray") == tree_bytes(tmp_path / "inline")
+
+
+def test_kill9_then_resume_is_bit_identical(teacher, tmp_path):
+    n, unit = 80, 48
+    clean = run_extraction(teacher, tmp_path / "clean", n, unit_tokens=unit)
+    env = {**os.environ, "DISTILL_EXTRACT_THROTTLE_S": "0.4", "DISTILL_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.invariants.helpers", str(teacher),
+                             str(tmp_path / "crash"), str(n), str(unit)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    segments = tmp_path / "crash" / "segments"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not segments.exists() or len(list(segments.iterdir())) < 2):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(segments.iterdir()))
+    assert 2 <= done_before < clean["units"], "the kill must land mid-extraction"
+    resumed = run_extraction(teacher, tmp_path / "crash", n, unit_tokens=unit)
+    assert resumed["units"] == clean["units"] - done_before  # only the unfinished units
+    assert tree_bytes(tmp_path / "crash") == tree_bytes(tmp_path / "clean")
+    assert verify(Store(tmp_path / "crash"))[1] == []
+
+
+def test_overlap_extracts_only_the_missing_part(teacher, tmp_path):
+    first = run_extraction(teacher, tmp_path / "s", 50, unit_tokens=10_000)
+    assert first["extracted"] == 50 and first["cached"] == 0
+    second = run_extraction(teacher, tmp_path / "s", 50, unit_tokens=10_000, offset=10)  # 80% overlap
+    assert second["cached"] == 40 and second["extracted"] == 10
+    again = run_extraction(teacher, tmp_path / "s", 60, unit_tokens=10_000)
+    assert again["extracted"] == 0 and again["units"] == 0
+
+
+def test_values_match_live_teacher(teacher, tmp_path):
+    from distill_pipeline.cache.extract import extract
+    from distill_pipeline.data.tokenize import collate
+    from distill_pipeline.models import load_checkpoint
+
+    seqs = sequences(6)
+    reqs, dirs = requests(teacher, seqs, dtype="float32")
+    extract(reqs, Store(tmp_path / "s"), dirs, top_k=TOP_K, dtype="float32", batch_tokens=64)
+    model, tok = load_checkpoint(teacher)
+    reader = CacheReader(tmp_path / "s")
+    for req, (p, r) in zip(reqs, seqs):
+        e = reader.get(req.key, expect_tokens=p + r)
+        ids, mask, _ = collate([p], [r], tok.pad_token_id)
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask).logits[0].float()
+        logp = torch.log_softmax(full, -1)
+        pos = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+        top = logp[pos].topk(TOP_K, -1)
+        assert np.array_equal(e["ids"], top.indices.int().numpy())
+        np.testing.assert_allclose(e["logp"], top.values.numpy(), atol=1e-5)
+        np.testing.assert_allclose(e["label_logp"], logp[pos, torch.tensor(r)].numpy(), atol=1e-5)
+        np.testing.assert_allclose(e["lse"], torch.logsumexp(full[pos], -1).numpy(), atol=1e-4)
+
+
+def test_extract_refuses_keys_of_another_dtype(teacher, tmp_path):
+    from distill_pipeline.cache.extract import extract
+
+    reqs, dirs = requests(teacher, sequences(2), dtype="float16")
+    with pytest.raises(ValueError, match="keyed for a different top_k/dtype"):
+        extract(reqs, Store(tmp_path / "s"), dirs, top_k=TOP_K, dtype="float32")
+
+
+def test_cached_loss_equals_live_teacher_loss(teacher, tmp_path):
+    """DCKD with teacher tensors streamed from a float32 cache ≡ computed from the live teacher."""
+    from distill_pipeline.cache.extract import extract
+    from distill_pipeline.losses import dckd_loss
+    from distill_pipeline.models import load_checkpoint
+
+    seqs = sequences(8)
+    reqs, dirs = requests(teacher, seqs, dtype="float32")
+    extract(reqs, Store(tmp_path / "s"), dirs, top_k=TOP_K, dtype="float32", batch_tokens=64)
+    model, tok = load_checkpoint(teacher)
+    key = {(tuple(r.prompt_ids), tuple(r.response_ids)): r.key for r in reqs}
+    # sequences() has one response per prompt, so each "pair" uses it on both sides
+    examples = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r,
+                 "keys": {("chosen", "teacher"): key[(tuple(p), tuple(r))],
+                          ("rejected", "teacher"): key[(tuple(p), tuple(r))]}} for p, r in seqs]
+    stream = TeacherBatches(CacheReader(tmp_path / "s"), examples,
+                            [Field("chosen", ("teacher",)), Field("rejected", ("teacher",))],
+                            batch_size=4, pad_id=tok.pad_token_id, top_k=TOP_K)
+    batch = next(iter(stream.epoch(0)))
+    torch.manual_seed(0)
+    args_cached, args_live = [], []
+    for f in ("chosen", "rejected"):
+        ids, mask, labels = batch[f]["student"]
+        with torch.no_grad():
+            teacher_logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        live = torch.log_softmax(teacher_logits, -1).topk(TOP_K, -1)
+        m = batch[f]["teacher"]["mask"]
+        assert torch.equal(batch[f]["teacher"]["ids"][m], live.indices[m])
+        student = torch.randn_like(teacher_logits)  # any student
+        args_cached += [student, labels[:, 1:], batch[f]["teacher"]["ids"], batch[f]["teacher"]["logp"]]
+        args_live += [student, labels[:, 1:], live.indices, live.values]
+    cached = dckd_loss(*args_cached, alpha=0.1)[0]
+    live = dckd_loss(*args_live, alpha=0.1)[0]
+    assert cached.item() == pytest.approx(live.item(), abs=1e-6)
+
+
+def test_token_mismatch_detected(teacher, tmp_path):
+    run_extraction(teacher, tmp_path / "s", 4, unit_tokens=1000)
+    reqs, _ = requests(teacher, sequences(4))
+    reader = CacheReader(tmp_path / "s")
+    p, r = sequences(4)[0]
+    with pytest.raises(TokenMismatch, match="differ from the student sequence at position"):
+        reader.get(reqs[0].key, expect_tokens=p + r[:-1] + [r[-1] + 1])
+    # an example paired with another sequence's entry is refused while batching
+    examples = [{"prompt_ids": p, "chosen_ids": r, "keys": {("chosen", "teacher"): reqs[1].key}}]
+    stream = TeacherBatches(reader, examples, [Field("chosen", ("teacher",))], batch_size=1, pad_id=0, top_k=TOP_K)
+    with pytest.raises(TokenMismatch):
+        next(iter(stream.epoch(0)))
+
+
+def test_verify_names_a_corrupted_chunk(teacher, tmp_path):
+    run_extraction(teacher, tmp_path / "s", 20, unit_tokens=1000)
+    store = Store(tmp_path / "s")
+    assert verify(store)[1] == []
+    seg = store.segments()[0]
+    chunk = next(p for p in (seg / "logp").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    checked, problems = verify(store)
+    assert checked == 20 and problems
+    assert any(seg.name in p and "array logp chunk 0" in p and "corrupt" in p for p in problems), problems
+    out = subprocess.run([sys.executable, "-m", "distill_pipeline.cli.main", "cache", "verify",
+                          "--store", str(tmp_path / "s")], capture_output=True, text=True)
+    assert out.returncode == 1 and "array logp chunk 0" in out.stdout
+
+
+def test_plain_zarr_and_pyarrow_read_the_store(teacher, tmp_path):
+    import pyarrow.parquet as pq
+    import zarr
+
+    run_extraction(teacher, tmp_path / "s", 10, unit_tokens=1000)
+    seg = next((tmp_path / "s" / "segments").iterdir())
+    index = pq.read_table(seg / "index.parquet").to_pylist()
+    group = zarr.open_group(str(seg), mode="r")
+    assert group.attrs["logp_dtype"] == DTYPE and group.attrs["top_k"] == TOP_K
+    row = index[3]
+    s = slice(row["offset"], row["offset"] + row["n_tokens"])
+    logp = group["logp"][s].view(np.float16)  # stored as float16 bit patterns
+    ours = CacheReader(tmp_path / "s").get(row["key"])
+    np.testing.assert_array_equal(logp.astype(np.float32), ours["logp"])
+    np.testing.assert_array_equal(group["ids"][s], ours["ids"])
+    assert group["ids"].shape == (sum(r["n_tokens"] for r in index), TOP_K)
+
+
+def test_info_reports_sizes_and_quality(teacher, tmp_path):
+    run_extraction(teacher, tmp_path / "s", 20, unit_tokens=1000)
+    r = info(Store(tmp_path / "s"))
+    assert r["entries"] == 20 and r["tokens"] > 20 and r["top_k"] == [TOP_K] and r["dtype"] == [DTYPE]
+    assert 0 < r["mean_topk_mass"] <= 1.0001 and r["bytes_per_token"] > 0
+    assert len(r["teachers"]) == 1
+
+
+def test_reader_memory_is_bounded(teacher, tmp_path):
+    run_extraction(teacher, tmp_path / "s", 60, unit_tokens=64)
+    reader = CacheReader(tmp_path / "s", max_cached_bytes=4096)
+    reqs, _ = requests(teacher, sequences(60))
+    for r in reqs:
+        reader.get(r.key)
+    assert reader._held <= 4096 + max(c.nbytes for c in reader._chunks.values())
