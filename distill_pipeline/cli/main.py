@@ -80,6 +80,25 @@ def status(config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt):
         typer.secho(f"{name.ljust(width)}  {text}", fg=typer.colors.GREEN if ok else typer.colors.YELLOW)
 
 
+@app.command()
+def compare(paths: List[str] = typer.Argument(..., help="run directories or config files"),
+            out: Optional[str] = typer.Option(None, "--out", help="PNG path (default: <first run>/compare.png)")):
+    """One table (and a PNG: metric bars, training curves) of the evaluate results of several methods."""
+    import json
+
+    from distill_pipeline.pipeline import compare as cmp
+
+    try:
+        rows = cmp.collect(paths)
+    except (FileNotFoundError, KeyError) as exc:
+        fail(str(exc))
+    typer.echo(cmp.table(rows))
+    png = Path(out) if out else cmp._run_dir(paths[0]) / "compare.png"
+    cmp.plot(rows, png)
+    png.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    typer.echo(f"wrote {png} and {png.with_suffix('.json')}")
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect, check and clean the teacher-logit cache.")
 app.add_typer(cache_app, name="cache")
 StoreOpt = typer.Option(None, "--store", help="cache root (default: $DISTILL_CACHE_DIR or "

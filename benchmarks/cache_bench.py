@@ -1,0 +1,217 @@
+"""Teacher-logit cache benchmarks — ratios measured side by side in one run (absolute timings on a
+shared 2-core machine are noisy). Writes JSON (default benchmarks/out/cache_bench.json):
+
+1. extraction throughput vs a bare forward pass of the same teacher on the same batches;
+2. bytes per token on disk at K=50: a trained tiny model (pass --trained-store, e.g. the
+   quickstart's cache) and a synthetic Zipf-shaped distribution over a 128k vocabulary;
+3. reader throughput vs what a training step consumes (DCKD batches, tiny student);
+4. the 80%-overlap rerun time against the first run.
+
+    python benchmarks/cache_bench.py [--trained-store ~/.cache/distill-pipeline/teacher-logits]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import zipf_teacher_tokens  # noqa: E402
+
+from distill_pipeline.cache.admin import info  # noqa: E402
+from distill_pipeline.cache.extract import Extractor, _batches, extract, make_request, plan_units  # noqa: E402
+from distill_pipeline.cache.reader import CacheReader, Field, TeacherBatches  # noqa: E402
+from distill_pipeline.cache.store import SegmentData, Store, entry_key, to_bits  # noqa: E402
+from distill_pipeline.data.tokenize import collate  # noqa: E402
+
+
+def bench_teacher(folder: Path, vocab: int, hidden: int, layers: int) -> Path:
+    """A random-initialised Llama of the given size saved as a checkpoint (throughput only)."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from distill_pipeline.models import save_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                      num_key_value_heads=max(1, hidden // 64), max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")),
+                                  pad_token="<pad>", unk_token="<unk>", eos_token="<unk>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    save_model(model, tok, folder)
+    return folder
+
+
+def random_sequences(n: int, vocab: int, seed: int, offset: int = 0) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for i in range(offset, offset + n):
+        g = np.random.default_rng(seed * 1_000_003 + i)
+        p, r = int(g.integers(16, 96)), int(g.integers(16, 96))
+        ids = g.integers(2, vocab, size=p + r).tolist()
+        out.append((ids[:p], ids[p:]))
+    return out
+
+
+def throughput(teacher: Path, seqs, *, batch_tokens: int, repeats: int) -> dict:
+    """Extraction (forward + top-K + compress + publish) vs bare forward on identical batches."""
+    from distill_pipeline.models import load_checkpoint, teacher_identity
+
+    ident = teacher_identity(teacher)
+    reqs = [make_request(ident, p, r, 50, "float16") for p, r in seqs]
+    units = plan_units(reqs, set(), unit_tokens=16384)
+    model, tok = load_checkpoint(teacher)
+    tokens = sum(r.n_tokens for r in reqs)
+    fwd, ext = [], []
+    for rep in range(repeats):  # interleaved so drift hits both sides equally
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for u in units:
+                for b in _batches(u.requests, batch_tokens):
+                    ids, mask, _ = collate([r.prompt_ids for r in b], [r.response_ids for r in b], 0)
+                    model(input_ids=ids, attention_mask=mask).logits
+        fwd.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as d:
+            worker = Extractor(d, {ident: str(teacher)}, top_k=50, dtype="float16", batch_tokens=batch_tokens)
+            worker.models[ident] = (model, 0)
+            t0 = time.perf_counter()
+            for u in units:
+                worker.run(u)
+            ext.append(time.perf_counter() - t0)
+    f, e = min(fwd), min(ext)
+    return {"response_tokens": tokens, "bare_forward_s": round(f, 3), "extraction_s": round(e, 3),
+            "forward_tok_per_s": round(tokens / f, 1), "extraction_tok_per_s": round(tokens / e, 1),
+            "extraction_over_forward_throughput": round(f / e, 3)}
+
+
+def synthetic_bytes_per_token(n_tokens: int) -> dict:
+    ids, logp, lse, label = zipf_teacher_tokens(n_tokens)
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        rows_per_entry = 64
+        entries = [{"key": entry_key("synthetic", [i], 0, 50, "float16"), "teacher": "synthetic",
+                    "offset": o, "n_tokens": min(rows_per_entry, n_tokens - o), "prompt_len": 0,
+                    "token_ids": list(range(min(rows_per_entry, n_tokens - o)))}
+                   for i, o in enumerate(range(0, n_tokens, rows_per_entry))]
+        data = SegmentData(ids=ids.astype(np.int32), logp_bits=to_bits(logp, "float16"),
+                           lse=lse.astype(np.float32), label_logp=label.astype(np.float32), entries=entries)
+        store.publish("synthetic", data, {"teacher": "synthetic", "top_k": 50, "logp_dtype": "float16",
+                                          "n_entries": len(entries), "n_tokens": n_tokens})
+        seg = store.root / "segments" / "synthetic"
+        arrays = {name: sum(f.stat().st_size for f in (seg / name).rglob("*") if f.is_file())
+                  for name in ("ids", "logp", "lse", "label_logp")}
+        index = (seg / "index.parquet").stat().st_size
+    per = {k: round(v / n_tokens, 2) for k, v in arrays.items()}
+    return {"tokens": n_tokens, "vocab": 128_256, "top_k": 50, "dtype": "float16",
+            "bytes_per_token_arrays": round(sum(arrays.values()) / n_tokens, 2),
+            "bytes_per_token_by_array": per,
+            "index_bytes_per_token_synthetic_ids": round(index / n_tokens, 2),
+            "mean_topk_mass": round(float(np.exp(logp.astype(np.float64)).sum(1).mean()), 4),
+            "raw_bytes_per_token": 50 * 4 + 50 * 2 + 4 + 4}
+
+
+def reader_vs_train(teacher: Path, student_hidden: int) -> dict:
+    """DCKD batches: streaming reader time vs a student train step on the same batches."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill_pipeline.losses import dckd_loss
+    from distill_pipeline.models import load_checkpoint, teacher_identity
+
+    ident = teacher_identity(teacher)
+    model, tok = load_checkpoint(teacher)
+    vocab = model.config.vocab_size
+    seqs = random_sequences(256, vocab, seed=7)
+    with tempfile.TemporaryDirectory() as d:
+        reqs = [make_request(ident, p, r, 50, "float16") for p, r in seqs]
+        extract(reqs, Store(d), {ident: str(teacher)}, top_k=50, dtype="float16")
+        examples = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r,
+                     "keys": {("chosen", "teacher"): q.key, ("rejected", "teacher"): q.key}}
+                    for (p, r), q in zip(seqs, reqs)]
+        stream = TeacherBatches(CacheReader(d), examples, [Field("chosen", ("teacher",)), Field("rejected", ("teacher",))],
+                                batch_size=16, pad_id=0, top_k=50, prefetch=0)
+        t0 = time.perf_counter()
+        batches = [stream.build(list(range(s, s + 16))) for s in range(0, 256, 16)]
+        read_s = time.perf_counter() - t0
+        student = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=student_hidden,
+                                               intermediate_size=student_hidden * 3, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=2,
+                                               tie_word_embeddings=False))
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        steps = batches[:4]  # a few steps are enough for a per-step time
+        t0 = time.perf_counter()
+        for b in steps:
+            args = []
+            for f in ("chosen", "rejected"):
+                ids, mask, labels = b[f]["student"]
+                args += [student(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:],
+                         b[f]["teacher"]["ids"], b[f]["teacher"]["logp"]]
+            loss, _ = dckd_loss(*args)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        train_s = (time.perf_counter() - t0) / len(steps) * len(batches)  # per-step time × batches
+    tokens = sum(len(r) for _, r in seqs) * 2
+    return {"batches": len(batches), "response_tokens": tokens, "reader_s": round(read_s, 3),
+            "train_s_estimated_from_4_steps": round(train_s, 3), "reader_tok_per_s": round(tokens / read_s, 1),
+            "train_tok_per_s": round(tokens / train_s, 1),
+            "reader_over_train_throughput": round(train_s / read_s, 2)}
+
+
+def overlap_rerun(teacher: Path, n: int) -> dict:
+    from distill_pipeline.models import teacher_identity
+
+    ident = teacher_identity(teacher)
+    vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
+    with tempfile.TemporaryDirectory() as d:
+        first = extract([make_request(ident, p, r, 50, "float16") for p, r in random_sequences(n, vocab, 3)],
+                        Store(d), {ident: str(teacher)}, top_k=50, dtype="float16")
+        second = extract([make_request(ident, p, r, 50, "float16")
+                          for p, r in random_sequences(n, vocab, 3, offset=n // 5)],
+                         Store(d), {ident: str(teacher)}, top_k=50, dtype="float16")
+    return {"sequences": n, "first": first, "overlap_80": second,
+            "rerun_over_first_time": round(second["seconds"] / first["seconds"], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/out/cache_bench.json")
+    ap.add_argument("--trained-store", help="a cache written by a trained model (e.g. the quickstart)")
+    ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--sequences", type=int, default=192)
+    ap.add_argument("--synthetic-tokens", type=int, default=4096)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # one extraction worker's view of the machine
+    result: dict = {"config": vars(args), "torch_threads": 1}
+    with tempfile.TemporaryDirectory() as d:
+        teacher = bench_teacher(Path(d) / "teacher", args.vocab, args.hidden, args.layers)
+        seqs = random_sequences(args.sequences, args.vocab, seed=1)
+        result["throughput"] = throughput(teacher, seqs, batch_tokens=4096, repeats=3)
+        print("throughput", result["throughput"], flush=True)
+        result["reader_vs_train"] = reader_vs_train(teacher, student_hidden=args.hidden // 2)
+        print("reader", result["reader_vs_train"], flush=True)
+        result["overlap"] = overlap_rerun(teacher, args.sequences)
+        print("overlap", result["overlap"]["rerun_over_first_time"], flush=True)
+    result["bytes_synthetic_zipf_128k"] = synthetic_bytes_per_token(args.synthetic_tokens)
+    print("synthetic", result["bytes_synthetic_zipf_128k"], flush=True)
+    if args.trained_store:
+        r = info(Store(args.trained_store, create=False))
+        result["bytes_trained_tiny"] = {k: r[k] for k in ("entries", "tokens", "bytes_on_disk",
+                                                           "bytes_per_token", "top_k", "dtype", "mean_topk_mass")}
+        print("trained", result["bytes_trained_tiny"], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
