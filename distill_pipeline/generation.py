@@ -59,6 +59,8 @@ def generate_hf(model: Any, tok: Any, prompts: Sequence[Sequence[int]], *, max_n
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = left_pad([prompts[i] for i in idx], tok.pad_token_id)
+            dev = next(model.parameters()).device
+            ids, mask = ids.to(dev), mask.to(dev)
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=sample, temperature=temperature if sample else None,
                                  top_p=top_p if sample else None, top_k=None,

@@ -86,18 +86,41 @@ def teacher_bins(t_logp: Tensor) -> Tensor:
 
 
 def student_bins(logits: Tensor, t_ids: Tensor) -> Tensor:
-    """Student K+1 bins: full softmax gathered at the teacher ids + the rest, clamped: (B, T, K+1)."""
-    q = _logsoftmax(logits).exp().gather(-1, t_ids.long())  # (B, T, K)
-    rest = (1 - q.sum(-1, keepdim=True)).clamp(min=0)  # (B, T, 1)
-    return torch.cat([q, rest], dim=-1).clamp(EPS, 1 - EPS)
+    """Student K+1 bins: full softmax gathered at the teacher ids + the rest, clamped: (B, T, K+1).
+    Gathers K log-probs before exponentiating (no full-vocabulary exp)."""
+    return _bins_from_topk(_logsoftmax(logits).gather(-1, t_ids.long()))  # (B, T, K+1)
 
 
 def binned_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor) -> Tensor:
     """Token-mean forward KL(teacher ‖ student) on K+1 bins (METHODS §1). Scalar."""
-    p = teacher_bins(t_logp.to(logits.dtype if logits.dtype == torch.float64 else torch.float32))
     q = student_bins(logits, t_ids)
+    return _kl(q, t_logp, labels)
+
+
+def _kl(q: Tensor, t_logp: Tensor, labels: Tensor) -> Tensor:
+    """Token-mean KL(teacher bins ‖ q) for student bins q (B, T, K+1)."""
+    p = teacher_bins(t_logp.to(q.dtype))
     kl = (p * (p.log() - q.log())).sum(-1)  # (B, T)
     return masked_mean(kl, _valid(labels))
+
+
+def _bins_from_topk(q_logp: Tensor) -> Tensor:
+    """Student K+1 bins from its log-probs at the teacher's top-K ids (B, T, K), clamped."""
+    q = q_logp.exp()
+    rest = (1 - q.sum(-1, keepdim=True)).clamp(min=0)
+    return torch.cat([q, rest], dim=-1).clamp(EPS, 1 - EPS)
+
+
+def sft_and_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor) -> tuple[Tensor, Tensor]:
+    """(token-mean NLL, token-mean K+1-bin KL) on one response with a single gather over the
+    vocabulary: label and top-K ids together, so the backward pass scatters into the
+    (B, T, V) gradient once — a cached KD step then costs about what an SFT step costs."""
+    lp = _logsoftmax(logits)  # (B, T, V)
+    index = torch.cat([labels.clamp(min=0).unsqueeze(-1), t_ids.long()], dim=-1)  # (B, T, 1+K)
+    picked = lp.gather(-1, index)  # (B, T, 1+K)
+    valid = _valid(labels)
+    nll = -masked_mean(picked[..., 0] * valid, valid)
+    return nll, _kl(_bins_from_topk(picked[..., 1:]), t_logp, labels)
 
 
 def sft_nll(logits: Tensor, labels: Tensor) -> Tensor:
@@ -165,8 +188,7 @@ def wpo_loss(logits_w: Tensor, labels_w: Tensor, logits_l: Tensor, labels_l: Ten
 def vanilla_kd_loss(logits_w: Tensor, labels_w: Tensor, t_ids_w: Tensor, t_logp_w: Tensor, *,
                     alpha: float = 0.1) -> tuple[Tensor, dict]:
     """VanillaKD: L_SFT(y_w) + α · KL(teacher bins ‖ student bins) on y_w (METHODS §2)."""
-    sft = sft_nll(logits_w, labels_w)
-    kl = binned_kl(logits_w, labels_w, t_ids_w, t_logp_w)
+    sft, kl = sft_and_kl(logits_w, labels_w, t_ids_w, t_logp_w)
     return sft + alpha * kl, {"sft": sft.item(), "kl_w": kl.item()}
 
 
@@ -175,8 +197,7 @@ def dckd_loss(logits_w: Tensor, labels_w: Tensor, t_ids_w: Tensor, t_logp_w: Ten
               alpha: float = 0.1) -> tuple[Tensor, dict]:
     """DCKD (ADPA paper, Eq. 5–7): L_SFT(y_w) + α (KL_w + KL_l), token-mean K+1-bin forward KL
     against the DPO teacher on the dataset's y_w and y_l."""
-    sft = sft_nll(logits_w, labels_w)
-    kl_w = binned_kl(logits_w, labels_w, t_ids_w, t_logp_w)
+    sft, kl_w = sft_and_kl(logits_w, labels_w, t_ids_w, t_logp_w)
     kl_l = binned_kl(logits_l, labels_l, t_ids_l, t_logp_l)
     loss = sft + alpha * (kl_w + kl_l)
     return loss, {"sft": sft.item(), "kl_w": kl_w.item(), "kl_l": kl_l.item()}
@@ -211,7 +232,7 @@ def adpa_loss(logits_w: Tensor, labels_w: Tensor, logits_r: Tensor, labels_r: Te
                           missing="dpo_min" if code_compat else "ref_min").detach()  # (B, T, K)
     if code_compat:
         adv = adv.clamp(EPS, 1 - EPS)
-    probs = _logsoftmax(logits_r).exp().gather(-1, t_ids_r.long())  # (B, T, K)
+    probs = _logsoftmax(logits_r).gather(-1, t_ids_r.long()).exp()  # (B, T, K)
     adv_term = -masked_mean((probs * adv.to(probs.dtype)).sum(-1), _valid(labels_r))
     sft = sft_nll(logits_w, labels_w)
     loss = sft_weight * sft + gamma * adv_term
@@ -279,7 +300,8 @@ def dpkd_loss(logits_w: Tensor, labels_w: Tensor, t_label_logp_w: Tensor,
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What a method's loss needs. `data`: 'sft' (chosen only) or 'pairs'; `teacher`: the cache
+    """What a method's loss needs. `data`: 'sft' (y_w only), 'pairs' or 'rollouts' (y_w + the
+    student's rollouts); `teacher`: the cache
     extraction it reads ('pairs' = DPO teacher on y_w/y_l, 'rollouts' = both teachers on rollouts);
     `reference`: needs the student's SFT model log-probs (DPO-style)."""
     fn: Callable[..., tuple[Tensor, dict]]
@@ -297,9 +319,9 @@ LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(dpo_loss, "pairs", reference=True, options={"beta": 0.1}, doc="DPO vs the SFT student"),
     "simpo": LossSpec(simpo_loss, "pairs", options={"beta": 2.0, "gamma": 1.0}, doc="reference-free, length-normalised"),
     "wpo": LossSpec(wpo_loss, "pairs", reference=True, options={"beta": 0.1}, doc="DPO weighted by on-policy probability"),
-    "vanilla_kd": LossSpec(vanilla_kd_loss, "pairs", teacher="pairs", options={"alpha": 0.1}, doc="SFT + forward KL on y_w"),
+    "vanilla_kd": LossSpec(vanilla_kd_loss, "sft", teacher="pairs", options={"alpha": 0.1}, doc="SFT + forward KL on y_w"),
     "dckd": LossSpec(dckd_loss, "pairs", teacher="pairs", options={"alpha": 0.1}, doc="SFT + α(KL_w + KL_l)"),
-    "adpa": LossSpec(adpa_loss, "pairs", teacher="rollouts",
+    "adpa": LossSpec(adpa_loss, "rollouts", teacher="rollouts",
                      options={"gamma": 1.6, "sft_weight": 1.0, "code_compat": False},
                      doc="SFT − γ·E_θ[A] on rollouts"),
     "tvkd": LossSpec(tvkd_loss, "pairs", teacher="pairs",
@@ -309,3 +331,17 @@ LOSSES: dict[str, LossSpec] = {
                      options={"beta": 0.1, "rho": 0.5, "length_normalize": False},
                      doc="teacher as DPO reference"),
 }
+
+
+def methods_table() -> str:
+    """The README's methods table, generated from LOSSES (tests keep the README in sync)."""
+    rows = ["| method | trains on | teacher signal (cache) | needs SFT-student reference | options (defaults) | what |",
+            "|---|---|---|---|---|---|"]
+    signal = {None: "—", "pairs": "DPO teacher on y_w/y_l", "rollouts": "DPO + reference teacher on rollouts"}
+    for name, spec in LOSSES.items():
+        opts = ", ".join(f"`{k}={v}`" for k, v in spec.options.items()) or "—"
+        data = {"sft": "y_w", "pairs": "y_w, y_l", "rollouts": "y_w + rollouts"}[spec.data]
+        rows.append(f"| `{name}` | {data} | {signal[spec.teacher]} | {'yes' if spec.reference else 'no'} | {opts} | {spec.doc} |")
+    rows.append("| `adpa+` | y_w, y_l, then y_w + rollouts | DCKD phase, then ADPA on the DCKD student's rollouts | no | "
+                "`train.loss` (ADPA), `train.dckd_loss` (DCKD) | Algorithm 2 of the ADPA paper |")
+    return "\n".join(rows)

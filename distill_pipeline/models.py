@@ -107,21 +107,29 @@ def load_model(spec: Any, *, seed: int = 0):
                              pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
                              **PRESETS[spec.preset])
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config).to(dtype)
+        return LlamaForCausalLM(config).to(dtype).to(device())
     path = os.path.expanduser(spec.name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
     except Exception as exc:
         raise ModelError(f"cannot load model from {spec.name_or_path!r}: {exc}") from exc
 
 
-def load_checkpoint(path: Path, *, dtype: str = "float32"):
-    """Model + tokenizer saved by a stage (`save_pretrained` layout)."""
+def device():
+    """The accelerator when one is visible (CUDA), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint(path: Path, *, dtype: str = "auto"):
+    """Model (in the dtype it was saved in, on `device()`) + tokenizer saved by a stage."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device())
     return model, AutoTokenizer.from_pretrained(str(path))
 
 

@@ -56,6 +56,7 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     import torch
 
     torch.manual_seed(hp.seed)
+    dev = next(model.parameters()).device
     steps = total_steps(hp, examples)
     warmup = int(hp.warmup_ratio * steps)
     opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -96,7 +97,7 @@ def train_loop(model: Any, *, hp: Any, examples: int,
             sums: dict[str, float] = {}
             for _ in range(hp.grad_accum):
                 epoch, consumed, mb = next(stream)
-                loss, metrics = loss_fn(model, mb)
+                loss, metrics = loss_fn(model, to_device(mb, dev))
                 (loss / hp.grad_accum).backward()
                 for k, v in {"loss": loss.item(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + v / hp.grad_accum
@@ -123,6 +124,17 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     model.eval()
     return {"steps": steps, "final_loss": round(last.get("loss", float("nan")), 6),
             "train_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def to_device(batch: Any, dev: Any) -> Any:
+    """Tensors anywhere in nested dicts/lists/tuples moved to `dev` (no-op on the CPU)."""
+    if hasattr(batch, "to") and hasattr(batch, "device"):
+        return batch.to(dev) if batch.device != dev else batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, dev) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, dev) for v in batch)
+    return batch
 
 
 def _tensorboard(work_dir: Path):

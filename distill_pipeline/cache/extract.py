@@ -107,9 +107,12 @@ def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int) ->
     from distill_pipeline.data.tokenize import collate
 
     ids, mask, _ = collate([r.prompt_ids for r in batch], [r.response_ids for r in batch], pad_id)
+    dev = next(model.parameters()).device
+    ids, mask = ids.to(dev), mask.to(dev)
     rows = torch.cat([torch.full((r.n_tokens,), i) for i, r in enumerate(batch)])  # (N,)
     cols = torch.cat([torch.arange(len(r.prompt_ids) - 1, len(r.prompt_ids) - 1 + r.n_tokens)
                       for r in batch])  # (N,) positions predicting the response tokens
+    rows, cols = rows.to(dev), cols.to(dev)
     labels = ids[rows, cols + 1]  # (N,)
     with torch.no_grad():
         if _head_only_ok(model):
@@ -122,8 +125,8 @@ def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int) ->
         top = logp.topk(top_k, dim=-1)  # sorted by probability, descending
         label_logp = logp.gather(1, labels[:, None]).squeeze(1)  # (N,)
     out, start = [], 0
-    t_ids, t_lp = top.indices.int().numpy(), top.values.numpy()
-    lse_np, lab_np = lse.numpy(), label_logp.numpy()
+    t_ids, t_lp = top.indices.int().cpu().numpy(), top.values.cpu().numpy()
+    lse_np, lab_np = lse.cpu().numpy(), label_logp.cpu().numpy()
     for r in batch:
         s = slice(start, start + r.n_tokens)
         out.append({"ids": t_ids[s], "logp": t_lp[s], "lse": lse_np[s], "label_logp": lab_np[s]})
@@ -221,6 +224,17 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, s
     seconds = time.perf_counter() - t0
     stats.update(seconds=round(seconds, 3), tokens_per_s=round(todo_tokens / seconds, 1) if units else 0.0)
     return stats
+
+
+def gpus_per_worker() -> float:
+    """One GPU per extraction worker when the Ray cluster (or this machine) has GPUs."""
+    if _use_ray():
+        import ray
+
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
 
 
 def _use_ray() -> bool:

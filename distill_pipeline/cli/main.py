@@ -81,6 +81,14 @@ def status(config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt):
 
 
 @app.command()
+def methods():
+    """The training methods, their inputs and loss options (from the LOSSES registry)."""
+    from distill_pipeline.losses import methods_table
+
+    typer.echo(methods_table())
+
+
+@app.command()
 def compare(paths: List[str] = typer.Argument(..., help="run directories or config files"),
             out: Optional[str] = typer.Option(None, "--out", help="PNG path (default: <first run>/compare.png)")):
     """One table (and a PNG: metric bars, training curves) of the evaluate results of several methods."""

@@ -76,6 +76,8 @@ def sequence_logps(model: Any, ids, mask, labels):
     """Per-sequence summed label log-probs and token counts: (B,), (B,). Log-softmax in float32."""
     import torch
 
+    dev = next(model.parameters()).device
+    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
     valid = target != IGNORE

@@ -109,7 +109,10 @@ class Sft(Node):
 
 
 class TeacherDpo(TrainHP):
+    """Defaults are the ADPA paper's teacher DPO (released code: beta 0.01, 1 epoch)."""
     beta: float = Field(0.05, gt=0)
+    lr: float = Field(5e-7, gt=0)
+    epochs: float = Field(2.0, gt=0)
 
 
 class Rollouts(Node):

@@ -65,11 +65,12 @@ def _train_view(cfg: Any, loss: str, options: dict) -> dict:
             "cache_dtype": cfg.teacher_logits.dtype}
     if cfg.data.validation is not None:
         view["validation"] = data_view(cfg, "validation")
+        view["max_new_tokens"] = cfg.evaluate.max_new_tokens
     return view
 
 
 _TRAIN_ORIGIN = {"hp": "train", "options": "train.loss", **_data_origin("preferences"),
-                 "validation": "data.validation",
+                 "validation": "data.validation", "max_new_tokens": "evaluate.max_new_tokens",
                  "top_k": "teacher_logits.top_k", "cache_dtype": "teacher_logits.dtype"}
 
 

@@ -271,8 +271,9 @@ def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
             if failures:
                 break
             kind = get_stage(node.stage).KIND
-            cpus = res.train_cpus if kind == "train" else res.generate_cpus
-            ref = remote.options(num_cpus=cpus, num_gpus=res.gpus, name=name).remote(
+            cpus = {"train": res.train_cpus, "generate": res.generate_cpus}.get(kind, 0)
+            gpus = res.gpus if kind in ("train", "generate") else 0
+            ref = remote.options(num_cpus=cpus, num_gpus=gpus, name=name).remote(
                 node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
                 max(1, int(cpus)))
             running[ref] = name

@@ -1,4 +1,5 @@
-"""Stages: one module each, exposing NAME, VERSION, KIND ('train' | 'generate') and
+"""Stages: one module each, exposing NAME, VERSION, KIND ('train' | 'generate' | 'orchestrate':
+a stage that only dispatches Ray workers and holds no resources itself) and
 `run(view, inputs, out) -> summary`. `view` is the node's own config subtree (what its fingerprint
 hashes), `inputs` maps a role to an upstream node's published folder, `out` is the folder to fill.
 """

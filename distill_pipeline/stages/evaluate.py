@@ -15,32 +15,6 @@ VERSION = 1
 KIND = "generate"
 
 
-def evaluate_model(model, tok, examples, cfg, desc: str) -> dict:
-    import torch
-
-    from distill_pipeline.data.tokenize import collate, decode_response, sequence_logps
-    from distill_pipeline.generation import generate_hf
-
-    wins = 0
-    with torch.no_grad():
-        for s in range(0, len(examples), cfg.batch_size):
-            chunk = examples[s:s + cfg.batch_size]
-            prompts = [e["prompt_ids"] for e in chunk]
-            means = []
-            for field in ("chosen_ids", "rejected_ids"):
-                lp, n = sequence_logps(model, *collate(prompts, [e[field] for e in chunk], tok.pad_token_id))
-                means.append(lp / n.clamp(min=1))
-            wins += int((means[0] > means[1]).sum())
-    responses = generate_hf(model, tok, [e["prompt_ids"] for e in examples],
-                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, desc=desc)
-    result = {"reward_accuracy": wins / len(examples),
-              "mean_length": sum(map(len, responses)) / len(responses), "n": len(examples)}
-    if all("answer" in e for e in examples):
-        correct = sum(decode_response(tok, r).strip() == e["answer"] for e, r in zip(examples, responses))
-        result["task_accuracy"] = correct / len(examples)
-    return result
-
-
 def format_table(results: dict[str, dict]) -> str:
     cols = ["task_accuracy", "reward_accuracy", "mean_length"]
     width = max(len(m) for m in results) + 2
@@ -53,6 +27,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 def run(view: dict, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
+    from distill_pipeline.metrics import evaluate_model
     from distill_pipeline.models import load_checkpoint
 
     cfg = view["evaluate"]
@@ -60,7 +35,8 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
     for role, folder in inputs.items():
         model, tok = load_checkpoint(folder / "model")
         examples = pair_examples(view["data"], tok, kind="eval")
-        results[role] = evaluate_model(model, tok, examples, cfg, desc=f"evaluate {role}")
+        results[role] = evaluate_model(model, tok, examples, batch_size=cfg.batch_size,
+                                       max_new_tokens=cfg.max_new_tokens, desc=f"evaluate {role}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.txt").write_text(format_table(results) + "\n")
     return {"models": len(results)}

@@ -12,23 +12,6 @@ VERSION = 1
 KIND = "train"
 
 
-def reference_logps(model, examples, pad_id, batch_size=64):
-    """Summed reference log-probs of chosen and rejected for every pair: two lists of floats."""
-    import torch
-
-    from distill_pipeline.data.tokenize import collate, sequence_logps
-
-    out_w, out_l = [], []
-    with torch.no_grad():
-        for s in range(0, len(examples), batch_size):
-            chunk = examples[s:s + batch_size]
-            for field, acc in (("chosen_ids", out_w), ("rejected_ids", out_l)):
-                ids, mask, labels = collate([e["prompt_ids"] for e in chunk],
-                                            [e[field] for e in chunk], pad_id)
-                acc.extend(sequence_logps(model, ids, mask, labels)[0].tolist())
-    return out_w, out_l
-
-
 def pair_batches(examples, hp, pad_id, extra=()):
     """Deterministic per-epoch batches of (chosen batch, rejected batch, *extra tensors)."""
     import torch
@@ -50,6 +33,7 @@ def pair_batches(examples, hp, pad_id, extra=()):
 def run(view: dict, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.losses import dpo_loss
+    from distill_pipeline.metrics import reference_logps
     from distill_pipeline.models import load_checkpoint, save_model
     from distill_pipeline.training import finish, train_loop
 

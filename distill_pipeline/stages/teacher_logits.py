@@ -15,7 +15,7 @@ from pathlib import Path
 
 NAME = "teacher_logits"
 VERSION = 1
-KIND = "generate"
+KIND = "orchestrate"  # holds no CPU/GPU itself: its Ray workers do
 # Value- and layout-neutral: 1 vs 3 workers give a bit-identical store (tests/invariants).
 UNFINGERPRINTED = ("teacher_logits.num_workers", "teacher_logits.batch_tokens",
                    "teacher_logits.threads_per_worker")
@@ -32,9 +32,8 @@ def sequences(source: str, view: dict, inputs: dict, tok) -> list[tuple[list[int
 
 
 def run(view: dict, inputs: dict, out: Path) -> dict:
-    from distill_pipeline.cache.extract import extract, make_request
+    from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
     from distill_pipeline.cache.store import Store
-    from distill_pipeline.generation import gpu_available
     from distill_pipeline.models import load_tokenizer_dir, teacher_identity
 
     cfg = view["teacher_logits"]
@@ -49,7 +48,7 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
                     top_k=cfg.top_k, dtype=cfg.dtype, num_workers=cfg.num_workers,
                     batch_tokens=cfg.batch_tokens, unit_tokens=cfg.unit_tokens,
                     threads_per_worker=cfg.threads_per_worker,
-                    gpus_per_worker=1.0 if gpu_available() else 0)
+                    gpus_per_worker=gpus_per_worker())
     (out / "teachers.json").write_text(json.dumps({
         "store": str(store.root), "top_k": cfg.top_k, "dtype": cfg.dtype, "source": view["source"],
         "teachers": {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles},

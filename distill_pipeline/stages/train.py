@@ -4,8 +4,8 @@ teacher-logit cache (nodes `train`, and `train.dckd` for ADPA+'s first phase).
 Inputs by role: `init` (the student to start from), `cache` (a teacher_logits node: store, K,
 teacher identities), `reference` (DPO/WPO: the SFT student), `rollouts` (ADPA: the states).
 Every cached row's token ids are checked against the student batch. Produces `model/`,
-`metrics.jsonl` (every loss component per step) and `validation.jsonl` (reward accuracy on the
-validation split at every checkpoint). Run alone: `distill-pipeline run train -c …`.
+`metrics.jsonl` (every loss component per step) and `validation.jsonl` (reward accuracy — and
+task accuracy on the built-in task — on the validation split at every checkpoint). Run alone: `distill-pipeline run train -c …`.
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ def _examples(spec, view: dict, inputs: dict, tok) -> tuple[list[dict], list]:
     examples = pair_examples(view["data"], tok)
     teacher = ("teacher",) if spec.teacher == "pairs" else ()
     if spec.data == "sft":
-        return examples, [Field("chosen", ())]
-    if spec.fn.__name__ == "vanilla_kd_loss":
         return examples, [Field("chosen", teacher)]
     return examples, [Field("chosen", teacher), Field("rejected", teacher)]
 
@@ -82,35 +80,18 @@ def _loss_fn(name: str, spec, options: dict):
 
     def with_refs(model, batch):
         if spec.reference:
-            batch["ref_w"] = torch.tensor(batch["_ref_w"], dtype=torch.float32)
-            batch["ref_l"] = torch.tensor(batch["_ref_l"], dtype=torch.float32)
+            dev = next(model.parameters()).device
+            batch["ref_w"] = torch.tensor(batch["_ref_w"], dtype=torch.float32, device=dev)
+            batch["ref_l"] = torch.tensor(batch["_ref_l"], dtype=torch.float32, device=dev)
         return loss_fn(model, batch)
     return with_refs
-
-
-def reward_accuracy(model, tok, examples: list[dict], batch_size: int = 64) -> float:
-    """Share of pairs whose chosen response gets the higher mean log-prob."""
-    import torch
-
-    from distill_pipeline.data.tokenize import collate, sequence_logps
-
-    wins = 0
-    with torch.no_grad():
-        for s in range(0, len(examples), batch_size):
-            chunk = examples[s:s + batch_size]
-            means = []
-            for f in ("chosen_ids", "rejected_ids"):
-                lp, n = sequence_logps(model, *collate([e["prompt_ids"] for e in chunk],
-                                                       [e[f] for e in chunk], tok.pad_token_id))
-                means.append(lp / n.clamp(min=1))
-            wins += int((means[0] > means[1]).sum())
-    return wins / max(1, len(examples))
 
 
 def run(view: dict, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.reader import TeacherBatches
     from distill_pipeline.data import pair_examples
     from distill_pipeline.losses import LOSSES
+    from distill_pipeline.metrics import evaluate_model
     from distill_pipeline.models import load_checkpoint, save_model
     from distill_pipeline.pipeline.config import TrainHP
     from distill_pipeline.training import finish, train_loop
@@ -123,7 +104,7 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
     reader, top_k = (_attach_keys(examples, fields, inputs["cache"]) if "cache" in inputs
                      else (None, view["top_k"]))
     if spec.reference:
-        from distill_pipeline.stages.teacher_dpo import reference_logps
+        from distill_pipeline.metrics import reference_logps
 
         ref_model, _ = load_checkpoint(inputs["reference"] / "model")
         for e, w, l in zip(examples, *reference_logps(ref_model, examples, tok.pad_token_id)):
@@ -141,21 +122,24 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
 
     validation = pair_examples(view["validation"], tok, kind="validation") if view.get("validation") else []
 
-    def validate(step: int) -> None:
+    def validate(step: int) -> dict:
         if not validation:
-            return
+            return {}
         model.eval()
-        acc = reward_accuracy(model, tok, validation)
+        r = evaluate_model(model, tok, validation, batch_size=64, max_new_tokens=view["max_new_tokens"])
         model.train()
+        row = {"step": step, **{f"val_{k}": v for k, v in r.items() if k != "n"}}
         with open(out / "validation.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": step, "val_reward_accuracy": acc}) + "\n")
+            fh.write(json.dumps(row) + "\n")
+        return row
 
     summary = train_loop(model, hp=hp, examples=len(examples), batches=batches,
                          loss_fn=_loss_fn(name, spec, options), work_dir=out,
                          desc=f"train {name}", on_checkpoint=validate)
     save_model(model, tok, out / "model")
     finish(out)
-    result = {**summary, "loss": name, "examples": len(examples)}
+    final = {}  # the last checkpoint (always the final step) validated the final weights
     if validation:
-        result["val_reward_accuracy"] = round(reward_accuracy(model, tok, validation), 4)
-    return result
+        final = json.loads((out / "validation.jsonl").read_text().splitlines()[-1])
+    return {**summary, "loss": name, "examples": len(examples),
+            **{k: round(v, 4) for k, v in final.items() if k != "step"}}

@@ -72,7 +72,8 @@ def test_train_logs_components_and_validation(done_plan):
     lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "sft", "advantage", "lr", "grad_norm"} <= set(lines[-1])
     val = [json.loads(l) for l in (folder / "validation.jsonl").read_text().splitlines()]
-    assert [v["step"] for v in val] == [2, 4] and all(0 <= v["val_reward_accuracy"] <= 1 for v in val)
+    assert [v["step"] for v in val] == [2, 4]  # every checkpoint; the last one is the final model
+    assert all(0 <= v["val_reward_accuracy"] <= 1 and 0 <= v["val_task_accuracy"] <= 1 for v in val)
 
 
 def test_evaluate_outputs(done_plan):

@@ -26,7 +26,7 @@ def test_stable_across_loads(tiny_config):
     ("teacher_dpo.beta=0.3", {"teacher_dpo", "evaluate", "teacher_logits", "train"}),
     ("sft.student.lr=0.01", {"sft.student", "evaluate", "train", "rollouts"}),
     ("rollouts.max_new_tokens=9", {"rollouts"}),
-    ("evaluate.max_new_tokens=9", {"evaluate"}),
+    ("evaluate.max_new_tokens=9", {"evaluate", "train"}),  # train validates with it
     ("models.teacher.dtype=bfloat16", {"sft.teacher", "teacher_dpo", "evaluate", "teacher_logits", "train"}),
     ("data.numbers.seed=5", None),  # every node reads the built-in task
     ("ray.num_cpus=1", set()),

@@ -1,0 +1,129 @@
+"""Train-step speed, measured side by side in one run on the same student and batches:
+
+- SFT step: NLL on the chosen and rejected sequences (the tokens a DCKD step processes);
+- cached DCKD step: teacher tensors streamed from the teacher-logit cache (prefetch thread on,
+  as in training) + the DCKD loss;
+- online DCKD step: the teacher computed live (forward + top-K) for the same loss.
+
+Reports median step times and the ratios cached/SFT (target ≤ 1.05) and online/cached (the
+speed-up the cache buys). Writes benchmarks/out/train_speed.json.
+
+    python benchmarks/train_speed.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cache_bench import bench_teacher, random_sequences  # noqa: E402
+
+from distill_pipeline.cache.extract import extract, make_request  # noqa: E402
+from distill_pipeline.cache.reader import CacheReader, Field, TeacherBatches  # noqa: E402
+from distill_pipeline.cache.store import Store  # noqa: E402
+from distill_pipeline.losses import dckd_loss, sft_nll  # noqa: E402
+from distill_pipeline.models import load_checkpoint, teacher_identity  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/out/train_speed.json")
+    ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument("--teacher-hidden", type=int, default=512)
+    ap.add_argument("--student-hidden", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        tdir = bench_teacher(Path(d) / "teacher", args.vocab, args.teacher_hidden, 4)
+        teacher, _ = load_checkpoint(tdir)
+        torch.manual_seed(0)
+        student = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.student_hidden,
+                                               intermediate_size=args.student_hidden * 3, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=2,
+                                               tie_word_embeddings=False))
+        n_t = sum(p.numel() for p in teacher.parameters())
+        n_s = sum(p.numel() for p in student.parameters())
+        n = args.steps * args.batch
+        chosen = random_sequences(n, args.vocab, seed=11)
+        rejected = [(p, r2) for (p, _), (_, r2) in zip(chosen, random_sequences(n, args.vocab, seed=12))]
+        ident = teacher_identity(tdir)
+        reqs = [make_request(ident, p, r, 50, "float16") for p, r in chosen + rejected]
+        extract(reqs, Store(Path(d) / "store"), {ident: str(tdir)}, top_k=50, dtype="float16")
+        keys = {(tuple(q.prompt_ids), tuple(q.response_ids)): q.key for q in reqs}
+        examples = [{"prompt_ids": p, "chosen_ids": rc, "rejected_ids": rr,
+                     "keys": {("chosen", "teacher"): keys[(tuple(p), tuple(rc))],
+                              ("rejected", "teacher"): keys[(tuple(p), tuple(rr))]}}
+                    for (p, rc), (_, rr) in zip(chosen, rejected)]
+        stream = TeacherBatches(CacheReader(Path(d) / "store"), examples,
+                                [Field("chosen", ("teacher",)), Field("rejected", ("teacher",))],
+                                batch_size=args.batch, pad_id=0, top_k=50)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+
+        def step(loss):
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def fwd(b, f):
+            ids, mask, labels = b[f]["student"]
+            return student(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:]
+
+        times = {"sft": [], "cached_dckd": [], "online_dckd": []}
+        for epoch in range(3):  # interleave: every kind sees the same machine conditions
+            it = stream.epoch(epoch)
+            batches = []
+            t_cached = []
+            t0 = time.perf_counter()
+            for b in it:  # cached: the reader (prefetching) is part of the measured loop
+                lw, yw = fwd(b, "chosen")
+                ll, yl = fwd(b, "rejected")
+                step(dckd_loss(lw, yw, b["chosen"]["teacher"]["ids"], b["chosen"]["teacher"]["logp"],
+                               ll, yl, b["rejected"]["teacher"]["ids"], b["rejected"]["teacher"]["logp"])[0])
+                t1 = time.perf_counter()
+                t_cached.append(t1 - t0)
+                t0 = t1
+                batches.append(b)
+            times["cached_dckd"] += t_cached
+            for b in batches:
+                t0 = time.perf_counter()
+                lw, yw = fwd(b, "chosen")
+                ll, yl = fwd(b, "rejected")
+                step(sft_nll(lw, yw) + sft_nll(ll, yl))
+                times["sft"].append(time.perf_counter() - t0)
+            for b in batches:
+                t0 = time.perf_counter()
+                tops = {}
+                with torch.no_grad():
+                    for f in ("chosen", "rejected"):
+                        ids, mask, _ = b[f]["student"]
+                        lp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+                        tops[f] = lp.topk(50, -1)
+                lw, yw = fwd(b, "chosen")
+                ll, yl = fwd(b, "rejected")
+                step(dckd_loss(lw, yw, tops["chosen"].indices, tops["chosen"].values,
+                               ll, yl, tops["rejected"].indices, tops["rejected"].values)[0])
+                times["online_dckd"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"config": vars(args), "teacher_params": n_t, "student_params": n_s,
+              "teacher_over_student_params": round(n_t / n_s, 2),
+              "median_step_s": {k: round(v, 4) for k, v in med.items()},
+              "cached_over_sft": round(med["cached_dckd"] / med["sft"], 3),
+              "online_over_cached": round(med["online_dckd"] / med["cached_dckd"], 3),
+              "steps_measured": len(times["sft"])}
+    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""CI's short versions of the benchmark scripts, and the README kept true to the code."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from distill_pipeline.losses import methods_table
+from tests.conftest import ROOT
+
+
+def test_replication_smoke(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/replicate.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DISTILL_PROGRESS": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "replication.json").read_text())
+    assert set(report["methods"]) == {"sft", "dpo", "dckd", "tvkd", "adpa", "adpa+"}
+    for r in report["methods"].values():
+        assert 0 <= r["task_accuracy"][0] <= 1 and r["task_accuracy"][1] == 0.0  # one seed
+    assert [c["claim"] for c in report["claim"]] == ["adpa+ >= adpa", "adpa > dckd", "dckd >= dpo", "dpo >= sft"]
+    assert (tmp_path / "replication.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| adpa+ |" in (tmp_path / "replication.md").read_text()
+
+
+def test_readme_methods_table_is_generated_from_losses():
+    assert methods_table() in (ROOT / "README.md").read_text()
+
+
+def test_readme_first_lines_are_the_two_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    block = lines[lines.index("```bash") + 1:lines.index("```bash") + 3]
+    assert "pip install -e '.[dev]'" in block[0] and "distill-pipeline run all -c configs/quickstart.yaml" in block[0]
+    assert block[1].endswith("python -m pytest -q")
+    assert (ROOT / ".ci/run").read_text().strip().endswith("python -m pytest -q")
