@@ -5,7 +5,8 @@ Inputs by role: `init` (the student to start from), `cache` (a teacher_logits no
 teacher identities), `reference` (DPO/WPO: the SFT student), `rollouts` (ADPA: the states).
 Every cached row's token ids are checked against the student batch. Produces `model/`,
 `metrics.jsonl` (every loss component per step) and `validation.jsonl` (reward accuracy — and
-task accuracy on the built-in task — on the validation split at every checkpoint). Run alone: `distill-pipeline run train -c …`.
+task accuracy on the built-in task — on the validation split at every checkpoint).
+Run alone: `distill-pipeline run train -c …`.
 """
 from __future__ import annotations
 
