@@ -13,12 +13,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from distill_pipeline.progress import progress
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of each micro-batch of one epoch: a seeded shuffle, independent of the
+    batch size (so 1×4 and 4×1 accumulation see the same examples in the same order)."""
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
 def total_steps(hp: Any, examples: int) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from distill_pipeline.cache.store import SCHEMA_VERSION, SegmentData, Store, entry_key, to_bits
 from distill_pipeline.progress import progress
+from distill_pipeline.provenance import package_versions
 
 
 @dataclass(frozen=True)
@@ -178,23 +179,11 @@ class Extractor:
                            entries=entries)
         manifest = {"schema_version": SCHEMA_VERSION, "teacher": unit.teacher, "top_k": self.top_k,
                     "logp_dtype": self.dtype, "n_entries": len(entries), "n_tokens": offset,
-                    "versions": _versions()}
+                    "versions": package_versions()}
         published = self.store.publish(unit.id, data, manifest)
         if self.throttle:
             time.sleep(self.throttle)  # crash tests and demos: widen the window between units
         return unit.id, offset, published
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("distill-pipeline", "torch", "transformers", "zarr"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, str], *, top_k: int,

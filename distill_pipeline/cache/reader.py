@@ -8,7 +8,6 @@ cached row's token ids are checked against the student's sequence.
 from __future__ import annotations
 
 import queue
-import random
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -184,9 +183,9 @@ class TeacherBatches:
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         """Batches of one epoch, built ahead by a background thread (bounded queue)."""
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 1000 + epoch).shuffle(order)
-        groups = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        from distill_pipeline.training import epoch_batches
+
+        groups = epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 

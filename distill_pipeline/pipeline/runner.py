@@ -17,11 +17,11 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 from distill_pipeline.pipeline.recipes import NodeSpec, build_graph, canonical, jsonable
+from distill_pipeline.provenance import package_versions
 from distill_pipeline.stages import STAGE_NAMES, get_stage
 
 MANIFEST = "manifest.json"
@@ -128,9 +128,15 @@ def why(plan: Plan, name: str) -> str:
                 reasons.append(f"{node.origin.get('data', 'data')} file content changed")
             else:
                 reasons.append(f"{path} {old.get(key, '(unset)')} → {new.get(key, '(unset)')}")
+    prev_nodes = prev.get("input_nodes", {})
     for role, up in sorted(node.needs.items()):
-        if prev.get("inputs", {}).get(role) != plan.fingerprints[up]:
+        before = prev_nodes.get(role, up)
+        if before != up:
+            reasons.append(f"input {role}: {before} → {up}")
+        elif prev.get("inputs", {}).get(role) != plan.fingerprints[up]:
             reasons.append(f"upstream {up} changed")
+    for role in sorted(set(prev.get("inputs", {})) - set(node.needs)):
+        reasons.append(f"no longer reads {prev_nodes.get(role, role)}")
     return ("; ".join(reasons) or "output folder missing") + partial
 
 
@@ -146,16 +152,6 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
 
 
 # ---------------------------------------------------------------------------- execution
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("distill-pipeline", "torch", "transformers", "ray", "zarr", "pyarrow", "vllm"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
 
 def execute_node(stage_name: str, view: dict, inputs: dict[str, str], partial: str,
                  num_threads: int | None = None) -> dict:
@@ -181,7 +177,7 @@ def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
         "summary": summary,
         "timings": {"started": started, "finished": time.time(),
                     "seconds": round(time.time() - started, 3)},
-        "versions": _versions(), "host": platform.node(),
+        "versions": package_versions(), "host": platform.node(),
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if final.exists():  # a stale folder without manifest (crash after rename is impossible)
@@ -189,7 +185,8 @@ def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
     os.replace(partial, final)
     state = {"fingerprint": plan.fingerprints[name], "version": manifest["version"],
              "view": fingerprinted_view(node),
-             "inputs": {role: plan.fingerprints[up] for role, up in node.needs.items()}}
+             "inputs": {role: plan.fingerprints[up] for role, up in node.needs.items()},
+             "input_nodes": dict(node.needs)}
     _state_path(plan, name).parent.mkdir(parents=True, exist_ok=True)
     tmp = _state_path(plan, name).with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))

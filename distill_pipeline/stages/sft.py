@@ -4,7 +4,6 @@ and `sft.student`). Produces `model/` (save_pretrained: weights, tokenizer, chat
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 NAME = "sft"
@@ -17,7 +16,7 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data.tokenize import collate
     from distill_pipeline.losses import sft_loss
     from distill_pipeline.models import describe, load_model, load_tokenizer, save_model
-    from distill_pipeline.training import finish, train_loop
+    from distill_pipeline.training import epoch_batches, finish, train_loop
 
     hp = view["hp"]
     tok = load_tokenizer(view["model"])
@@ -26,10 +25,8 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
     print(f"sft: {describe(model)}, {len(examples)} examples")
 
     def batches(epoch: int):
-        order = list(range(len(examples)))
-        random.Random(hp.seed * 1000 + epoch).shuffle(order)
-        for s in range(0, len(order), hp.batch_size):
-            chunk = [examples[i] for i in order[s:s + hp.batch_size]]
+        for idx in epoch_batches(len(examples), hp.batch_size, hp.seed, epoch):
+            chunk = [examples[i] for i in idx]
             yield collate([e["prompt_ids"] for e in chunk], [e["response_ids"] for e in chunk],
                           tok.pad_token_id)
 

@@ -4,7 +4,6 @@ Run alone: `distill-pipeline run teacher_dpo -c configs/quickstart.yaml`.
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 NAME = "teacher_dpo"
@@ -17,12 +16,11 @@ def pair_batches(examples, hp, pad_id, extra=()):
     import torch
 
     from distill_pipeline.data.tokenize import collate
+    from distill_pipeline.training import epoch_batches
 
     def batches(epoch: int):
-        order = list(range(len(examples)))
-        random.Random(hp.seed * 1000 + epoch).shuffle(order)
-        for s in range(0, len(order), hp.batch_size):
-            chunk = [examples[i] for i in order[s:s + hp.batch_size]]
+        for idx in epoch_batches(len(examples), hp.batch_size, hp.seed, epoch):
+            chunk = [examples[i] for i in idx]
             prompts = [e["prompt_ids"] for e in chunk]
             yield (collate(prompts, [e["chosen_ids"] for e in chunk], pad_id),
                    collate(prompts, [e["rejected_ids"] for e in chunk], pad_id),

@@ -80,3 +80,17 @@ def test_select_closure_and_unknown_target(tiny_config):
     assert set(runner.select(plan, ["sft"])) == {"sft.teacher", "sft.student"}
     with pytest.raises(runner.PipelineError, match="no node or stage 'bogus'"):
         runner.select(plan, ["bogus"])
+
+
+def test_status_names_a_changed_input_node(tmp_path):
+    from tests.conftest import tiny_tree, write_config
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="adpa")))
+    plan = runner.make_plan(cfg)
+    state = tmp_path / "run" / ".state"
+    state.mkdir(parents=True)
+    node = plan.node("train")
+    (state / "train.json").write_text(json.dumps({
+        "fingerprint": "x", "version": 1, "view": runner.fingerprinted_view(node),
+        "inputs": {**{r: plan.fingerprints[u] for r, u in node.needs.items()}, "old": "y"},
+        "input_nodes": {**node.needs, "init": "train.dckd", "old": "something"}}))
+    assert runner.why(plan, "train") == "input init: train.dckd → sft.student; no longer reads something"
