@@ -27,7 +27,8 @@ from synthetic import zipf_teacher_tokens  # noqa: E402
 from distill_pipeline.cache.admin import info  # noqa: E402
 from distill_pipeline.cache.extract import Extractor, _batches, extract, make_request, plan_units  # noqa: E402
 from distill_pipeline.cache.reader import CacheReader, Field, TeacherBatches  # noqa: E402
-from distill_pipeline.cache.store import SegmentData, Store, entry_key, to_bits  # noqa: E402
+from distill_pipeline.cache.store import (SegmentData, Store, entry_key, from_bits,  # noqa: E402
+                                          reconstruction_kl, to_bits)
 from distill_pipeline.data.tokenize import collate  # noqa: E402
 
 
@@ -93,7 +94,17 @@ def throughput(teacher: Path, seqs, *, batch_tokens: int, repeats: int) -> dict:
 
 
 def synthetic_bytes_per_token(n_tokens: int) -> dict:
-    ids, logp, lse, label = zipf_teacher_tokens(n_tokens)
+    """Bytes per token of the lossless float16 store and of the lossy `-keep<n>` modes (with
+    their reconstruction KL), on one synthetic Zipf sample."""
+    sample = zipf_teacher_tokens(n_tokens)
+    out = {code: _synthetic_store(sample, code) for code in ("float16", "float16-keep6", "float16-keep4")}
+    return {**out["float16"], "lossy": {c: {k: out[c][k] for k in ("bytes_per_token_arrays", "reconstruction_kl")}
+                                        for c in out}}
+
+
+def _synthetic_store(sample, code: str) -> dict:
+    ids, logp, lse, label = sample
+    n_tokens = len(lse)
     with tempfile.TemporaryDirectory() as d:
         store = Store(d)
         rows_per_entry = 64
@@ -101,16 +112,18 @@ def synthetic_bytes_per_token(n_tokens: int) -> dict:
                     "offset": o, "n_tokens": min(rows_per_entry, n_tokens - o), "prompt_len": 0,
                     "token_ids": list(range(min(rows_per_entry, n_tokens - o)))}
                    for i, o in enumerate(range(0, n_tokens, rows_per_entry))]
-        data = SegmentData(ids=ids.astype(np.int32), logp_bits=to_bits(logp, "float16"),
+        bits = to_bits(logp, code)
+        data = SegmentData(ids=ids.astype(np.int32), logp_bits=bits,
                            lse=lse.astype(np.float32), label_logp=label.astype(np.float32), entries=entries)
-        store.publish("synthetic", data, {"teacher": "synthetic", "top_k": 50, "logp_dtype": "float16",
+        store.publish("synthetic", data, {"teacher": "synthetic", "top_k": 50, "logp_dtype": code,
                                           "n_entries": len(entries), "n_tokens": n_tokens})
         seg = store.root / "segments" / "synthetic"
         arrays = {name: sum(f.stat().st_size for f in (seg / name).rglob("*") if f.is_file())
                   for name in ("ids", "logp", "lse", "label_logp")}
         index = (seg / "index.parquet").stat().st_size
     per = {k: round(v / n_tokens, 2) for k, v in arrays.items()}
-    return {"tokens": n_tokens, "vocab": 128_256, "top_k": 50, "dtype": "float16",
+    return {"tokens": n_tokens, "vocab": 128_256, "top_k": 50, "dtype": code,
+            "reconstruction_kl": float(f"{reconstruction_kl(logp, from_bits(bits, code)):.3g}"),
             "bytes_per_token_arrays": round(sum(arrays.values()) / n_tokens, 2),
             "bytes_per_token_by_array": per,
             "index_bytes_per_token_synthetic_ids": round(index / n_tokens, 2),

@@ -32,7 +32,7 @@ def info(store: Store) -> dict:
     import numpy as np
 
     entries = tokens = 0
-    mass_sum = 0.0
+    mass_sum = kl_sum = 0.0
     teachers: dict[str, dict] = {}
     ks, dtypes = set(), set()
     for seg in store.segments():
@@ -46,6 +46,7 @@ def info(store: Store) -> dict:
         t["tokens"] += n
         entries += m["n_entries"]
         tokens += n
+        kl_sum += m.get("reconstruction_kl", 0.0) * n
         for start in range(0, n, CHUNK_ROWS):
             lp = from_bits(group["logp"][start:start + CHUNK_ROWS], m["logp_dtype"]).astype(np.float64)
             mass_sum += float(np.exp(lp).sum(axis=1).sum())
@@ -55,7 +56,8 @@ def info(store: Store) -> dict:
             "bytes_per_token": round(disk / tokens, 2) if tokens else None,
             "top_k": sorted(ks), "dtype": sorted(dtypes),
             "teachers": {k[:16]: v for k, v in teachers.items()},
-            "mean_topk_mass": round(mass_sum / tokens, 6) if tokens else None}
+            "mean_topk_mass": round(mass_sum / tokens, 6) if tokens else None,
+            "reconstruction_kl": float(f"{kl_sum / tokens:.3g}") if tokens else None}
 
 
 def verify(store: Store) -> tuple[int, list[str]]:

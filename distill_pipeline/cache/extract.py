@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from distill_pipeline.cache.store import SCHEMA_VERSION, SegmentData, Store, entry_key, to_bits
+from distill_pipeline.cache.store import (SCHEMA_VERSION, SegmentData, Store, entry_key, from_bits,
+                                          reconstruction_kl, to_bits)
 from distill_pipeline.progress import progress
 from distill_pipeline.provenance import package_versions
 
@@ -174,11 +175,14 @@ class Extractor:
                             "prompt_len": len(r.prompt_ids), "token_ids": r.prompt_ids + r.response_ids})
             offset += r.n_tokens
         cat = lambda f: np.concatenate([results[r.key][f] for r in unit.requests])  # noqa: E731
-        data = SegmentData(ids=cat("ids").astype(np.int32), logp_bits=to_bits(cat("logp"), self.dtype),
+        logp = cat("logp")
+        bits = to_bits(logp, self.dtype)
+        data = SegmentData(ids=cat("ids").astype(np.int32), logp_bits=bits,
                            lse=cat("lse").astype(np.float32), label_logp=cat("label_logp").astype(np.float32),
                            entries=entries)
         manifest = {"schema_version": SCHEMA_VERSION, "teacher": unit.teacher, "top_k": self.top_k,
                     "logp_dtype": self.dtype, "n_entries": len(entries), "n_tokens": offset,
+                    "reconstruction_kl": reconstruction_kl(logp, from_bits(bits, self.dtype)),
                     "versions": package_versions()}
         published = self.store.publish(unit.id, data, manifest)
         if self.throttle:

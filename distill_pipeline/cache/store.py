@@ -5,7 +5,8 @@
         zarr.json                          zarr v3 group; attrs = the segment manifest
         ids/        (N, K) int32           top-K token ids per response token, by probability
         logp/       (N, K) uint16|uint32   bit patterns of the top-K log-probs (attrs.logp_dtype:
-                                           float16 | bfloat16 | float32); Delta + zstd: lossless
+                                           float16 | bfloat16 | float32, or <dtype>-keep<n> for
+                                           the lossy mode); Delta + zstd
         lse/        (N,)   float32         full-vocabulary logsumexp of the raw logits
         label_logp/ (N,)   float32         log-prob of the actual next token
         index.parquet                      one row per (sequence, teacher) entry: key, teacher,
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA_VERSION = 1
-LOGP_DTYPES = ("float16", "bfloat16", "float32")
 CHUNK_ROWS = 4096
 FIELDS = ("ids", "logp", "lse", "label_logp")
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
@@ -61,32 +61,70 @@ def entry_checksum(ids, logp_bits, lse, label) -> str:
     return h.hexdigest()[:32]
 
 
-def bits_dtype(logp_dtype: str) -> str:
-    return "<u4" if logp_dtype == "float32" else "<u2"
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
 
 
-def to_bits(logp_f32, logp_dtype: str):
-    """float32 numpy log-probs → stored bit patterns (exact view of the stored dtype)."""
+def storage_code(dtype: str, keep_bits: int | None = None) -> str:
+    """How log-probs are stored: the dtype, or `<dtype>-keep<n>` for the lossy mode that keeps
+    n mantissa bits (rounded to nearest). The code is part of every entry key."""
+    if keep_bits is None or keep_bits >= MANTISSA_BITS[dtype]:
+        return dtype
+    return f"{dtype}-keep{keep_bits}"
+
+
+def parse_code(code: str) -> tuple[str, int | None]:
+    base, _, keep = code.partition("-keep")
+    if base not in MANTISSA_BITS:
+        raise CacheError(f"unknown log-prob storage {code!r}; expected float16, bfloat16 or float32")
+    return base, int(keep) if keep else None
+
+
+def to_bits(logp_f32, code: str):
+    """float32 numpy log-probs → stored bit patterns: an exact view of the stored dtype, with the
+    low mantissa bits rounded away in the lossy `-keep<n>` modes."""
     import numpy as np
 
-    if logp_dtype == "float32":
-        return logp_f32.astype(np.float32).view(np.uint32)
-    if logp_dtype == "float16":
-        return logp_f32.astype(np.float16).view(np.uint16)
-    import torch  # numpy has no bfloat16
+    base, keep = parse_code(code)
+    if base == "float32":
+        bits = logp_f32.astype(np.float32).view(np.uint32)
+    elif base == "float16":
+        bits = logp_f32.astype(np.float16).view(np.uint16)
+    else:
+        import torch  # numpy has no bfloat16
 
-    return torch.from_numpy(logp_f32.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        bits = torch.from_numpy(logp_f32.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if keep is None:
+        return bits
+    drop = MANTISSA_BITS[base] - keep
+    wide = bits.astype(np.uint64)
+    wide = ((wide + (1 << (drop - 1))) >> drop) << drop  # round to nearest; a carry moves the exponent
+    return wide.astype(bits.dtype)
 
 
-def from_bits(bits, logp_dtype: str):
+def from_bits(bits, code: str):
     """Stored bit patterns → float32 numpy log-probs."""
     import numpy as np
 
-    if logp_dtype == "float32":
+    base, _ = parse_code(code)
+    if base == "float32":
         return bits.view(np.float32)
-    if logp_dtype == "float16":
+    if base == "float16":
         return bits.view(np.float16).astype(np.float32)
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def reconstruction_kl(logp_f32, stored_f32) -> float:
+    """Mean over tokens of KL(original K+1 bins ‖ stored K+1 bins): what storage loses."""
+    import numpy as np
+
+    def bins(lp):
+        p = np.exp(lp.astype(np.float64))
+        return np.clip(np.concatenate([p, np.clip(1 - p.sum(-1, keepdims=True), 0, None)], -1), 1e-8, 1)
+
+    if len(logp_f32) == 0:
+        return 0.0
+    p, q = bins(logp_f32), bins(stored_f32)
+    return float((p * (np.log(p) - np.log(q))).sum(-1).mean())
 
 
 @dataclass

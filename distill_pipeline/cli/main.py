@@ -155,6 +155,7 @@ def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
     typer.echo(f"top-K            {', '.join(map(str, r['top_k']))}")
     typer.echo(f"dtype            {', '.join(r['dtype'])}")
     typer.echo(f"top-K mass       {r['mean_topk_mass']} (mean probability the stored top-K keeps)")
+    typer.echo(f"storage KL       {r['reconstruction_kl']} (mean K+1-bin KL, float32 logits → stored values)")
     for t, v in r["teachers"].items():
         typer.echo(f"teacher          {t}…  {v['entries']} entries, {v['tokens']} tokens")
 

@@ -127,12 +127,22 @@ class Rollouts(Node):
 class TeacherLogits(Node):
     top_k: int = Field(50, ge=1, le=1024)
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    logp_keep_bits: int | None = Field(None, ge=1, le=22, description="lossy mode: mantissa bits of "
+                                       "the log-probs kept (default: all); `cache info` reports the KL")
     store: str | None = Field(None, description="cache root (shared path for a team); default: "
                               "$DISTILL_CACHE_DIR or ~/.cache/distill-pipeline/teacher-logits")
     unit_tokens: int = Field(16384, ge=1, description="response tokens per published segment")
     num_workers: int = Field(1, ge=1, description="extraction workers (not fingerprinted)")
     batch_tokens: int = Field(4096, ge=16, description="padded tokens per forward batch (not fingerprinted)")
     threads_per_worker: int = Field(1, ge=1, description="torch threads per CPU worker (not fingerprinted)")
+
+    @model_validator(mode="after")
+    def _keep_bits_below_mantissa(self):
+        limit = {"float16": 10, "bfloat16": 7, "float32": 23}[self.dtype]
+        if self.logp_keep_bits is not None and self.logp_keep_bits >= limit:
+            raise ValueError(f"logp_keep_bits must be below the {limit} mantissa bits of {self.dtype} "
+                             "(leave it unset for lossless storage)")
+        return self
 
 
 class Train(TrainHP):

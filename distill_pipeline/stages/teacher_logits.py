@@ -33,24 +33,25 @@ def sequences(source: str, view: dict, inputs: dict, tok) -> list[tuple[list[int
 
 def run(view: dict, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
-    from distill_pipeline.cache.store import Store
+    from distill_pipeline.cache.store import Store, storage_code
     from distill_pipeline.models import load_tokenizer_dir, teacher_identity
 
     cfg = view["teacher_logits"]
+    code = storage_code(cfg.dtype, cfg.logp_keep_bits)
     roles = ["teacher", "reference"] if view["source"] == "rollouts" else ["teacher"]
     dirs = {role: inputs[role] / "model" for role in roles}
     identities = {role: teacher_identity(d) for role, d in dirs.items()}
     tok = load_tokenizer_dir(dirs["teacher"])
     seqs = sequences(view["source"], view, inputs, tok)
     store = Store(cfg.store)
-    requests = [make_request(identities[role], p, r, cfg.top_k, cfg.dtype) for role in roles for p, r in seqs]
+    requests = [make_request(identities[role], p, r, cfg.top_k, code) for role in roles for p, r in seqs]
     stats = extract(requests, store, {identities[r]: str(d) for r, d in dirs.items()},
-                    top_k=cfg.top_k, dtype=cfg.dtype, num_workers=cfg.num_workers,
+                    top_k=cfg.top_k, dtype=code, num_workers=cfg.num_workers,
                     batch_tokens=cfg.batch_tokens, unit_tokens=cfg.unit_tokens,
                     threads_per_worker=cfg.threads_per_worker,
                     gpus_per_worker=gpus_per_worker())
     (out / "teachers.json").write_text(json.dumps({
-        "store": str(store.root), "top_k": cfg.top_k, "dtype": cfg.dtype, "source": view["source"],
+        "store": str(store.root), "top_k": cfg.top_k, "dtype": code, "source": view["source"],
         "teachers": {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles},
     }, indent=2))
     return {**stats, "store": str(store.root)}

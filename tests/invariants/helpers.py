@@ -44,12 +44,12 @@ def requests(teacher_dir: Path, seqs, dtype: str = DTYPE):
 
 
 def run_extraction(teacher_dir: Path, store_root: Path, n: int, unit_tokens: int, workers: int = 1,
-                   offset: int = 0) -> dict:
+                   offset: int = 0, dtype: str = DTYPE) -> dict:
     from distill_pipeline.cache.extract import extract
     from distill_pipeline.cache.store import Store
 
-    reqs, dirs = requests(teacher_dir, sequences(n, offset))
-    return extract(reqs, Store(store_root), dirs, top_k=TOP_K, dtype=DTYPE, num_workers=workers,
+    reqs, dirs = requests(teacher_dir, sequences(n, offset), dtype)
+    return extract(reqs, Store(store_root), dirs, top_k=TOP_K, dtype=dtype, num_workers=workers,
                    batch_tokens=256, unit_tokens=unit_tokens)
 
 

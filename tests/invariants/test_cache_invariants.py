@@ -218,3 +218,14 @@ def test_reader_memory_is_bounded(teacher, tmp_path):
     for r in reqs:
         reader.get(r.key)
     assert reader._held <= 4096 + max(c.nbytes for c in reader._chunks.values())
+
+
+def test_lossy_mode_is_smaller_and_reports_its_kl(teacher, tmp_path):
+    run_extraction(teacher, tmp_path / "exact", 40, unit_tokens=10_000)
+    run_extraction(teacher, tmp_path / "lossy", 40, unit_tokens=10_000, dtype="float16-keep3")
+    exact, lossy = info(Store(tmp_path / "exact")), info(Store(tmp_path / "lossy"))
+    assert lossy["dtype"] == ["float16-keep3"] and lossy["tokens"] == exact["tokens"]
+    assert lossy["reconstruction_kl"] > exact["reconstruction_kl"] >= 0
+    seg = lambda root: sum(f.stat().st_size for f in (root / "segments").rglob("logp/**/*") if f.is_file())  # noqa: E731
+    assert seg(tmp_path / "lossy") < seg(tmp_path / "exact")
+    assert verify(Store(tmp_path / "lossy"))[1] == []
