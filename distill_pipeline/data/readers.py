@@ -180,6 +180,14 @@ def _iter_raw(source: str, split: str) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
         yield from enumerate(table.to_pylist(), start=1)
         return
+    if path.suffix == ".json":  # one JSON array of rows (a .json file of JSON lines falls through)
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            rows = None
+        if isinstance(rows, list):
+            yield from enumerate(rows, start=1)
+            return
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh, start=1):
             if not line.strip():

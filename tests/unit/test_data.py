@@ -148,3 +148,10 @@ def test_pair_examples_tokenise_builtin(tmp_path):
     assert tok.decode(ex[0]["chosen_ids"][:-1]) == ex[0]["chosen"]
     ev = pair_examples(view, tok, kind="eval")
     assert len(ev) == 5 and all("answer" in e for e in ev)
+
+
+def test_json_array_file(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}]))
+    out, bad = read_dataset(DataSpec(source=str(p)), "preferences")
+    assert [r["chosen"] for r in out] == ["a", "c"] and bad.count == 0
