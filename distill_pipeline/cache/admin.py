@@ -157,8 +157,10 @@ def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = N
 
 def human_bytes(n: Any) -> str:
     n = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
         n /= 1024
-    return str(n)
+        if n < 1024 or unit == "TB":
+            break
+    return f"{n:.1f} {unit}"

@@ -241,12 +241,5 @@ class Store:
 
         return zarr.open_group(str(self.root / "segments" / name), mode="r")
 
-    def read_entry(self, segment, row: dict) -> dict:
-        """All fields of one entry, logp decoded to float32."""
-        s = slice(row["offset"], row["offset"] + row["n_tokens"])
-        dtype = segment.attrs["logp_dtype"]
-        return {"ids": segment["ids"][s], "logp": from_bits(segment["logp"][s], dtype),
-                "lse": segment["lse"][s], "label_logp": segment["label_logp"][s]}
-
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in (self.root / "segments").rglob("*") if f.is_file())

@@ -32,9 +32,11 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
 
     cfg = view["evaluate"]
     results = {}
+    examples = None
     for role, folder in inputs.items():
         model, tok = load_checkpoint(folder / "model")
-        examples = pair_examples(view["data"], tok, kind="eval")
+        if examples is None:  # every model of a run shares one tokenizer (checked before running)
+            examples = pair_examples(view["data"], tok, kind="eval")
         results[role] = evaluate_model(model, tok, examples, batch_size=cfg.batch_size,
                                        max_new_tokens=cfg.max_new_tokens, desc=f"evaluate {role}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
