@@ -26,10 +26,13 @@ from synthetic import zipf_teacher_tokens  # noqa: E402
 
 from distill_pipeline.cache.admin import info  # noqa: E402
 from distill_pipeline.cache.extract import Extractor, _batches, extract, make_request, plan_units  # noqa: E402
-from distill_pipeline.cache.reader import CacheReader, Field, TeacherBatches  # noqa: E402
-from distill_pipeline.cache.store import (SegmentData, Store, entry_key, from_bits,  # noqa: E402
-                                          reconstruction_kl, to_bits)
+from distill_pipeline.batches import Batches, Field, TeacherSource  # noqa: E402
+from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, reconstruction_kl  # noqa: E402
+from distill_pipeline.cache.reader import CacheReader  # noqa: E402
+from distill_pipeline.cache.store import SegmentData, Store  # noqa: E402
 from distill_pipeline.data.tokenize import collate  # noqa: E402
+
+FMT = CacheFormat(50, "float16")  # K=50, lossless float16: the format every extraction here uses
 
 
 def bench_teacher(folder: Path, vocab: int, hidden: int, layers: int) -> Path:
@@ -67,7 +70,7 @@ def throughput(teacher: Path, seqs, *, batch_tokens: int, repeats: int) -> dict:
     from distill_pipeline.models import load_checkpoint, teacher_identity
 
     ident = teacher_identity(teacher)
-    reqs = [make_request(ident, p, r, 50, "float16") for p, r in seqs]
+    reqs = [make_request(ident, p, r, FMT) for p, r in seqs]
     units = plan_units(reqs, set(), unit_tokens=16384)
     model, tok = load_checkpoint(teacher)
     tokens = sum(r.n_tokens for r in reqs)
@@ -81,7 +84,7 @@ def throughput(teacher: Path, seqs, *, batch_tokens: int, repeats: int) -> dict:
                     model(input_ids=ids, attention_mask=mask).logits
         fwd.append(time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as d:
-            worker = Extractor(d, {ident: str(teacher)}, top_k=50, dtype="float16", batch_tokens=batch_tokens)
+            worker = Extractor(d, {ident: str(teacher)}, fmt=FMT, batch_tokens=batch_tokens)
             worker.models[ident] = (model, 0)
             t0 = time.perf_counter()
             for u in units:
@@ -97,33 +100,36 @@ def synthetic_bytes_per_token(n_tokens: int) -> dict:
     """Bytes per token of the lossless float16 store and of the lossy `-keep<n>` modes (with
     their reconstruction KL), on one synthetic Zipf sample."""
     sample = zipf_teacher_tokens(n_tokens)
-    out = {code: _synthetic_store(sample, code) for code in ("float16", "float16-keep6", "float16-keep4")}
+    formats = (CacheFormat(50, "float16"), CacheFormat(50, "float16", 6), CacheFormat(50, "float16", 4))
+    out = {fmt.storage: _synthetic_store(sample, fmt) for fmt in formats}
     return {**out["float16"], "lossy": {c: {k: out[c][k] for k in ("bytes_per_token_arrays", "reconstruction_kl")}
                                         for c in out}}
 
 
-def _synthetic_store(sample, code: str) -> dict:
+def _synthetic_store(sample, fmt: CacheFormat) -> dict:
     ids, logp, lse, label = sample
     n_tokens = len(lse)
     with tempfile.TemporaryDirectory() as d:
         store = Store(d)
         rows_per_entry = 64
-        entries = [{"key": entry_key("synthetic", [i], 0, 50, "float16"), "teacher": "synthetic",
+        entries = [{"key": fmt.key("synthetic", [i], 0), "teacher": "synthetic",
                     "offset": o, "n_tokens": min(rows_per_entry, n_tokens - o), "prompt_len": 0,
                     "token_ids": list(range(min(rows_per_entry, n_tokens - o)))}
                    for i, o in enumerate(range(0, n_tokens, rows_per_entry))]
-        bits = to_bits(logp, code)
+        bits = fmt.encode(logp)
+        kl = reconstruction_kl(logp, fmt.decode(bits))
         data = SegmentData(ids=ids.astype(np.int32), logp_bits=bits,
                            lse=lse.astype(np.float32), label_logp=label.astype(np.float32), entries=entries)
-        store.publish("synthetic", data, {"teacher": "synthetic", "top_k": 50, "logp_dtype": code,
-                                          "n_entries": len(entries), "n_tokens": n_tokens})
+        store.publish("synthetic", data, {"schema_version": SCHEMA_VERSION, "teacher": "synthetic",
+                                          "format": fmt.to_json(), "n_entries": len(entries),
+                                          "n_tokens": n_tokens, "reconstruction_kl": kl})
         seg = store.root / "segments" / "synthetic"
         arrays = {name: sum(f.stat().st_size for f in (seg / name).rglob("*") if f.is_file())
                   for name in ("ids", "logp", "lse", "label_logp")}
         index = (seg / "index.parquet").stat().st_size
     per = {k: round(v / n_tokens, 2) for k, v in arrays.items()}
-    return {"tokens": n_tokens, "vocab": 128_256, "top_k": 50, "dtype": code,
-            "reconstruction_kl": float(f"{reconstruction_kl(logp, from_bits(bits, code)):.3g}"),
+    return {"tokens": n_tokens, "vocab": 128_256, "top_k": fmt.top_k, "dtype": fmt.storage,
+            "reconstruction_kl": float(f"{kl:.3g}"),
             "bytes_per_token_arrays": round(sum(arrays.values()) / n_tokens, 2),
             "bytes_per_token_by_array": per,
             "index_bytes_per_token_synthetic_ids": round(index / n_tokens, 2),
@@ -143,13 +149,13 @@ def reader_vs_train(teacher: Path, student_hidden: int) -> dict:
     vocab = model.config.vocab_size
     seqs = random_sequences(256, vocab, seed=7)
     with tempfile.TemporaryDirectory() as d:
-        reqs = [make_request(ident, p, r, 50, "float16") for p, r in seqs]
-        extract(reqs, Store(d), {ident: str(teacher)}, top_k=50, dtype="float16")
-        examples = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r,
-                     "keys": {("chosen", "teacher"): q.key, ("rejected", "teacher"): q.key}}
-                    for (p, r), q in zip(seqs, reqs)]
-        stream = TeacherBatches(CacheReader(d), examples, [Field("chosen", ("teacher",)), Field("rejected", ("teacher",))],
-                                batch_size=16, pad_id=0, top_k=50, prefetch=0)
+        reqs = [make_request(ident, p, r, FMT) for p, r in seqs]
+        extract(reqs, Store(d), {ident: str(teacher)}, FMT)
+        # keys are computed by Batches from each example's own tokens (prompt + response)
+        examples = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r} for p, r in seqs]
+        stream = Batches(examples, [Field("chosen", "w", ("teacher",)), Field("rejected", "l", ("teacher",))],
+                         batch_size=16, pad_id=0, prefetch=0,
+                         cache=TeacherSource(CacheReader(d), FMT, {"teacher": ident}))
         t0 = time.perf_counter()
         batches = [stream.build(list(range(s, s + 16))) for s in range(0, 256, 16)]
         read_s = time.perf_counter() - t0
@@ -162,7 +168,7 @@ def reader_vs_train(teacher: Path, student_hidden: int) -> dict:
         t0 = time.perf_counter()
         for b in steps:
             args = []
-            for f in ("chosen", "rejected"):
+            for f in ("w", "l"):  # chosen, rejected
                 ids, mask, labels = b[f]["student"]
                 args += [student(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:],
                          b[f]["teacher"]["ids"], b[f]["teacher"]["logp"]]
@@ -184,11 +190,11 @@ def overlap_rerun(teacher: Path, n: int) -> dict:
     ident = teacher_identity(teacher)
     vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
-        first = extract([make_request(ident, p, r, 50, "float16") for p, r in random_sequences(n, vocab, 3)],
-                        Store(d), {ident: str(teacher)}, top_k=50, dtype="float16")
-        second = extract([make_request(ident, p, r, 50, "float16")
+        first = extract([make_request(ident, p, r, FMT) for p, r in random_sequences(n, vocab, 3)],
+                        Store(d), {ident: str(teacher)}, FMT)
+        second = extract([make_request(ident, p, r, FMT)
                           for p, r in random_sequences(n, vocab, 3, offset=n // 5)],
-                         Store(d), {ident: str(teacher)}, top_k=50, dtype="float16")
+                         Store(d), {ident: str(teacher)}, FMT)
     return {"sequences": n, "first": first, "overlap_80": second,
             "rerun_over_first_time": round(second["seconds"] / first["seconds"], 3)}
 

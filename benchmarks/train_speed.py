@@ -25,8 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_bench import bench_teacher, random_sequences  # noqa: E402
 
+from distill_pipeline.batches import Batches, Field, TeacherSource  # noqa: E402
 from distill_pipeline.cache.extract import extract, make_request  # noqa: E402
-from distill_pipeline.cache.reader import CacheReader, Field, TeacherBatches  # noqa: E402
+from distill_pipeline.cache.format import CacheFormat  # noqa: E402
+from distill_pipeline.cache.reader import CacheReader  # noqa: E402
 from distill_pipeline.cache.store import Store  # noqa: E402
 from distill_pipeline.losses import dckd_loss, sft_nll  # noqa: E402
 from distill_pipeline.models import load_checkpoint, teacher_identity  # noqa: E402
@@ -57,16 +59,15 @@ def main() -> None:
         chosen = random_sequences(n, args.vocab, seed=11)
         rejected = [(p, r2) for (p, _), (_, r2) in zip(chosen, random_sequences(n, args.vocab, seed=12))]
         ident = teacher_identity(tdir)
-        reqs = [make_request(ident, p, r, 50, "float16") for p, r in chosen + rejected]
-        extract(reqs, Store(Path(d) / "store"), {ident: str(tdir)}, top_k=50, dtype="float16")
-        keys = {(tuple(q.prompt_ids), tuple(q.response_ids)): q.key for q in reqs}
-        examples = [{"prompt_ids": p, "chosen_ids": rc, "rejected_ids": rr,
-                     "keys": {("chosen", "teacher"): keys[(tuple(p), tuple(rc))],
-                              ("rejected", "teacher"): keys[(tuple(p), tuple(rr))]}}
+        fmt = CacheFormat(50, "float16")
+        reqs = [make_request(ident, p, r, fmt) for p, r in chosen + rejected]
+        extract(reqs, Store(Path(d) / "store"), {ident: str(tdir)}, fmt)
+        # keys are computed by Batches from each example's own tokens (prompt + response)
+        examples = [{"prompt_ids": p, "chosen_ids": rc, "rejected_ids": rr}
                     for (p, rc), (_, rr) in zip(chosen, rejected)]
-        stream = TeacherBatches(CacheReader(Path(d) / "store"), examples,
-                                [Field("chosen", ("teacher",)), Field("rejected", ("teacher",))],
-                                batch_size=args.batch, pad_id=0, top_k=50)
+        stream = Batches(examples, [Field("chosen", "w", ("teacher",)), Field("rejected", "l", ("teacher",))],
+                         batch_size=args.batch, pad_id=0,
+                         cache=TeacherSource(CacheReader(Path(d) / "store"), fmt, {"teacher": ident}))
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
         def step(loss):
@@ -74,7 +75,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def fwd(b, f):
+        def fwd(b, f):  # f: batch suffix, "w" (chosen) or "l" (rejected)
             ids, mask, labels = b[f]["student"]
             return student(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:]
 
@@ -85,10 +86,10 @@ def main() -> None:
             t_cached = []
             t0 = time.perf_counter()
             for b in it:  # cached: the reader (prefetching) is part of the measured loop
-                lw, yw = fwd(b, "chosen")
-                ll, yl = fwd(b, "rejected")
-                step(dckd_loss(lw, yw, b["chosen"]["teacher"]["ids"], b["chosen"]["teacher"]["logp"],
-                               ll, yl, b["rejected"]["teacher"]["ids"], b["rejected"]["teacher"]["logp"])[0])
+                lw, yw = fwd(b, "w")
+                ll, yl = fwd(b, "l")
+                step(dckd_loss(lw, yw, b["w"]["teacher"]["ids"], b["w"]["teacher"]["logp"],
+                               ll, yl, b["l"]["teacher"]["ids"], b["l"]["teacher"]["logp"])[0])
                 t1 = time.perf_counter()
                 t_cached.append(t1 - t0)
                 t0 = t1
@@ -96,22 +97,22 @@ def main() -> None:
             times["cached_dckd"] += t_cached
             for b in batches:
                 t0 = time.perf_counter()
-                lw, yw = fwd(b, "chosen")
-                ll, yl = fwd(b, "rejected")
+                lw, yw = fwd(b, "w")
+                ll, yl = fwd(b, "l")
                 step(sft_nll(lw, yw) + sft_nll(ll, yl))
                 times["sft"].append(time.perf_counter() - t0)
             for b in batches:
                 t0 = time.perf_counter()
                 tops = {}
                 with torch.no_grad():
-                    for f in ("chosen", "rejected"):
+                    for f in ("w", "l"):
                         ids, mask, _ = b[f]["student"]
                         lp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
                         tops[f] = lp.topk(50, -1)
-                lw, yw = fwd(b, "chosen")
-                ll, yl = fwd(b, "rejected")
-                step(dckd_loss(lw, yw, tops["chosen"].indices, tops["chosen"].values,
-                               ll, yl, tops["rejected"].indices, tops["rejected"].values)[0])
+                lw, yw = fwd(b, "w")
+                ll, yl = fwd(b, "l")
+                step(dckd_loss(lw, yw, tops["w"].indices, tops["w"].values,
+                               ll, yl, tops["l"].indices, tops["l"].values)[0])
                 times["online_dckd"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"config": vars(args), "teacher_params": n_t, "student_params": n_s,

@@ -1,14 +1,28 @@
 """Training objectives as pure tensor functions (docs/METHODS.md is the specification).
 
-Conventions: every tensor is *aligned* — `logits[:, t]` predicts `labels[:, t]` (callers do the
-causal shift); `labels == -100` marks positions that do not count. Teacher tensors come from the
-teacher-logit cache at the same positions: `t_ids`/`t_logp` (B, T, K) top-K ids and log-probs,
-`t_label_logp` (B, T). Log-softmax is computed in float32 (float64 stays float64). Teacher tensors
-never receive gradient. Each function returns `(loss, metrics)`: a scalar tensor and a dict of
-floats for logging.
+Conventions: every tensor is *aligned* — `logits_<s>[:, t]` predicts `labels_<s>[:, t]` (callers do
+the causal shift); `labels == -100` marks positions that do not count. The suffix names the
+response: `w` chosen, `l` rejected, `r` the student's rollout. Teacher tensors come from the
+teacher-logit cache at the same positions: `teacher_ids_<s>` / `teacher_logp_<s>` (B, T, K) and
+`teacher_label_logp_<s>` (B, T) for the DPO teacher, `ref_teacher_*` for the reference (SFT)
+teacher. `policy_ref_logp_w/l` (B,) are summed log-probs of the reference of the model being
+trained (DPO-style losses). Log-softmax is computed in float32 (float64 stays float64). Teacher
+and reference tensors never receive gradient.
 
-`LOSSES` maps a method's loss name to its function, its inputs and its default options — the one
-source for config validation, error messages and the README table.
+Normalisation (docs/METHODS.md, "Normalisation"): every loss is a weighted sum of terms, each a
+sum over valid tokens of one response or over pairs, divided by a count. `norm=None` uses the
+batch's own counts (a batch mean — the worked numbers); the training loop passes the counts of the
+whole optimizer step (`tokens_w`, `tokens_l`, `tokens_r`, `pairs`), so micro-batch contributions
+add up to exactly the step's mean however the step is split into micro-batches or workers.
+
+Each function returns `(loss, metrics)`: a scalar tensor and a dict of detached scalar tensors,
+normalised the same way (the loop sums them over micro-batches and calls `.item()` when it logs).
+
+`LOSSES` maps a method's loss name to its function. What a loss needs is read from its signature:
+its tensor arguments (by the names above) decide which responses are batched, which cache
+extraction it reads and whether a reference model is scored; its keyword-only arguments are its
+options, with their defaults and types (validated by the config). Adding a loss = the function,
+its `LOSSES` entry and its tests.
 
 Example::
 
@@ -25,8 +39,13 @@ Example::
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+import inspect
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Mapping
+
+from pydantic import BeforeValidator, Field
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -50,6 +69,20 @@ F = _LazyModule("torch.nn.functional")
 
 IGNORE = -100
 EPS = 1e-8
+Norm = Mapping[str, Any] | None
+
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's yes/true would otherwise pass as 1.0
+        raise ValueError(f"expected a number, got the boolean {value}")
+    return value
+
+
+# Option types: validated (with these bounds) when the config is loaded.
+Positive = Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1, allow_inf_nan=False)]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -62,15 +95,30 @@ def _valid(labels: Tensor) -> Tensor:
     return labels != IGNORE  # (B, T)
 
 
+def _tokens(norm: Norm, s: str, valid: Tensor):
+    """Denominator of a token mean over response `s`: the step's count, or the batch's own."""
+    return valid.sum().clamp(min=1) if norm is None else norm[f"tokens_{s}"]
+
+
+def _pairs(norm: Norm, n: int):
+    return n if norm is None else norm["pairs"]
+
+
+def token_mean(x: Tensor, labels: Tensor, norm: Norm = None, s: str = "w") -> Tensor:
+    """Σ x over valid positions of response `s` ÷ its token count (see module docstring). Scalar."""
+    valid = _valid(labels)
+    return (x * valid).sum() / _tokens(norm, s, valid)
+
+
+def pair_mean(x: Tensor, norm: Norm = None) -> Tensor:
+    """Σ x over pairs ÷ the pair count. Scalar."""
+    return x.sum() / _pairs(norm, x.shape[0])
+
+
 def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     """log π(label_t | s_t), zero at ignored positions: (B, T)."""
     logp = _logsoftmax(logits).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     return logp * _valid(labels)
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x over mask positions across the whole batch (token mean)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def tail_mass(t_logp: Tensor) -> Tensor:
@@ -91,19 +139,6 @@ def student_bins(logits: Tensor, t_ids: Tensor) -> Tensor:
     return _bins_from_topk(_logsoftmax(logits).gather(-1, t_ids.long()))  # (B, T, K+1)
 
 
-def binned_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor) -> Tensor:
-    """Token-mean forward KL(teacher ‖ student) on K+1 bins (METHODS §1). Scalar."""
-    q = student_bins(logits, t_ids)
-    return _kl(q, t_logp, labels)
-
-
-def _kl(q: Tensor, t_logp: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean KL(teacher bins ‖ q) for student bins q (B, T, K+1)."""
-    p = teacher_bins(t_logp.to(q.dtype))
-    kl = (p * (p.log() - q.log())).sum(-1)  # (B, T)
-    return masked_mean(kl, _valid(labels))
-
-
 def _bins_from_topk(q_logp: Tensor) -> Tensor:
     """Student K+1 bins from its log-probs at the teacher's top-K ids (B, T, K), clamped."""
     q = q_logp.exp()
@@ -111,21 +146,33 @@ def _bins_from_topk(q_logp: Tensor) -> Tensor:
     return torch.cat([q, rest], dim=-1).clamp(EPS, 1 - EPS)
 
 
-def sft_and_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor) -> tuple[Tensor, Tensor]:
+def _kl_per_token(q: Tensor, t_logp: Tensor) -> Tensor:
+    """KL(teacher bins ‖ q) per position for student bins q (B, T, K+1): (B, T)."""
+    p = teacher_bins(t_logp.to(q.dtype))
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def binned_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, norm: Norm = None,
+              s: str = "w") -> Tensor:
+    """Token-mean forward KL(teacher ‖ student) on K+1 bins (METHODS §1). Scalar."""
+    return token_mean(_kl_per_token(student_bins(logits, t_ids), t_logp), labels, norm, s)
+
+
+def sft_and_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, norm: Norm = None,
+               s: str = "w") -> tuple[Tensor, Tensor]:
     """(token-mean NLL, token-mean K+1-bin KL) on one response with a single gather over the
     vocabulary: label and top-K ids together, so the backward pass scatters into the
     (B, T, V) gradient once — a cached KD step then costs about what an SFT step costs."""
     lp = _logsoftmax(logits)  # (B, T, V)
     index = torch.cat([labels.clamp(min=0).unsqueeze(-1), t_ids.long()], dim=-1)  # (B, T, 1+K)
     picked = lp.gather(-1, index)  # (B, T, 1+K)
-    valid = _valid(labels)
-    nll = -masked_mean(picked[..., 0] * valid, valid)
-    return nll, _kl(_bins_from_topk(picked[..., 1:]), t_logp, labels)
+    nll = -token_mean(picked[..., 0], labels, norm, s)
+    return nll, token_mean(_kl_per_token(_bins_from_topk(picked[..., 1:]), t_logp), labels, norm, s)
 
 
-def sft_nll(logits: Tensor, labels: Tensor) -> Tensor:
+def sft_nll(logits: Tensor, labels: Tensor, norm: Norm = None, s: str = "w") -> Tensor:
     """Token-mean negative log-likelihood over valid positions. Scalar."""
-    return -masked_mean(token_logps(logits, labels), _valid(labels))
+    return -token_mean(token_logps(logits, labels), labels, norm, s)
 
 
 def _seq(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,34 +180,39 @@ def _seq(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return token_logps(logits, labels).sum(-1), _valid(labels).sum(-1)
 
 
+def _metrics(**values: Tensor) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in values.items()}
+
+
 # ---------------------------------------------------------------------------- objectives
 
-def sft_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+def sft_loss(logits_w: Tensor, labels_w: Tensor, norm: Norm = None) -> tuple[Tensor, dict]:
     """SFT: L = −mean_t log π_θ(y_t | s_t) (METHODS §2)."""
-    loss = sft_nll(logits, labels)
-    return loss, {"sft": loss.item()}
+    loss = sft_nll(logits_w, labels_w, norm)
+    return loss, _metrics(sft=loss)
 
 
 def dpo_loss(logits_w: Tensor, labels_w: Tensor, logits_l: Tensor, labels_l: Tensor,
-             ref_logp_w: Tensor, ref_logp_l: Tensor, *, beta: float = 0.1) -> tuple[Tensor, dict]:
+             policy_ref_logp_w: Tensor, policy_ref_logp_l: Tensor, norm: Norm = None, *,
+             beta: Positive = 0.1) -> tuple[Tensor, dict]:
     """DPO (Rafailov et al. 2023, Eq. 7): −log σ(β [(logp_w − ref_w) − (logp_l − ref_l)]).
-    `ref_logp_*` (B,) are summed reference log-probs (no gradient)."""
+    `policy_ref_logp_*` (B,): summed log-probs of the trained model's reference (no gradient)."""
     lw, _ = _seq(logits_w, labels_w)
     ll, _ = _seq(logits_l, labels_l)
-    margin = (lw - ref_logp_w.detach()) - (ll - ref_logp_l.detach())  # (B,)
-    loss = -F.logsigmoid(beta * margin).mean()
-    return loss, {"dpo": loss.item(), "reward_margin": (beta * margin).mean().item(),
-                  "reward_acc": (margin > 0).float().mean().item()}
+    margin = (lw - policy_ref_logp_w.detach()) - (ll - policy_ref_logp_l.detach())  # (B,)
+    loss = pair_mean(-F.logsigmoid(beta * margin), norm)
+    return loss, _metrics(dpo=loss, reward_margin=pair_mean(beta * margin, norm),
+                          reward_acc=pair_mean((margin > 0).to(margin.dtype), norm))
 
 
-def simpo_loss(logits_w: Tensor, labels_w: Tensor, logits_l: Tensor, labels_l: Tensor, *,
-               beta: float = 2.0, gamma: float = 1.0) -> tuple[Tensor, dict]:
+def simpo_loss(logits_w: Tensor, labels_w: Tensor, logits_l: Tensor, labels_l: Tensor,
+               norm: Norm = None, *, beta: Positive = 2.0, gamma: NonNegative = 1.0) -> tuple[Tensor, dict]:
     """SimPO (Meng et al. 2024, Eq. 6): −log σ(β (avg_w − avg_l) − γ), avg = logp / |y|."""
     lw, nw = _seq(logits_w, labels_w)
     ll, nl = _seq(logits_l, labels_l)
     margin = beta * (lw / nw.clamp(min=1) - ll / nl.clamp(min=1)) - gamma  # (B,)
-    loss = -F.logsigmoid(margin).mean()
-    return loss, {"simpo": loss.item(), "reward_acc": (margin + gamma > 0).float().mean().item()}
+    loss = pair_mean(-F.logsigmoid(margin), norm)
+    return loss, _metrics(simpo=loss, reward_acc=pair_mean((margin + gamma > 0).to(margin.dtype), norm))
 
 
 def _wpo_weight(logits: Tensor, labels: Tensor) -> Tensor:
@@ -174,33 +226,34 @@ def _wpo_weight(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def wpo_loss(logits_w: Tensor, labels_w: Tensor, logits_l: Tensor, labels_l: Tensor,
-             ref_logp_w: Tensor, ref_logp_l: Tensor, *, beta: float = 0.1) -> tuple[Tensor, dict]:
+             policy_ref_logp_w: Tensor, policy_ref_logp_l: Tensor, norm: Norm = None, *,
+             beta: Positive = 0.1) -> tuple[Tensor, dict]:
     """WPO (Zhou et al. 2024): per-pair DPO loss weighted by w(y_w)·w(y_l) (no gradient through w)."""
     lw, _ = _seq(logits_w, labels_w)
     ll, _ = _seq(logits_l, labels_l)
-    margin = (lw - ref_logp_w.detach()) - (ll - ref_logp_l.detach())  # (B,)
+    margin = (lw - policy_ref_logp_w.detach()) - (ll - policy_ref_logp_l.detach())  # (B,)
     weight = _wpo_weight(logits_w, labels_w) * _wpo_weight(logits_l, labels_l)  # (B,)
-    loss = (weight * -F.logsigmoid(beta * margin)).mean()
-    return loss, {"wpo": loss.item(), "wpo_weight": weight.mean().item(),
-                  "reward_acc": (margin > 0).float().mean().item()}
+    loss = pair_mean(weight * -F.logsigmoid(beta * margin), norm)
+    return loss, _metrics(wpo=loss, wpo_weight=pair_mean(weight, norm),
+                          reward_acc=pair_mean((margin > 0).to(margin.dtype), norm))
 
 
-def vanilla_kd_loss(logits_w: Tensor, labels_w: Tensor, t_ids_w: Tensor, t_logp_w: Tensor, *,
-                    alpha: float = 0.1) -> tuple[Tensor, dict]:
+def vanilla_kd_loss(logits_w: Tensor, labels_w: Tensor, teacher_ids_w: Tensor, teacher_logp_w: Tensor,
+                    norm: Norm = None, *, alpha: NonNegative = 0.1) -> tuple[Tensor, dict]:
     """VanillaKD: L_SFT(y_w) + α · KL(teacher bins ‖ student bins) on y_w (METHODS §2)."""
-    sft, kl = sft_and_kl(logits_w, labels_w, t_ids_w, t_logp_w)
-    return sft + alpha * kl, {"sft": sft.item(), "kl_w": kl.item()}
+    sft, kl = sft_and_kl(logits_w, labels_w, teacher_ids_w, teacher_logp_w, norm, "w")
+    return sft + alpha * kl, _metrics(sft=sft, kl_w=kl)
 
 
-def dckd_loss(logits_w: Tensor, labels_w: Tensor, t_ids_w: Tensor, t_logp_w: Tensor,
-              logits_l: Tensor, labels_l: Tensor, t_ids_l: Tensor, t_logp_l: Tensor, *,
-              alpha: float = 0.1) -> tuple[Tensor, dict]:
+def dckd_loss(logits_w: Tensor, labels_w: Tensor, teacher_ids_w: Tensor, teacher_logp_w: Tensor,
+              logits_l: Tensor, labels_l: Tensor, teacher_ids_l: Tensor, teacher_logp_l: Tensor,
+              norm: Norm = None, *, alpha: NonNegative = 0.1) -> tuple[Tensor, dict]:
     """DCKD (ADPA paper, Eq. 5–7): L_SFT(y_w) + α (KL_w + KL_l), token-mean K+1-bin forward KL
     against the DPO teacher on the dataset's y_w and y_l."""
-    sft, kl_w = sft_and_kl(logits_w, labels_w, t_ids_w, t_logp_w)
-    kl_l = binned_kl(logits_l, labels_l, t_ids_l, t_logp_l)
+    sft, kl_w = sft_and_kl(logits_w, labels_w, teacher_ids_w, teacher_logp_w, norm, "w")
+    kl_l = binned_kl(logits_l, labels_l, teacher_ids_l, teacher_logp_l, norm, "l")
     loss = sft + alpha * (kl_w + kl_l)
-    return loss, {"sft": sft.item(), "kl_w": kl_w.item(), "kl_l": kl_l.item()}
+    return loss, _metrics(sft=sft, kl_w=kl_w, kl_l=kl_l)
 
 
 def adpa_advantages(t_ids: Tensor, t_logp: Tensor, r_ids: Tensor, r_logp: Tensor, *,
@@ -221,22 +274,24 @@ def adpa_advantages(t_ids: Tensor, t_logp: Tensor, r_ids: Tensor, r_logp: Tensor
 
 
 def adpa_loss(logits_w: Tensor, labels_w: Tensor, logits_r: Tensor, labels_r: Tensor,
-              t_ids_r: Tensor, t_logp_r: Tensor, ref_ids_r: Tensor, ref_logp_r: Tensor, *,
-              gamma: float = 1.6, sft_weight: float = 1.0,
+              teacher_ids_r: Tensor, teacher_logp_r: Tensor,
+              ref_teacher_ids_r: Tensor, ref_teacher_logp_r: Tensor, norm: Norm = None, *,
+              gamma: NonNegative = 1.6, sft_weight: NonNegative = 1.0,
               code_compat: bool = False) -> tuple[Tensor, dict]:
     """ADPA (ADPA paper, Eq. 8–10): sft_weight·L_SFT(y_w) − γ · mean_t Σ_{a∈S_t} π_θ(a|s_t) A(s_t, a)
-    on the student's rollout states (`*_r`), S_t = the DPO teacher's top-K.
-    Default: the paper (signed advantages, reference-minimum rule). `code_compat=True`: the
-    released code (DPO-minimum rule, advantages clamped to [1e-8, 1 − 1e-8])."""
-    adv = adpa_advantages(t_ids_r, t_logp_r, ref_ids_r, ref_logp_r,
+    on the student's rollout states (`*_r`), S_t = the DPO teacher's top-K; the advantage is
+    against the reference *teacher* (`ref_teacher_*`). Default: the paper (signed advantages,
+    reference-minimum rule). `code_compat=True`: the released code (DPO-minimum rule,
+    advantages clamped to [1e-8, 1 − 1e-8])."""
+    adv = adpa_advantages(teacher_ids_r, teacher_logp_r, ref_teacher_ids_r, ref_teacher_logp_r,
                           missing="dpo_min" if code_compat else "ref_min").detach()  # (B, T, K)
     if code_compat:
         adv = adv.clamp(EPS, 1 - EPS)
-    probs = _logsoftmax(logits_r).gather(-1, t_ids_r.long()).exp()  # (B, T, K)
-    adv_term = -masked_mean((probs * adv.to(probs.dtype)).sum(-1), _valid(labels_r))
-    sft = sft_nll(logits_w, labels_w)
+    probs = _logsoftmax(logits_r).gather(-1, teacher_ids_r.long()).exp()  # (B, T, K)
+    adv_term = -token_mean((probs * adv.to(probs.dtype)).sum(-1), labels_r, norm, "r")
+    sft = sft_nll(logits_w, labels_w, norm, "w")
     loss = sft_weight * sft + gamma * adv_term
-    return loss, {"sft": sft.item(), "advantage": adv_term.item()}
+    return loss, _metrics(sft=sft, advantage=adv_term)
 
 
 def _tvkd_score(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, *,
@@ -262,75 +317,162 @@ def _tvkd_score(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, *
     return ((q_label - gamma * phi_next) * valid).sum(-1)
 
 
-def tvkd_loss(logits_w: Tensor, labels_w: Tensor, t_ids_w: Tensor, t_logp_w: Tensor,
-              logits_l: Tensor, labels_l: Tensor, t_ids_l: Tensor, t_logp_l: Tensor, *,
-              gamma: float = 1.0, potential: str = "teacher_value", alpha: float = 0.7,
-              ) -> tuple[Tensor, dict]:
+def tvkd_loss(logits_w: Tensor, labels_w: Tensor, teacher_ids_w: Tensor, teacher_logp_w: Tensor,
+              logits_l: Tensor, labels_l: Tensor, teacher_ids_l: Tensor, teacher_logp_l: Tensor,
+              norm: Norm = None, *, gamma: NonNegative = 1.0,
+              potential: Literal["teacher_value", "student_entropy"] = "teacher_value",
+              alpha: Positive = 0.7) -> tuple[Tensor, dict]:
     """TVKD (arXiv 2509.16965, released configuration): Bradley–Terry over potential-shaped
     scores, −log σ(S(y_w) − S(y_l)). `potential`: `teacher_value` Φ = log Σ_b P_T^α (default,
     the paper's idea) or `student_entropy` (the released code). Potentials carry no gradient."""
     kw = dict(potential=potential, gamma=gamma, alpha=alpha)
-    sw = _tvkd_score(logits_w, labels_w, t_ids_w, t_logp_w, **kw)
-    sl = _tvkd_score(logits_l, labels_l, t_ids_l, t_logp_l, **kw)
-    loss = -F.logsigmoid(sw - sl).mean()
-    return loss, {"tvkd": loss.item(), "reward_acc": (sw > sl).float().mean().item()}
+    sw = _tvkd_score(logits_w, labels_w, teacher_ids_w, teacher_logp_w, **kw)
+    sl = _tvkd_score(logits_l, labels_l, teacher_ids_l, teacher_logp_l, **kw)
+    loss = pair_mean(-F.logsigmoid(sw - sl), norm)
+    return loss, _metrics(tvkd=loss, reward_acc=pair_mean((sw > sl).to(sw.dtype), norm))
 
 
-def dpkd_loss(logits_w: Tensor, labels_w: Tensor, t_label_logp_w: Tensor,
-              logits_l: Tensor, labels_l: Tensor, t_label_logp_l: Tensor, *,
-              beta: float = 0.1, rho: float = 0.5, length_normalize: bool = False,
+def dpkd_loss(logits_w: Tensor, labels_w: Tensor, teacher_label_logp_w: Tensor,
+              logits_l: Tensor, labels_l: Tensor, teacher_label_logp_l: Tensor, norm: Norm = None, *,
+              beta: Positive = 0.1, rho: Fraction = 0.5, length_normalize: bool = False,
               ) -> tuple[Tensor, dict]:
     """DPKD (arXiv 2406.19774), sequence form: (1−ρ) L_SFT + ρ · −log σ(β h),
     h = [logp_θ(y_w) − logp_T(y_w)] − [logp_θ(y_l) − logp_T(y_l)], logp_T = Σ_t label_logp."""
     lw, nw = _seq(logits_w, labels_w)
     ll, nl = _seq(logits_l, labels_l)
-    tw = (t_label_logp_w.detach().to(lw.dtype) * _valid(labels_w)).sum(-1)  # (B,)
-    tl = (t_label_logp_l.detach().to(ll.dtype) * _valid(labels_l)).sum(-1)
+    tw = (teacher_label_logp_w.detach().to(lw.dtype) * _valid(labels_w)).sum(-1)  # (B,)
+    tl = (teacher_label_logp_l.detach().to(ll.dtype) * _valid(labels_l)).sum(-1)
     dw, dl = lw - tw, ll - tl
     if length_normalize:
         dw, dl = dw / nw.clamp(min=1), dl / nl.clamp(min=1)
-    pref = -F.logsigmoid(beta * (dw - dl)).mean()
-    sft = sft_nll(logits_w, labels_w)
+    pref = pair_mean(-F.logsigmoid(beta * (dw - dl)), norm)
+    sft = sft_nll(logits_w, labels_w, norm, "w")
     loss = (1 - rho) * sft + rho * pref
-    return loss, {"sft": sft.item(), "dpkd_pref": pref.item(),
-                  "reward_acc": (dw > dl).float().mean().item()}
+    return loss, _metrics(sft=sft, dpkd_pref=pref, reward_acc=pair_mean((dw > dl).to(dw.dtype), norm))
 
 
 # ---------------------------------------------------------------------------- registry
 
+RESPONSES = {"w": "chosen", "l": "rejected", "r": "rollout"}  # suffix → batch field
+TEACHER_ROLES = {"teacher": "teacher", "ref_teacher": "reference"}  # argument prefix → cache role
+STUDENT_TENSORS = ("logits", "labels")
+POLICY_REF = "policy_ref_logp"
+
+
+def _parse_input(name: str) -> tuple[str, str, str]:
+    """`teacher_logp_w` → ('teacher', 'logp', 'w'); `logits_r` → ('student', 'logits', 'r')."""
+    base, _, s = name.rpartition("_")
+    if s not in RESPONSES:
+        raise ValueError(f"loss input {name!r}: expected a _w, _l or _r suffix")
+    if base in STUDENT_TENSORS:
+        return "student", base, s
+    if base == POLICY_REF:
+        return "policy_ref", base, s
+    for prefix in sorted(TEACHER_ROLES, key=len, reverse=True):  # ref_teacher_ before teacher_
+        if base.startswith(prefix + "_"):
+            return TEACHER_ROLES[prefix], base[len(prefix) + 1:], s
+    raise ValueError(f"loss input {name!r}: not a student, teacher, ref_teacher or policy_ref tensor")
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """What a method's loss needs. `data`: 'sft' (y_w only), 'pairs' or 'rollouts' (y_w + the
-    student's rollouts); `teacher`: the cache
-    extraction it reads ('pairs' = DPO teacher on y_w/y_l, 'rollouts' = both teachers on rollouts);
-    `reference`: needs the student's SFT model log-probs (DPO-style)."""
+    """A method's loss. Everything but `fn` and `doc` is read from `fn`'s signature."""
+    name: str
     fn: Callable[..., tuple[Tensor, dict]]
-    data: str
-    teacher: str | None = None
-    reference: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
 
+    @cached_property
+    def _params(self) -> list[inspect.Parameter]:
+        return list(inspect.signature(self.fn).parameters.values())
 
-OPTION_CHOICES = {"potential": ("teacher_value", "student_entropy")}
+    @cached_property
+    def inputs(self) -> tuple[str, ...]:
+        """Tensor arguments, by name (everything before `norm`)."""
+        return tuple(p.name for p in self._params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "norm")
 
-LOSSES: dict[str, LossSpec] = {
-    "sft": LossSpec(sft_loss, "sft", doc="NLL on y_w"),
-    "dpo": LossSpec(dpo_loss, "pairs", reference=True, options={"beta": 0.1}, doc="DPO vs the SFT student"),
-    "simpo": LossSpec(simpo_loss, "pairs", options={"beta": 2.0, "gamma": 1.0}, doc="reference-free, length-normalised"),
-    "wpo": LossSpec(wpo_loss, "pairs", reference=True, options={"beta": 0.1}, doc="DPO weighted by on-policy probability"),
-    "vanilla_kd": LossSpec(vanilla_kd_loss, "sft", teacher="pairs", options={"alpha": 0.1}, doc="SFT + forward KL on y_w"),
-    "dckd": LossSpec(dckd_loss, "pairs", teacher="pairs", options={"alpha": 0.1}, doc="SFT + α(KL_w + KL_l)"),
-    "adpa": LossSpec(adpa_loss, "rollouts", teacher="rollouts",
-                     options={"gamma": 1.6, "sft_weight": 1.0, "code_compat": False},
-                     doc="SFT − γ·E_θ[A] on rollouts"),
-    "tvkd": LossSpec(tvkd_loss, "pairs", teacher="pairs",
-                     options={"gamma": 1.0, "potential": "teacher_value", "alpha": 0.7},
-                     doc="Bradley–Terry on value-shaped scores"),
-    "dpkd": LossSpec(dpkd_loss, "pairs", teacher="pairs",
-                     options={"beta": 0.1, "rho": 0.5, "length_normalize": False},
-                     doc="teacher as DPO reference"),
-}
+    @cached_property
+    def responses(self) -> tuple[str, ...]:
+        """Response suffixes the loss reads, in w, l, r order."""
+        used = {_parse_input(n)[2] for n in self.inputs}
+        return tuple(s for s in RESPONSES if s in used)
+
+    @cached_property
+    def teachers(self) -> dict[str, tuple[str, ...]]:
+        """Cache roles per response suffix, e.g. {'r': ('teacher', 'reference')}."""
+        out: dict[str, list[str]] = {}
+        for n in self.inputs:
+            role, _, s = _parse_input(n)
+            if role in TEACHER_ROLES.values() and role not in out.setdefault(s, []):
+                out[s].append(role)
+        return {s: tuple(r) for s, r in out.items() if r}
+
+    @property
+    def cache(self) -> str | None:
+        """The extraction it reads: 'pairs' (DPO teacher on y_w/y_l), 'rollouts' (teachers on ŷ)."""
+        if not self.teachers:
+            return None
+        return "rollouts" if "r" in self.teachers else "pairs"
+
+    @property
+    def policy_ref(self) -> bool:
+        """Needs summed log-probs of the trained model's reference (the SFT student)."""
+        return any(_parse_input(n)[0] == "policy_ref" for n in self.inputs)
+
+    @cached_property
+    def options(self) -> dict[str, Any]:
+        """Option defaults: the keyword-only arguments."""
+        return {p.name: p.default for p in self._params if p.kind is p.KEYWORD_ONLY}
+
+    @cached_property
+    def options_model(self) -> type:
+        """A pydantic model of the options (types and bounds from the annotations)."""
+        from pydantic import ConfigDict, create_model
+
+        module = vars(sys.modules[__name__])
+        fields = {p.name: (eval(p.annotation, module) if isinstance(p.annotation, str) else p.annotation,
+                           p.default)
+                  for p in self._params if p.kind is p.KEYWORD_ONLY}
+        return create_model(f"{self.name}_options", __config__=ConfigDict(extra="forbid", frozen=True),
+                            **fields)
+
+    def check(self) -> None:
+        """Refuse a signature the pipeline cannot feed (run at import: a new loss fails fast)."""
+        for n in self.inputs:
+            _parse_input(n)
+        if "r" in self.teachers and set(self.teachers) != {"r"}:
+            raise ValueError(f"loss {self.name}: teacher tensors on rollouts and on y_w/y_l at once")
+        if self.cache == "rollouts" and set(self.teachers["r"]) != set(TEACHER_ROLES.values()):
+            raise ValueError(f"loss {self.name}: the rollouts extraction holds both teachers")
+        self.options_model  # noqa: B018 - annotations must resolve
+
+
+def _register(*specs: tuple[Callable, str]) -> dict[str, LossSpec]:
+    out = {}
+    for fn, doc in specs:
+        spec = LossSpec(fn.__name__.removesuffix("_loss"), fn, doc)
+        spec.check()
+        out[spec.name] = spec
+    return out
+
+
+LOSSES: dict[str, LossSpec] = _register(
+    (sft_loss, "NLL on y_w"),
+    (dpo_loss, "DPO vs the SFT student"),
+    (simpo_loss, "reference-free, length-normalised"),
+    (wpo_loss, "DPO weighted by on-policy probability"),
+    (vanilla_kd_loss, "SFT + forward KL on y_w"),
+    (dckd_loss, "SFT + α(KL_w + KL_l)"),
+    (adpa_loss, "SFT − γ·E_θ[A] on rollouts"),
+    (tvkd_loss, "Bradley–Terry on value-shaped scores"),
+    (dpkd_loss, "teacher as DPO reference"),
+)
+TWO_PHASE = {"adpa+": ("dckd", "adpa")}  # Algorithm 2 of the ADPA paper: (first phase, second phase)
+METHODS = tuple(LOSSES) + tuple(TWO_PHASE)
+
+
+def method_loss(method: str) -> str:
+    """The loss of a method's final `train` node."""
+    return TWO_PHASE[method][1] if method in TWO_PHASE else method
 
 
 def methods_table() -> str:
@@ -338,10 +480,11 @@ def methods_table() -> str:
     rows = ["| method | trains on | teacher signal (cache) | needs SFT-student reference | options (defaults) | what |",
             "|---|---|---|---|---|---|"]
     signal = {None: "—", "pairs": "DPO teacher on y_w/y_l", "rollouts": "DPO + reference teacher on rollouts"}
+    names = {"w": "y_w", "l": "y_l", "r": "rollouts"}
     for name, spec in LOSSES.items():
         opts = ", ".join(f"`{k}={v}`" for k, v in spec.options.items()) or "—"
-        data = {"sft": "y_w", "pairs": "y_w, y_l", "rollouts": "y_w + rollouts"}[spec.data]
-        rows.append(f"| `{name}` | {data} | {signal[spec.teacher]} | {'yes' if spec.reference else 'no'} | {opts} | {spec.doc} |")
+        data = ", ".join(names[s] for s in spec.responses)
+        rows.append(f"| `{name}` | {data} | {signal[spec.cache]} | {'yes' if spec.policy_ref else 'no'} | {opts} | {spec.doc} |")
     rows.append("| `adpa+` | y_w, y_l, then y_w + rollouts | DCKD phase, then ADPA on the DCKD student's rollouts | no | "
                 "`train.loss` (ADPA), `train.dckd_loss` (DCKD) | Algorithm 2 of the ADPA paper |")
     return "\n".join(rows)

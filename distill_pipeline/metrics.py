@@ -1,13 +1,30 @@
-"""Scoring shared by stages: reference log-probs for DPO-style losses, and held-out metrics
-(task accuracy, reward accuracy, mean generated length)."""
+"""Scoring shared by stages: sequence log-probs, the reference log-probs of DPO-style losses,
+held-out metrics (task accuracy, reward accuracy, mean generated length) and their table."""
 from __future__ import annotations
+
+METRICS = ("task_accuracy", "reward_accuracy", "mean_length")
+
+
+def sequence_logps(model, ids, mask, labels):
+    """Per-sequence summed label log-probs and token counts: (B,), (B,). Log-softmax in float32."""
+    import torch
+
+    from distill_pipeline.data.tokenize import IGNORE
+
+    dev = next(model.parameters()).device
+    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    valid = target != IGNORE
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * valid).sum(-1), valid.sum(-1)
 
 
 def pair_logps(model, examples, pad_id, batch_size=64):
     """Summed log-probs and lengths of chosen and rejected for every pair: four (N,) tensors."""
     import torch
 
-    from distill_pipeline.data.tokenize import collate, sequence_logps
+    from distill_pipeline.data.tokenize import collate
 
     parts = {f: ([], []) for f in ("chosen_ids", "rejected_ids")}
     with torch.no_grad():
@@ -22,10 +39,16 @@ def pair_logps(model, examples, pad_id, batch_size=64):
     return sw, nw, sl, nl
 
 
-def reference_logps(model, examples, pad_id, batch_size=64):
-    """Summed reference log-probs of chosen and rejected for every pair: two lists of floats."""
-    sw, _, sl, _ = pair_logps(model, examples, pad_id, batch_size)
-    return sw.tolist(), sl.tolist()
+def attach_policy_ref(examples: list[dict], model_dir, pad_id: int) -> None:
+    """Store the reference model's summed log-probs of chosen and rejected on every pair, as
+    `policy_ref_logp_w` / `policy_ref_logp_l` (the DPO-style losses' inputs of those names)."""
+    from distill_pipeline.losses import POLICY_REF
+    from distill_pipeline.models import load_checkpoint
+
+    reference, _ = load_checkpoint(model_dir)
+    sw, _, sl, _ = pair_logps(reference, examples, pad_id)
+    for e, w, l in zip(examples, sw.tolist(), sl.tolist()):
+        e[f"{POLICY_REF}_w"], e[f"{POLICY_REF}_l"] = w, l
 
 
 def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int, desc: str = "evaluate") -> dict:
@@ -44,3 +67,13 @@ def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int
         correct = sum(decode_response(tok, r).strip() == e["answer"] for e, r in zip(examples, responses))
         result["task_accuracy"] = correct / len(examples)
     return result
+
+
+def results_table(rows: dict[str, dict], first: str = "model") -> str:
+    """Fixed-width table: one row per model/method, one column per metric ('-' when absent)."""
+    width = max(len(k) for k in [first, *rows]) + 2
+    out = [first.ljust(width) + "".join(m.rjust(17) for m in METRICS)]
+    for label, r in rows.items():
+        out.append(label.ljust(width) + "".join(
+            (f"{r[m]:.3f}" if isinstance(r.get(m), (int, float)) else "-").rjust(17) for m in METRICS))
+    return "\n".join(out)

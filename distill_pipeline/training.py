@@ -5,8 +5,17 @@ checkpoints that resume mid-training with the same data order. Written here rath
 from TRL because the distillation losses stream their batches from the teacher-logit cache,
 and one small loop serves all three stages with identical resume semantics.
 
-A stage supplies `batches(epoch) -> iterator of micro-batches` (deterministic per epoch) and
-`loss_fn(model, micro_batch) -> (loss, metrics)`.
+A stage supplies `batches(epoch) -> iterator of micro-batches` (deterministic per epoch),
+`loss_fn(model, micro_batch, norm) -> (loss, metrics)` and `counts(micro_batch) -> {name: int}`.
+
+Loss normalisation (one rule, docs/METHODS.md "Normalisation"): an optimizer step takes
+`grad_accum` micro-batches; `norm` is the sum of their `counts` (valid tokens of each response,
+pairs), and each micro-batch's loss is its *sum* of per-token / per-pair terms divided by those
+step totals. The step's loss and gradient are therefore the same whether its examples come in one
+micro-batch or several — and with N data-parallel workers, summing `counts` over ranks and
+multiplying each rank's loss by N (DDP averages gradients) gives the same step again. Metrics are
+the same kind of contributions: kept as tensors, summed, and turned into floats once per step
+when they are logged.
 """
 from __future__ import annotations
 
@@ -56,10 +65,24 @@ def _save(ckpt: Path, model: Any, opt: Any, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _one_micro_batch(mb: Any) -> dict[str, int]:
+    return {"micro_batches": 1}
+
+
+def step_norm(window: list[Any], counts: Callable[[Any], dict[str, int]]) -> dict[str, int]:
+    """Σ counts over the micro-batches of one optimizer step (each at least 1)."""
+    total: dict[str, int] = {}
+    for mb in window:
+        for k, v in counts(mb).items():
+            total[k] = total.get(k, 0) + v
+    return {k: max(1, v) for k, v in total.items()}
+
+
 def train_loop(model: Any, *, hp: Any, examples: int,
                batches: Callable[[int], Iterable[Any]],
-               loss_fn: Callable[[Any, Any], tuple[Any, dict]],
+               loss_fn: Callable[[Any, Any, dict], tuple[Any, dict]],
                work_dir: Path, desc: str,
+               counts: Callable[[Any], dict[str, int]] = _one_micro_batch,
                on_checkpoint: Callable[[int], None] | None = None) -> dict:
     """Train `model` in place; returns summary metrics. Resumes from `work_dir/checkpoint`."""
     import torch
@@ -103,25 +126,28 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     with open(log_path, "a") as log, progress(total=steps, initial=step, desc=desc) as bar:
         while step < steps:
             opt.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            for _ in range(hp.grad_accum):
-                epoch, consumed, mb = next(stream)
-                loss, metrics = loss_fn(model, to_device(mb, dev))
-                (loss / hp.grad_accum).backward()
-                for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v / hp.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm).item()
+            window = [next(stream) for _ in range(hp.grad_accum)]
+            epoch, consumed = window[-1][0], window[-1][1]
+            norm = step_norm([mb for _, _, mb in window], counts)
+            sums: dict[str, Any] = {}
+            for _, _, mb in window:
+                loss, metrics = loss_fn(model, to_device(mb, dev), norm)
+                loss.backward()
+                for k, v in {"loss": loss, **metrics}.items():
+                    v = v.detach() if hasattr(v, "detach") else v
+                    sums[k] = sums[k] + v if k in sums else v
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
             opt.step()
             sched.step()
             step += 1
             last = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                    "grad_norm": grad_norm, **sums}
+                    "grad_norm": float(grad_norm), **{k: float(v) for k, v in sums.items()}}
             log.write(json.dumps(last) + "\n")
             if writer:
                 for k, v in last.items():
                     writer.add_scalar(k, v, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
             if step % hp.checkpoint_every == 0 or step == steps:
                 log.flush()
                 _save(ckpt, model, opt, {"step": step, "epoch": epoch, "consumed": consumed,

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill_pipeline.cache.store import (CHUNK_ROWS, SCHEMA_VERSION, Store, entry_checksum, entry_key,
-                                          from_bits)
+from distill_pipeline.cache.format import SCHEMA_VERSION
+from distill_pipeline.cache.store import CHUNK_ROWS, Store, entry_checksum, segment_format
 
 
 def _manifest(store: Store, seg: Path) -> dict:
@@ -19,10 +19,11 @@ def ls(store: Store) -> list[dict]:
     rows = []
     for seg in store.segments():
         m = _manifest(store, seg)
+        fmt = segment_format(m)
         size = sum(f.stat().st_size for f in seg.rglob("*") if f.is_file())
         rows.append({"segment": seg.name, "teacher": m.get("teacher", "?")[:12], "entries": m.get("n_entries"),
-                     "tokens": m.get("n_tokens"), "bytes": size, "top_k": m.get("top_k"),
-                     "dtype": m.get("logp_dtype")})
+                     "tokens": m.get("n_tokens"), "bytes": size, "top_k": fmt.top_k,
+                     "dtype": fmt.storage})
     return rows
 
 
@@ -38,8 +39,9 @@ def info(store: Store) -> dict:
     for seg in store.segments():
         m = _manifest(store, seg)
         group = store.open_segment(seg.name)
-        ks.add(m["top_k"])
-        dtypes.add(m["logp_dtype"])
+        fmt = segment_format(m)
+        ks.add(fmt.top_k)
+        dtypes.add(fmt.storage)
         n = int(m["n_tokens"])
         t = teachers.setdefault(m["teacher"], {"entries": 0, "tokens": 0})
         t["entries"] += m["n_entries"]
@@ -48,7 +50,7 @@ def info(store: Store) -> dict:
         tokens += n
         kl_sum += m.get("reconstruction_kl", 0.0) * n
         for start in range(0, n, CHUNK_ROWS):
-            lp = from_bits(group["logp"][start:start + CHUNK_ROWS], m["logp_dtype"]).astype(np.float64)
+            lp = fmt.decode(group["logp"][start:start + CHUNK_ROWS]).astype(np.float64)
             mass_sum += float(np.exp(lp).sum(axis=1).sum())
     disk = store.disk_bytes() if store.segments() else 0
     return {"root": str(store.root), "schema_version": SCHEMA_VERSION, "segments": len(store.segments()),
@@ -75,6 +77,7 @@ def verify(store: Store) -> tuple[int, list[str]]:
             continue
         try:
             m = _manifest(store, seg)
+            fmt = segment_format(m)
             group = store.open_segment(name)
             index = pq.read_table(seg / "index.parquet").to_pylist()
         except Exception as exc:
@@ -102,8 +105,8 @@ def verify(store: Store) -> tuple[int, list[str]]:
         for field, arr in arrays.items():
             if arr.shape[0] != n:
                 problems.append(f"{name}: array {field} has {arr.shape[0]} rows, manifest says {n}")
-        if {"ids", "logp"} <= set(arrays) and arrays["ids"].shape[1:] != (m["top_k"],):
-            problems.append(f"{name}: ids has K={arrays['ids'].shape[1:]} but manifest top_k={m['top_k']}")
+        if {"ids", "logp"} <= set(arrays) and arrays["ids"].shape[1:] != (fmt.top_k,):
+            problems.append(f"{name}: ids has K={arrays['ids'].shape[1:]} but manifest top_k={fmt.top_k}")
         expected_offset = 0
         for i, row in enumerate(index):
             checked += 1
@@ -114,7 +117,7 @@ def verify(store: Store) -> tuple[int, list[str]]:
             if row["n_tokens"] != len(row["token_ids"]) - row["prompt_len"]:
                 problems.append(f"{where}: n_tokens {row['n_tokens']} ≠ response length "
                                 f"{len(row['token_ids']) - row['prompt_len']}")
-            key = entry_key(row["teacher"], row["token_ids"], row["prompt_len"], m["top_k"], m["logp_dtype"])
+            key = fmt.key(row["teacher"], row["token_ids"], row["prompt_len"])
             if key != row["key"]:
                 problems.append(f"{where}: key does not match its teacher/tokens/K/dtype")
             if len(arrays) == 4:
@@ -122,7 +125,7 @@ def verify(store: Store) -> tuple[int, list[str]]:
                 if entry_checksum(arrays["ids"][s], arrays["logp"][s], arrays["lse"][s],
                                   arrays["label_logp"][s]) != row["checksum"]:
                     problems.append(f"{where}: checksum mismatch (data changed after it was written)")
-                lp = from_bits(arrays["logp"][s], m["logp_dtype"])
+                lp = fmt.decode(arrays["logp"][s])
                 if (np.diff(lp, axis=1) > 0).any() or (lp > 1e-3).any():
                     problems.append(f"{where}: top-K log-probs not sorted descending / not ≤ 0")
         if len(arrays) == 4 and expected_offset != n:

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from distill_pipeline.cache.store import (SCHEMA_VERSION, SegmentData, Store, entry_key, from_bits,
-                                          reconstruction_kl, to_bits)
+from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, reconstruction_kl
+from distill_pipeline.cache.store import SegmentData, Store
 from distill_pipeline.progress import progress
 from distill_pipeline.provenance import package_versions
 
@@ -35,10 +35,10 @@ class Request:
         return len(self.response_ids)
 
 
-def make_request(teacher: str, prompt_ids: Sequence[int], response_ids: Sequence[int], top_k: int,
-                 dtype: str) -> Request:
+def make_request(teacher: str, prompt_ids: Sequence[int], response_ids: Sequence[int],
+                 fmt: CacheFormat) -> Request:
     p, r = tuple(prompt_ids), tuple(response_ids)
-    return Request(teacher, p, r, entry_key(teacher, p + r, len(p), top_k, dtype))
+    return Request(teacher, p, r, fmt.key(teacher, p + r, len(p)))
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Extractor:
     """Holds teacher models (loaded on first use) and turns units into published segments.
     Used in-process, or as the body of a Ray actor (one per worker)."""
 
-    def __init__(self, store_root: str, teacher_dirs: dict[str, str], *, top_k: int, dtype: str,
+    def __init__(self, store_root: str, teacher_dirs: dict[str, str], *, fmt: CacheFormat,
                  batch_tokens: int, threads: int | None = None):
         if threads:
             import torch
@@ -148,7 +148,7 @@ class Extractor:
             torch.set_num_threads(threads)
         self.store = Store(store_root)
         self.teacher_dirs = teacher_dirs
-        self.top_k, self.dtype, self.batch_tokens = top_k, dtype, batch_tokens
+        self.fmt, self.batch_tokens = fmt, batch_tokens
         self.models: dict[str, tuple] = {}
         self.throttle = float(os.environ.get("DISTILL_EXTRACT_THROTTLE_S", "0"))
 
@@ -167,7 +167,7 @@ class Extractor:
         model, pad_id = self._model(unit.teacher)
         results: dict[str, dict] = {}
         for batch in _batches(unit.requests, self.batch_tokens):
-            for r, res in zip(batch, topk_for_batch(model, batch, pad_id, self.top_k)):
+            for r, res in zip(batch, topk_for_batch(model, batch, pad_id, self.fmt.top_k)):
                 results[r.key] = res
         entries, offset = [], 0
         for r in unit.requests:  # unit order, independent of batching
@@ -176,13 +176,13 @@ class Extractor:
             offset += r.n_tokens
         cat = lambda f: np.concatenate([results[r.key][f] for r in unit.requests])  # noqa: E731
         logp = cat("logp")
-        bits = to_bits(logp, self.dtype)
+        bits = self.fmt.encode(logp)
         data = SegmentData(ids=cat("ids").astype(np.int32), logp_bits=bits,
                            lse=cat("lse").astype(np.float32), label_logp=cat("label_logp").astype(np.float32),
                            entries=entries)
-        manifest = {"schema_version": SCHEMA_VERSION, "teacher": unit.teacher, "top_k": self.top_k,
-                    "logp_dtype": self.dtype, "n_entries": len(entries), "n_tokens": offset,
-                    "reconstruction_kl": reconstruction_kl(logp, from_bits(bits, self.dtype)),
+        manifest = {"schema_version": SCHEMA_VERSION, "teacher": unit.teacher, "format": self.fmt.to_json(),
+                    "n_entries": len(entries), "n_tokens": offset,
+                    "reconstruction_kl": reconstruction_kl(logp, self.fmt.decode(bits)),
                     "versions": package_versions()}
         published = self.store.publish(unit.id, data, manifest)
         if self.throttle:
@@ -190,15 +190,12 @@ class Extractor:
         return unit.id, offset, published
 
 
-def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, str], *, top_k: int,
-            dtype: str, num_workers: int = 1, batch_tokens: int = 4096, unit_tokens: int = 16384,
+def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, str], fmt: CacheFormat, *,
+            num_workers: int = 1, batch_tokens: int = 4096, unit_tokens: int = 16384,
             threads_per_worker: int = 1, gpus_per_worker: float = 0) -> dict:
-    """Extract every missing entry of `requests` into `store`. Returns counts and throughput."""
+    """Extract every missing entry of `requests` (built with `make_request(…, fmt)`) into `store`.
+    Returns counts and throughput."""
     t0 = time.perf_counter()
-    for r in requests:
-        if r.key != entry_key(r.teacher, r.prompt_ids + r.response_ids, len(r.prompt_ids), top_k, dtype):
-            raise ValueError(f"request {r.key[:12]}… was keyed for a different top_k/dtype than "
-                             f"this extraction (top_k={top_k}, dtype={dtype}); build it with make_request")
     keys = {r.key for r in requests}
     existing = store.existing_keys()
     units = plan_units(requests, existing, unit_tokens)
@@ -206,7 +203,7 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, s
     stats = {"entries": len(keys), "cached": len(keys & existing),
              "extracted": sum(len(u.requests) for u in units), "units": len(units),
              "tokens_extracted": todo_tokens}
-    kw = dict(top_k=top_k, dtype=dtype, batch_tokens=batch_tokens, threads=threads_per_worker)
+    kw = dict(fmt=fmt, batch_tokens=batch_tokens, threads=threads_per_worker)
     with progress(total=todo_tokens, desc=f"teacher_logits ({num_workers} worker(s))", unit="tok") as bar:
         if units and _use_ray():
             _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus_per_worker, bar)

@@ -1,19 +1,18 @@
-"""Reading the teacher-logit cache: random access by key, and a streaming batch iterator.
+"""Reading the teacher-logit cache: random access by key, and teacher tensors aligned with a
+student batch.
 
 `CacheReader` maps keys to (segment, offset) and decodes zarr chunks lazily through a bounded LRU,
-so memory stays bounded whatever the cache size. `TeacherBatches` yields padded student batches
-with the aligned teacher tensors for one or two teachers, built ahead by a prefetch thread; every
-cached row's token ids are checked against the student's sequence.
+so memory stays bounded whatever the cache size. `aligned_teacher_tensors` places entries at the
+student's shifted positions, checking every cached row's token ids against the student sequence
+(`distill_pipeline/batches.py` streams whole training batches with it).
 """
 from __future__ import annotations
 
-import queue
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from distill_pipeline.cache.store import CacheError, Store, from_bits
+from distill_pipeline.cache.store import CacheError, Store, segment_format
 
 
 class TokenMismatch(CacheError):
@@ -42,6 +41,9 @@ class CacheReader:
         if segment not in self._groups:
             self._groups[segment] = self.store.open_segment(segment)
         return self._groups[segment]
+
+    def _format(self, segment: str):
+        return segment_format(dict(self._group(segment).attrs))
 
     def _chunk(self, segment: str, field: str, c: int):
         """Decoded chunk `c` of one array, through the LRU."""
@@ -108,22 +110,15 @@ class CacheReader:
                     f"student {list(expect_tokens[first:first + 5])}; lengths {len(stored)} vs "
                     f"{len(expect_tokens)}). Teacher and student tokenisation disagree — rerun "
                     "teacher_logits for this data, and check both models share one tokenizer")
-        dtype = self._group(segment).attrs["logp_dtype"]
+        fmt = self._format(segment)
         return {"ids": self._rows(segment, "ids", offset, n),
-                "logp": from_bits(self._rows(segment, "logp", offset, n), dtype),
+                "logp": fmt.decode(self._rows(segment, "logp", offset, n)),
                 "lse": self._rows(segment, "lse", offset, n),
                 "label_logp": self._rows(segment, "label_logp", offset, n),
                 "prompt_len": prompt_len}
 
 
-@dataclass(frozen=True)
-class Field:
-    """One response of an example to batch: its token ids and, per teacher role, its cache key."""
-    name: str                   # e.g. "chosen", "rejected", "rollout"
-    teachers: tuple[str, ...]   # teacher roles whose tensors to attach, e.g. ("teacher", "reference")
-
-
-def _aligned(reader: CacheReader, rows: list[tuple[str, list[int], int]], width: int, top_k: int):
+def aligned_teacher_tensors(reader: CacheReader, rows: list[tuple[str, list[int], int]], width: int, top_k: int):
     """Teacher tensors aligned with the student's shifted logits (position j predicts token j+1):
     ids/logp (B, width-1, K), lse/label_logp/mask (B, width-1)."""
     import torch
@@ -148,71 +143,27 @@ def _aligned(reader: CacheReader, rows: list[tuple[str, list[int], int]], width:
     return {"ids": ids, "logp": logp, "lse": lse, "label_logp": label, "mask": mask}
 
 
-class TeacherBatches:
-    """Per-epoch deterministic batches of examples with their cached teacher tensors.
+# An extraction node's published `teachers.json`: which store, in which format, which teachers.
+NODE_FILE = "teachers.json"
 
-    `examples[i]` holds `prompt_ids`, `<field>_ids` for each field and `keys[(field, role)]`.
-    Each batch: {"index": [...], field: {"student": (ids, mask, labels), role: {tensors}}}.
-    """
 
-    def __init__(self, reader: CacheReader | None, examples: list[dict], fields: Sequence[Field], *,
-                 batch_size: int, pad_id: int, top_k: int, seed: int = 0, prefetch: int = 4):
-        self.reader, self.examples, self.fields = reader, examples, list(fields)
-        self.batch_size, self.pad_id, self.top_k = batch_size, pad_id, top_k
-        self.seed, self.prefetch = seed, prefetch
+def write_node_file(out: Any, store_root: Any, fmt: Any, source: str, teachers: dict[str, dict]) -> None:
+    """teachers: role → {"identity", "path"}. Written once per extraction node."""
+    import json
+    from pathlib import Path
 
-    def __len__(self) -> int:
-        return (len(self.examples) + self.batch_size - 1) // self.batch_size
+    (Path(out) / NODE_FILE).write_text(json.dumps(
+        {"store": str(store_root), "format": fmt.to_json(), "source": source, "teachers": teachers},
+        indent=2))
 
-    def build(self, idx: list[int]) -> dict:
-        from distill_pipeline.data.tokenize import collate
 
-        chunk = [self.examples[i] for i in idx]
-        batch: dict[str, Any] = {"index": idx}
-        for f in self.fields:
-            prompts = [e["prompt_ids"] for e in chunk]
-            responses = [e[f"{f.name}_ids"] for e in chunk]
-            student = collate(prompts, responses, self.pad_id)
-            entry: dict[str, Any] = {"student": student}
-            for role in f.teachers:
-                rows = [(e["keys"][(f.name, role)], list(p) + list(r), len(p))
-                        for e, p, r in zip(chunk, prompts, responses)]
-                entry[role] = _aligned(self.reader, rows, student[0].shape[1], self.top_k)
-            batch[f.name] = entry
-        return batch
+def open_node(folder: Any) -> tuple[CacheReader, Any, dict[str, str]]:
+    """(reader over the node's store, its CacheFormat, teacher identity by role)."""
+    import json
+    from pathlib import Path
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
-        """Batches of one epoch, built ahead by a background thread (bounded queue)."""
-        from distill_pipeline.training import epoch_batches
+    from distill_pipeline.cache.format import CacheFormat
 
-        groups = epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce():
-            try:
-                for g in groups:
-                    if stop.is_set():
-                        return
-                    q.put(self.build(g))
-                q.put(None)
-            except BaseException as exc:  # surface reader errors in the training thread
-                q.put(exc)
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.05)
+    meta = json.loads((Path(folder) / NODE_FILE).read_text())
+    return (CacheReader(meta["store"]), CacheFormat.from_json(meta["format"]),
+            {role: t["identity"] for role, t in meta["teachers"].items()})

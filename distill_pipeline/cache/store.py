@@ -4,17 +4,17 @@
     <root>/segments/<segment id>/          one immutable segment, published by atomic rename
         zarr.json                          zarr v3 group; attrs = the segment manifest
         ids/        (N, K) int32           top-K token ids per response token, by probability
-        logp/       (N, K) uint16|uint32   bit patterns of the top-K log-probs (attrs.logp_dtype:
-                                           float16 | bfloat16 | float32, or <dtype>-keep<n> for
-                                           the lossy mode); Delta + zstd
+        logp/       (N, K) uint16|uint32   bit patterns of the top-K log-probs in the segment's
+                                           format (attrs.format: top_k, dtype, logp_keep_bits;
+                                           cache/format.py); Delta + zstd
         lse/        (N,)   float32         full-vocabulary logsumexp of the raw logits
         label_logp/ (N,)   float32         log-prob of the actual next token
         index.parquet                      one row per (sequence, teacher) entry: key, teacher,
                                            offset, n_tokens, prompt_len, token_ids, checksum
     <root>/tmp/                            segments being written (never read; `cache gc` clears)
 
-Arrays are chunked along the token axis; every chunk carries a CRC32C. An entry's key hashes
-(schema version, teacher identity, K, dtype, prompt length, exact token ids): the same teacher on
+Arrays are chunked along the token axis; every chunk carries a CRC32C. An entry's key
+(`CacheFormat.key`) hashes (schema version, teacher identity, format, prompt length, exact token ids): the same teacher on
 the same tokens is extracted once, whichever run, dataset or team asks. Row r of an entry is the
 teacher's prediction of token `prompt_len + r` (response tokens only, raw T = 1 values).
 """
@@ -28,9 +28,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-SCHEMA_VERSION = 1
+from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat
+
 CHUNK_ROWS = 4096
 FIELDS = ("ids", "logp", "lse", "label_logp")
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
@@ -46,14 +47,6 @@ def default_root() -> Path:
     return Path(base) / "teacher-logits"
 
 
-def entry_key(teacher: str, token_ids: Iterable[int], prompt_len: int, top_k: int, dtype: str) -> str:
-    import numpy as np
-
-    h = hashlib.sha256(f"{SCHEMA_VERSION}|{teacher}|{top_k}|{dtype}|{prompt_len}|".encode())
-    h.update(np.asarray(list(token_ids), dtype="<i4").tobytes())
-    return h.hexdigest()
-
-
 def entry_checksum(ids, logp_bits, lse, label) -> str:
     h = hashlib.sha256()
     for a in (ids, logp_bits, lse, label):
@@ -61,70 +54,9 @@ def entry_checksum(ids, logp_bits, lse, label) -> str:
     return h.hexdigest()[:32]
 
 
-MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
-
-
-def storage_code(dtype: str, keep_bits: int | None = None) -> str:
-    """How log-probs are stored: the dtype, or `<dtype>-keep<n>` for the lossy mode that keeps
-    n mantissa bits (rounded to nearest). The code is part of every entry key."""
-    if keep_bits is None or keep_bits >= MANTISSA_BITS[dtype]:
-        return dtype
-    return f"{dtype}-keep{keep_bits}"
-
-
-def parse_code(code: str) -> tuple[str, int | None]:
-    base, _, keep = code.partition("-keep")
-    if base not in MANTISSA_BITS:
-        raise CacheError(f"unknown log-prob storage {code!r}; expected float16, bfloat16 or float32")
-    return base, int(keep) if keep else None
-
-
-def to_bits(logp_f32, code: str):
-    """float32 numpy log-probs → stored bit patterns: an exact view of the stored dtype, with the
-    low mantissa bits rounded away in the lossy `-keep<n>` modes."""
-    import numpy as np
-
-    base, keep = parse_code(code)
-    if base == "float32":
-        bits = logp_f32.astype(np.float32).view(np.uint32)
-    elif base == "float16":
-        bits = logp_f32.astype(np.float16).view(np.uint16)
-    else:
-        import torch  # numpy has no bfloat16
-
-        bits = torch.from_numpy(logp_f32.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    if keep is None:
-        return bits
-    drop = MANTISSA_BITS[base] - keep
-    wide = bits.astype(np.uint64)
-    wide = ((wide + (1 << (drop - 1))) >> drop) << drop  # round to nearest; a carry moves the exponent
-    return wide.astype(bits.dtype)
-
-
-def from_bits(bits, code: str):
-    """Stored bit patterns → float32 numpy log-probs."""
-    import numpy as np
-
-    base, _ = parse_code(code)
-    if base == "float32":
-        return bits.view(np.float32)
-    if base == "float16":
-        return bits.view(np.float16).astype(np.float32)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def reconstruction_kl(logp_f32, stored_f32) -> float:
-    """Mean over tokens of KL(original K+1 bins ‖ stored K+1 bins): what storage loses."""
-    import numpy as np
-
-    def bins(lp):
-        p = np.exp(lp.astype(np.float64))
-        return np.clip(np.concatenate([p, np.clip(1 - p.sum(-1, keepdims=True), 0, None)], -1), 1e-8, 1)
-
-    if len(logp_f32) == 0:
-        return 0.0
-    p, q = bins(logp_f32), bins(stored_f32)
-    return float((p * (np.log(p) - np.log(q))).sum(-1).mean())
+def segment_format(attrs: dict) -> CacheFormat:
+    """The format a segment was written in, from its manifest (zarr group attributes)."""
+    return CacheFormat.from_json(attrs["format"])
 
 
 @dataclass
@@ -147,8 +79,10 @@ class Store:
         if meta.exists():
             found = json.loads(meta.read_text()).get("schema_version")
             if found != SCHEMA_VERSION:
-                raise CacheError(f"{self.root}: cache schema {found}, this version reads "
-                                 f"{SCHEMA_VERSION}; point teacher_logits.store elsewhere")
+                raise CacheError(f"{self.root}: cache schema {found}, this version of distill-pipeline "
+                                 f"reads schema {SCHEMA_VERSION} (entry keys and manifests changed); "
+                                 "point teacher_logits.store / --store at a new directory, or delete "
+                                 "this one, and the entries are extracted again")
         elif create:
             (self.root / "segments").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)

@@ -70,17 +70,3 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
         ids[i, width - len(p):] = torch.tensor(list(p))
         mask[i, width - len(p):] = 1
     return ids, mask
-
-
-def sequence_logps(model: Any, ids, mask, labels):
-    """Per-sequence summed label log-probs and token counts: (B,), (B,). Log-softmax in float32."""
-    import torch
-
-    dev = next(model.parameters()).device
-    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
-    target = labels[:, 1:]  # (B, T-1)
-    valid = target != IGNORE
-    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logp = logp * valid
-    return logp.sum(-1), valid.sum(-1)

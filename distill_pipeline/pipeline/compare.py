@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-METRICS = ("task_accuracy", "reward_accuracy", "mean_length")
+from distill_pipeline.metrics import METRICS, results_table
 
 
 def _run_dir(path: str) -> Path:
@@ -65,12 +65,7 @@ def collect(paths: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def table(rows: dict[str, dict]) -> str:
-    width = max(len(k) for k in rows) + 2
-    out = ["method".ljust(width) + "".join(m.rjust(17) for m in METRICS)]
-    for label, r in rows.items():
-        out.append(label.ljust(width) + "".join(
-            (f"{r[m]:.3f}" if isinstance(r[m], (int, float)) else "-").rjust(17) for m in METRICS))
-    return "\n".join(out)
+    return results_table(rows, first="method")
 
 
 def plot(rows: dict[str, dict], out: Path) -> None:

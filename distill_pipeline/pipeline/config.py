@@ -11,8 +11,10 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("sft", "dpo", "simpo", "wpo", "vanilla_kd", "dckd", "adpa", "adpa+", "tvkd", "dpkd")
-Method = Literal["sft", "dpo", "simpo", "wpo", "vanilla_kd", "dckd", "adpa", "adpa+", "tvkd", "dpkd"]
+from distill_pipeline.cache.format import CacheFormat, FormatError
+from distill_pipeline.losses import LOSSES, METHODS, TWO_PHASE, method_loss
+
+Method = Literal[METHODS]  # type: ignore[valid-type]
 Layout = Literal["auto", "messages", "prompt_completion", "pairs", "conversational", "scored"]
 
 
@@ -137,12 +139,17 @@ class TeacherLogits(Node):
     threads_per_worker: int = Field(1, ge=1, description="torch threads per CPU worker (not fingerprinted)")
 
     @model_validator(mode="after")
-    def _keep_bits_below_mantissa(self):
-        limit = {"float16": 10, "bfloat16": 7, "float32": 23}[self.dtype]
-        if self.logp_keep_bits is not None and self.logp_keep_bits >= limit:
-            raise ValueError(f"logp_keep_bits must be below the {limit} mantissa bits of {self.dtype} "
-                             "(leave it unset for lossless storage)")
+    def _valid_format(self):
+        try:
+            self.format
+        except FormatError as exc:
+            raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def format(self) -> CacheFormat:
+        """What the extraction writes: the one place K, dtype and kept bits become a format."""
+        return CacheFormat(self.top_k, self.dtype, self.logp_keep_bits)
 
 
 class Train(TrainHP):
@@ -262,7 +269,33 @@ def config_from_dict(tree: dict, *, source: str = "<dict>") -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
-    from distill_pipeline.pipeline.recipes import validate_method_options
-
-    validate_method_options(cfg, source)
+    loss_options(cfg, "train.loss", source)
+    if cfg.train.dckd_loss and cfg.method not in TWO_PHASE:
+        raise ConfigError(f"invalid config {source}:\n  train.dckd_loss: only used by method adpa+ "
+                          f"(method is {cfg.method}); remove it or use train.loss")
+    loss_options(cfg, "train.dckd_loss", source)
     return cfg
+
+
+def loss_options(cfg: Config, path: str, source: str = "<config>") -> dict[str, Any]:
+    """The validated options (defaults filled in) of the loss that `train.loss` or, for adpa+,
+    `train.dckd_loss` configures. Types, bounds and choices come from the loss's signature."""
+    loss = TWO_PHASE[cfg.method][0] if path == "train.dckd_loss" and cfg.method in TWO_PHASE else method_loss(cfg.method)
+    given = getattr(cfg.train, path.rsplit(".", 1)[1])
+    model = LOSSES[loss].options_model
+    try:
+        return model.model_validate(given).model_dump()
+    except ValidationError as exc:
+        lines = [f"invalid config {source}:"]
+        accepted = ", ".join(model.model_fields) or "(none)"
+        for e in exc.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                lines.append(f"  {path}.{key}: unknown option for method {cfg.method} ({loss} loss); "
+                             f"accepted: {accepted}")
+            elif e["type"] == "literal_error":
+                choices = ", ".join(map(str, get_args(model.model_fields[key].annotation)))
+                lines.append(f"  {path}.{key}: {e['input']!r} is not one of {choices}")
+            else:
+                lines.append(f"  {path}.{key}: {e['msg']} (got {e['input']!r})")
+        raise ConfigError("\n".join(lines)) from None

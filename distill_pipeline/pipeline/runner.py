@@ -3,8 +3,8 @@
 Each node's output folder is `<run_dir>/<node>-<fingerprint[:12]>`, the fingerprint hashing
 (stage, stage version, the node's view, upstream fingerprints). A node is up to date when its
 folder holds a `manifest.json`. Work happens in `<run_dir>/.partial/<folder>` (a crashed stage
-resumes there) and is published by one atomic rename. `<run_dir>/.state/<node>.json` remembers
-the last published view so `status` can say why a node will run. Stages that train or generate
+resumes there) and is published by one atomic rename. `<run_dir>/.state/` remembers the last
+published view of each node lineage so `status` can say why a node will run. Stages that train or generate
 run as Ray tasks with resource requests; `status` and a no-op `run` never start Ray.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from distill_pipeline.pipeline.recipes import NodeSpec, build_graph, canonical, jsonable
+from distill_pipeline.pipeline.recipes import NodeSpec, build_graph
 from distill_pipeline.provenance import package_versions
-from distill_pipeline.stages import STAGE_NAMES, get_stage
+from distill_pipeline.stages import ANY_ROLE, STAGE_NAMES, flatten, get_stage
 
 MANIFEST = "manifest.json"
 
@@ -51,14 +51,8 @@ class Plan:
         return (self.folder(name) / MANIFEST).exists()
 
 
-def fingerprinted_view(node: NodeSpec) -> dict:
-    """The view minus fields the stage declares value- and layout-neutral."""
-    view = jsonable(node.view)
-    for dotted in getattr(get_stage(node.stage), "UNFINGERPRINTED", ()):
-        key, sub = dotted.split(".", 1)
-        if isinstance(view.get(key), dict):
-            view[key] = {k: v for k, v in view[key].items() if k != sub}
-    return view
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def make_plan(cfg: Any) -> Plan:
@@ -66,7 +60,11 @@ def make_plan(cfg: Any) -> Plan:
     fps: dict[str, str] = {}
     for n in nodes:
         stage = get_stage(n.stage)
-        payload = {"stage": n.stage, "version": stage.VERSION, "view": fingerprinted_view(n),
+        unknown = set(n.needs) - set(stage.inputs) if ANY_ROLE not in stage.inputs else set()
+        if unknown:  # a wiring bug in recipes.py, not a user error
+            raise PipelineError(f"node {n.name} reads {sorted(unknown)}, which stage {n.stage} does not "
+                                f"declare (it reads: {', '.join(stage.inputs)})")
+        payload = {"stage": n.stage, "version": stage.version, "view": n.view.fingerprint_payload(),
                    "inputs": {role: fps[up] for role, up in sorted(n.needs.items())}}
         fps[n.name] = hashlib.sha256(canonical(payload).encode()).hexdigest()
     return Plan(cfg, nodes, fps, Path(cfg.run_dir))
@@ -93,50 +91,53 @@ def select(plan: Plan, targets: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- status
+#
+# `.state/<node>/<lineage>.json` is the last published state of each *lineage* of a node: the node
+# name plus the view's LINEAGE fields (e.g. train's loss) and the upstream node names. Methods run
+# into one run dir each keep their own lineage, so `status` explains a pending node against its
+# own previous run, never against another method's node of the same name.
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
+def _lineage(node: NodeSpec) -> dict:
+    return {"lineage": jsonable(node.view.lineage()), "input_nodes": dict(sorted(node.needs.items()))}
 
 
 def _state_path(plan: Plan, name: str) -> Path:
-    return plan.run_dir / ".state" / f"{name}.json"
+    key = hashlib.sha256(canonical(_lineage(plan.node(name))).encode()).hexdigest()[:16]
+    return plan.run_dir / ".state" / name / f"{key}.json"
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def why(plan: Plan, name: str) -> str:
-    """Why a node that is not up to date will run."""
+    """Why a node that is not up to date will run, against the last state of its lineage."""
     node = plan.node(name)
     state_file = _state_path(plan, name)
     partial = " (resumes from its partial output)" if plan.partial(name).exists() else ""
     if not state_file.exists():
-        return "never run" + partial
+        if not (plan.run_dir / ".state" / name).exists():
+            return "never run" + partial
+        what = (", ".join(f"{k} {v}" for k, v in node.view.lineage().items())
+                or "inputs " + ", ".join(f"{r} {u}" for r, u in sorted(node.needs.items())))
+        return f"never run with {what} (other {name} outputs here are other methods')" + partial
     prev = json.loads(state_file.read_text())
     reasons = []
-    version = get_stage(node.stage).VERSION
+    version = get_stage(node.stage).version
     if prev.get("version") != version:
         reasons.append(f"stage version {prev.get('version')} → {version}")
-    old, new = _flatten(prev["view"]), _flatten(fingerprinted_view(node))
+    old, new = flatten(prev["view"]), flatten(node.view.fingerprint_payload())
+    paths = node.view.config_paths()
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            head, _, rest = key.partition(".")
-            path = ".".join(p for p in (node.origin.get(head, head), rest) if p)
-            if head == "data" and rest == "sha256":
-                reasons.append(f"{node.origin.get('data', 'data')} file content changed")
+            where = paths.get(key) or key
+            if key.endswith("sha256"):
+                reasons.append(f"{where.removesuffix('.source')} file content changed")
             else:
-                reasons.append(f"{path} {old.get(key, '(unset)')} → {new.get(key, '(unset)')}")
-    prev_nodes = prev.get("input_nodes", {})
+                reasons.append(f"{where} {old.get(key, '(unset)')} → {new.get(key, '(unset)')}")
     for role, up in sorted(node.needs.items()):
-        before = prev_nodes.get(role, up)
-        if before != up:
-            reasons.append(f"input {role}: {before} → {up}")
-        elif prev.get("inputs", {}).get(role) != plan.fingerprints[up]:
+        if prev.get("inputs", {}).get(role) != plan.fingerprints[up]:
             reasons.append(f"upstream {up} changed")
-    for role in sorted(set(prev.get("inputs", {})) - set(node.needs)):
-        reasons.append(f"no longer reads {prev_nodes.get(role, role)}")
     return ("; ".join(reasons) or "output folder missing") + partial
 
 
@@ -153,7 +154,7 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
 
 # ---------------------------------------------------------------------------- execution
 
-def execute_node(stage_name: str, view: dict, inputs: dict[str, str], partial: str,
+def execute_node(stage_name: str, view: Any, inputs: dict[str, str], partial: str,
                  num_threads: int | None = None) -> dict:
     """Run one stage into its partial folder; returns the stage summary. Runs in a Ray task."""
     if num_threads:
@@ -162,16 +163,19 @@ def execute_node(stage_name: str, view: dict, inputs: dict[str, str], partial: s
         torch.set_num_threads(num_threads)
     out = Path(partial)
     out.mkdir(parents=True, exist_ok=True)
-    stage = get_stage(stage_name)
-    return stage.run(view, {k: Path(v) for k, v in inputs.items()}, out)
+    return get_stage(stage_name).run(view, {k: Path(v) for k, v in inputs.items()}, out)
 
 
 def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
-    node = plan.node(name)
+    node, stage = plan.node(name), get_stage(plan.node(name).stage)
     partial, final = plan.partial(name), plan.folder(name)
+    missing = [o for o in stage.outputs if not (partial / o).exists()]
+    if missing:
+        raise PipelineError(f"{name} finished without writing {', '.join(missing)} (a bug in stage "
+                            f"{node.stage}); partial output kept in {partial}")
     manifest = {
-        "node": name, "stage": node.stage, "version": get_stage(node.stage).VERSION,
-        "fingerprint": plan.fingerprints[name], "config": jsonable(node.view),
+        "node": name, "stage": node.stage, "version": stage.version,
+        "fingerprint": plan.fingerprints[name], "config": node.view.model_dump(mode="json"),
         "inputs": {role: {"node": up, "fingerprint": plan.fingerprints[up],
                           "path": str(plan.folder(up))} for role, up in node.needs.items()},
         "summary": summary,
@@ -184,9 +188,8 @@ def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
         shutil.rmtree(final)
     os.replace(partial, final)
     state = {"fingerprint": plan.fingerprints[name], "version": manifest["version"],
-             "view": fingerprinted_view(node),
-             "inputs": {role: plan.fingerprints[up] for role, up in node.needs.items()},
-             "input_nodes": dict(node.needs)}
+             "view": node.view.fingerprint_payload(), **_lineage(node),
+             "inputs": {role: plan.fingerprints[up] for role, up in node.needs.items()}}
     _state_path(plan, name).parent.mkdir(parents=True, exist_ok=True)
     tmp = _state_path(plan, name).with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
@@ -197,7 +200,7 @@ def _summary_line(plan: Plan, name: str, summary: dict, seconds: float) -> str:
     folder = plan.folder(name)
     parts = ", ".join(f"{k} {v}" for k, v in summary.items())
     line = f"{name}: done in {seconds:.1f}s — {parts} → {folder}"
-    report = getattr(get_stage(plan.node(name).stage), "report", None)
+    report = get_stage(plan.node(name).stage).report
     return f"{line}\n{report(folder)}" if report else line
 
 
@@ -267,7 +270,7 @@ def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
                 continue
             if failures:
                 break
-            kind = get_stage(node.stage).KIND
+            kind = get_stage(node.stage).kind
             cpus = {"train": res.train_cpus, "generate": res.generate_cpus}.get(kind, 0)
             gpus = res.gpus if kind in ("train", "generate") else 0
             ref = remote.options(num_cpus=cpus, num_gpus=gpus, name=name).remote(

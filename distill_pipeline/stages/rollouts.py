@@ -11,22 +11,34 @@ import json
 import os
 from pathlib import Path
 
-NAME = "rollouts"
-VERSION = 1
-KIND = "generate"
+from distill_pipeline.data import DataView, data_view
+from distill_pipeline.pipeline.config import Rollouts
+from distill_pipeline.stages import Stage, View
 
 
-def run(view: dict, inputs: dict, out: Path) -> dict:
+class RolloutsView(View):
+    rollouts: Rollouts
+    data: DataView
+
+    def origins(self) -> dict[str, str | None]:
+        return {"rollouts": "rollouts", "data": None}
+
+
+def view_for(cfg) -> RolloutsView:
+    return RolloutsView(rollouts=cfg.rollouts, data=data_view(cfg, "preferences"))
+
+
+def run(view: RolloutsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.data.tokenize import decode_response
     from distill_pipeline.generation import generate_hf, generate_vllm, pick_backend
     from distill_pipeline.models import load_checkpoint
 
-    cfg = view["rollouts"]
+    cfg = view.rollouts
     backend = pick_backend(cfg.backend)
     policy_dir = inputs["policy"] / "model"
     model, tok = load_checkpoint(policy_dir)
-    examples = pair_examples(view["data"], tok)
+    examples = pair_examples(view.data, tok)
     prompts = [e["prompt_ids"] for e in examples]
     if backend == "vllm":  # pragma: no cover - GPU only
         del model
@@ -51,6 +63,7 @@ def run(view: dict, inputs: dict, out: Path) -> dict:
             "stopped_fraction": round(stopped / max(1, len(responses)), 4)}
 
 
-def read_rollouts(folder: Path) -> list[dict]:
-    with open(folder / "rollouts.jsonl") as fh:
-        return [json.loads(line) for line in fh]
+
+STAGE = Stage(version=1, kind="generate", view=RolloutsView,
+              inputs={"policy": "the student that generates (SFT student; ADPA+: the DCKD student)"},
+              outputs=("rollouts.jsonl",), run=run)

@@ -5,38 +5,48 @@ and `sft.student`). Produces `model/` (save_pretrained: weights, tokenizer, chat
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-NAME = "sft"
-VERSION = 1
-KIND = "train"
+from distill_pipeline.data import DataView, data_view
+from distill_pipeline.pipeline.config import ModelSpec, TrainHP
+from distill_pipeline.stages import Stage, View
 
 
-def run(view: dict, inputs: dict, out: Path) -> dict:
+class SftView(View):
+    role: Literal["teacher", "student"]
+    model: ModelSpec
+    hp: TrainHP
+    data: DataView
+
+    def origins(self) -> dict[str, str | None]:
+        return {"role": None, "model": f"models.{self.role}", "hp": f"sft.{self.role}", "data": None}
+
+
+def view_for(cfg, role: str) -> SftView:
+    return SftView(role=role, model=getattr(cfg.models, role), hp=getattr(cfg.sft, role),
+                   data=data_view(cfg, "sft"))
+
+
+def run(view: SftView, inputs: dict, out: Path) -> dict:
+    from distill_pipeline.batches import Batches, Field, loss_fn_for, step_counts
     from distill_pipeline.data import sft_examples
-    from distill_pipeline.data.tokenize import collate
-    from distill_pipeline.losses import sft_loss
+    from distill_pipeline.losses import LOSSES
     from distill_pipeline.models import describe, load_model, load_tokenizer, save_model
-    from distill_pipeline.training import epoch_batches, finish, train_loop
+    from distill_pipeline.training import finish, train_loop
 
-    hp = view["hp"]
-    tok = load_tokenizer(view["model"])
-    model = load_model(view["model"], seed=hp.seed)
-    examples = sft_examples(view["data"], tok)
+    hp = view.hp
+    tok = load_tokenizer(view.model)
+    model = load_model(view.model, seed=hp.seed)
+    examples = sft_examples(view.data, tok)
     print(f"sft: {describe(model)}, {len(examples)} examples")
-
-    def batches(epoch: int):
-        for idx in epoch_batches(len(examples), hp.batch_size, hp.seed, epoch):
-            chunk = [examples[i] for i in idx]
-            yield collate([e["prompt_ids"] for e in chunk], [e["response_ids"] for e in chunk],
-                          tok.pad_token_id)
-
-    def loss_fn(model, batch):
-        ids, mask, labels = batch
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        return sft_loss(logits[:, :-1], labels[:, 1:])
-
-    summary = train_loop(model, hp=hp, examples=len(examples), batches=batches, loss_fn=loss_fn,
-                         work_dir=out, desc=f"sft {view['role']}")
+    stream = Batches(examples, [Field("response", "w")], batch_size=hp.batch_size,
+                     pad_id=tok.pad_token_id, seed=hp.seed)
+    summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
+                         loss_fn=loss_fn_for(LOSSES["sft"], {}), counts=step_counts,
+                         work_dir=out, desc=f"sft {view.role}")
     save_model(model, tok, out / "model")
     finish(out)
     return {**summary, "examples": len(examples)}
+
+
+STAGE = Stage(version=1, kind="train", view=SftView, inputs={}, outputs=("model", "metrics.jsonl"), run=run)

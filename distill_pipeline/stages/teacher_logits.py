@@ -4,54 +4,73 @@ Node `teacher_logits` (DCKD, TVKD, VanillaKD, DPKD, and ADPA+'s first phase): th
 the dataset's y_w and y_l. Node `teacher_logits.rollouts` (ADPA, ADPA+): the DPO teacher *and*
 the reference (SFT) teacher on the student's rollouts, same tokens. Only entries missing from the
 store are extracted (content addressed), sharded over `teacher_logits.num_workers` Ray workers.
-Produces `teachers.json` (store root, K, dtype, teacher identities by role); the train stage
-computes the same keys from its own tokens and streams the entries from the store.
+Produces `teachers.json` (store root, the `CacheFormat`, teacher identities by role); the train
+stage reads the format from it and computes the same keys from its own tokens.
 Run alone: `distill-pipeline run teacher_logits -c configs/quickstart.yaml`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Literal
 
-NAME = "teacher_logits"
-VERSION = 1
-KIND = "orchestrate"  # holds no CPU/GPU itself: its Ray workers do
-# Value- and layout-neutral: 1 vs 3 workers give a bit-identical store (tests/invariants).
-UNFINGERPRINTED = ("teacher_logits.num_workers", "teacher_logits.batch_tokens",
-                   "teacher_logits.threads_per_worker")
+from distill_pipeline.data import DataView, data_view
+from distill_pipeline.pipeline.config import TeacherLogits
+from distill_pipeline.stages import Stage, View
 
 
-def sequences(source: str, view: dict, inputs: dict, tok) -> list[tuple[list[int], list[int]]]:
+class TeacherLogitsView(View):
+    source: Literal["pairs", "rollouts"]
+    extraction: TeacherLogits
+    data: DataView | None = None  # pairs only: rollouts come from the rollouts node
+
+    # Value- and layout-neutral: 1 vs 3 workers and any batch size give a bit-identical store
+    # (tests/invariants); threads change only scheduling.
+    NEUTRAL = frozenset({"extraction.num_workers", "extraction.batch_tokens",
+                         "extraction.threads_per_worker"})
+
+    def origins(self) -> dict[str, str | None]:
+        return {"source": None, "extraction": "teacher_logits", "data": None}
+
+
+def view_for(cfg, source: str) -> TeacherLogitsView:
+    return TeacherLogitsView(source=source, extraction=cfg.teacher_logits,
+                             data=data_view(cfg, "preferences") if source == "pairs" else None)
+
+
+def sequences(view: TeacherLogitsView, inputs: dict, tok) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) of every response this extraction covers."""
     from distill_pipeline.data import pair_examples, rollout_examples
 
-    if source == "rollouts":
+    if view.source == "rollouts":
         return [(e["prompt_ids"], e["rollout_ids"]) for e in rollout_examples(inputs["rollouts"])]
-    ex = pair_examples(view["data"], tok)
+    ex = pair_examples(view.data, tok)
     return [(e["prompt_ids"], e[f]) for e in ex for f in ("chosen_ids", "rejected_ids")]
 
 
-def run(view: dict, inputs: dict, out: Path) -> dict:
+def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
-    from distill_pipeline.cache.store import Store, storage_code
+    from distill_pipeline.cache.reader import write_node_file
+    from distill_pipeline.cache.store import Store
     from distill_pipeline.models import load_tokenizer_dir, teacher_identity
 
-    cfg = view["teacher_logits"]
-    code = storage_code(cfg.dtype, cfg.logp_keep_bits)
-    roles = ["teacher", "reference"] if view["source"] == "rollouts" else ["teacher"]
+    cfg, fmt = view.extraction, view.extraction.format
+    roles = ["teacher", "reference"] if view.source == "rollouts" else ["teacher"]
     dirs = {role: inputs[role] / "model" for role in roles}
     identities = {role: teacher_identity(d) for role, d in dirs.items()}
     tok = load_tokenizer_dir(dirs["teacher"])
-    seqs = sequences(view["source"], view, inputs, tok)
+    seqs = sequences(view, inputs, tok)
     store = Store(cfg.store)
-    requests = [make_request(identities[role], p, r, cfg.top_k, code) for role in roles for p, r in seqs]
-    stats = extract(requests, store, {identities[r]: str(d) for r, d in dirs.items()},
-                    top_k=cfg.top_k, dtype=code, num_workers=cfg.num_workers,
-                    batch_tokens=cfg.batch_tokens, unit_tokens=cfg.unit_tokens,
-                    threads_per_worker=cfg.threads_per_worker,
+    requests = [make_request(identities[role], p, r, fmt) for role in roles for p, r in seqs]
+    stats = extract(requests, store, {identities[r]: str(d) for r, d in dirs.items()}, fmt,
+                    num_workers=cfg.num_workers, batch_tokens=cfg.batch_tokens,
+                    unit_tokens=cfg.unit_tokens, threads_per_worker=cfg.threads_per_worker,
                     gpus_per_worker=gpus_per_worker())
-    (out / "teachers.json").write_text(json.dumps({
-        "store": str(store.root), "top_k": cfg.top_k, "dtype": code, "source": view["source"],
-        "teachers": {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles},
-    }, indent=2))
+    write_node_file(out, store.root, fmt, view.source,
+                    {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles})
     return {**stats, "store": str(store.root)}
+
+
+STAGE = Stage(version=1, kind="orchestrate", view=TeacherLogitsView,
+              inputs={"teacher": "the DPO teacher", "reference": "the reference (SFT) teacher",
+                      "rollouts": "the student's rollouts (source: rollouts)"},
+              outputs=("teachers.json",), run=run)

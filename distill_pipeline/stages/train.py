@@ -1,146 +1,101 @@
 """Stage `train`: the student trained with the method's loss, streaming teacher tensors from the
 teacher-logit cache (nodes `train`, and `train.dckd` for ADPA+'s first phase).
 
-Inputs by role: `init` (the student to start from), `cache` (a teacher_logits node: store, K,
-teacher identities), `reference` (DPO/WPO: the SFT student), `rollouts` (ADPA: the states).
+What a node reads follows from its loss's signature (losses.py): the responses it batches, the
+cache extraction it reads, whether the SFT student is scored as a DPO-style reference. Inputs by
+role: `init` (the student to start from), `cache` (a teacher_logits node: store, format, teacher
+identities), `reference` (DPO/WPO: the SFT student), `rollouts` (ADPA: the states and y_w).
 Every cached row's token ids are checked against the student batch. Produces `model/`,
-`metrics.jsonl` (every loss component per step) and `validation.jsonl` (reward accuracy — and
-task accuracy on the built-in task — on the validation split at every checkpoint).
+`metrics.jsonl` (every loss component per step) and, with `data.validation`, `validation.jsonl`
+(reward accuracy — and task accuracy on the built-in task — at every checkpoint).
 Run alone: `distill-pipeline run train -c …`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Literal
 
-NAME = "train"
-VERSION = 1
-KIND = "train"
-
-
-def _examples(spec, view: dict, inputs: dict, tok) -> tuple[list[dict], list]:
-    """Tokenised examples and the batch fields (which responses, which teachers) of a loss."""
-    from distill_pipeline.cache.reader import Field
-    from distill_pipeline.data import pair_examples, rollout_examples
-
-    if spec.teacher == "rollouts":
-        return rollout_examples(inputs["rollouts"]), [Field("chosen", ()), Field("rollout", ("teacher", "reference"))]
-    examples = pair_examples(view["data"], tok)
-    teacher = ("teacher",) if spec.teacher == "pairs" else ()
-    if spec.data == "sft":
-        return examples, [Field("chosen", teacher)]
-    return examples, [Field("chosen", teacher), Field("rejected", teacher)]
+from distill_pipeline.data import DataView, data_view
+from distill_pipeline.pipeline.config import TrainHP, loss_options
+from distill_pipeline.stages import Stage, View
 
 
-def _attach_keys(examples: list[dict], fields: list, cache_dir: Path) -> tuple:
-    """Content keys for every (example, field, teacher role), from the student's own tokens."""
-    from distill_pipeline.cache.reader import CacheReader
-    from distill_pipeline.cache.store import entry_key
+class TrainView(View):
+    loss: str
+    options_key: Literal["loss", "dckd_loss"] = "loss"  # adpa+'s DCKD phase reads train.dckd_loss
+    options: dict[str, Any]
+    hp: TrainHP
+    data: DataView | None = None        # pairs-based losses (ADPA reads its rollouts node)
+    validation: DataView | None = None
+    max_new_tokens: int | None = None   # greedy length of the validation task accuracy
 
-    meta = json.loads((cache_dir / "teachers.json").read_text())
-    ids = {role: t["identity"] for role, t in meta["teachers"].items()}
-    for e in examples:
-        e["keys"] = {}
-        for f in fields:
-            for role in f.teachers:
-                seq = list(e["prompt_ids"]) + list(e[f"{f.name}_ids"])
-                e["keys"][(f.name, role)] = entry_key(ids[role], seq, len(e["prompt_ids"]),
-                                                      meta["top_k"], meta["dtype"])
-    return CacheReader(meta["store"]), meta["top_k"]
+    LINEAGE = ("loss",)
 
-
-def _loss_fn(name: str, spec, options: dict):
-    """Adapter from a streamed batch to the pure loss function of `name`."""
-    import torch
-
-    def fwd(model, entry):
-        ids, mask, labels = entry["student"]
-        return model(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:]
-
-    def loss_fn(model, batch):
-        if name == "adpa":
-            lw, yw = fwd(model, batch["chosen"])
-            lr, yr = fwd(model, batch["rollout"])
-            t, r = batch["rollout"]["teacher"], batch["rollout"]["reference"]
-            return spec.fn(lw, yw, lr, yr, t["ids"], t["logp"], r["ids"], r["logp"], **options)
-        lw, yw = fwd(model, batch["chosen"])
-        if name == "sft":
-            return spec.fn(lw, yw, **options)
-        if name == "vanilla_kd":
-            t = batch["chosen"]["teacher"]
-            return spec.fn(lw, yw, t["ids"], t["logp"], **options)
-        ll, yl = fwd(model, batch["rejected"])
-        if spec.reference:
-            return spec.fn(lw, yw, ll, yl, batch["ref_w"], batch["ref_l"], **options)
-        if not spec.teacher:
-            return spec.fn(lw, yw, ll, yl, **options)
-        tw, tl = batch["chosen"]["teacher"], batch["rejected"]["teacher"]
-        if name == "dpkd":
-            return spec.fn(lw, yw, tw["label_logp"], ll, yl, tl["label_logp"], **options)
-        return spec.fn(lw, yw, tw["ids"], tw["logp"], ll, yl, tl["ids"], tl["logp"], **options)
-
-    def with_refs(model, batch):
-        if spec.reference:
-            dev = next(model.parameters()).device
-            batch["ref_w"] = torch.tensor(batch["_ref_w"], dtype=torch.float32, device=dev)
-            batch["ref_l"] = torch.tensor(batch["_ref_l"], dtype=torch.float32, device=dev)
-        return loss_fn(model, batch)
-    return with_refs
+    def origins(self) -> dict[str, str | None]:
+        return {"loss": "method", "options_key": None, "options": f"train.{self.options_key}",
+                "hp": "train", "data": None, "validation": None,
+                "max_new_tokens": "evaluate.max_new_tokens"}
 
 
-def run(view: dict, inputs: dict, out: Path) -> dict:
-    from distill_pipeline.cache.reader import TeacherBatches
-    from distill_pipeline.data import pair_examples
+def view_for(cfg, loss: str, options_key: str = "loss") -> TrainView:
     from distill_pipeline.losses import LOSSES
-    from distill_pipeline.metrics import evaluate_model
+
+    spec = LOSSES[loss]
+    validation = data_view(cfg, "validation") if cfg.data.validation is not None else None
+    return TrainView(loss=loss, options_key=options_key, options=loss_options(cfg, f"train.{options_key}"),
+                     hp=TrainHP(**cfg.train.model_dump(include=set(TrainHP.model_fields))),
+                     data=data_view(cfg, "preferences") if "r" not in spec.responses else None,
+                     validation=validation,
+                     max_new_tokens=cfg.evaluate.max_new_tokens if validation else None)
+
+
+def run(view: TrainView, inputs: dict, out: Path) -> dict:
+    from distill_pipeline.batches import Batches, TeacherSource, fields_for, loss_fn_for, step_counts
+    from distill_pipeline.cache.reader import open_node
+    from distill_pipeline.data import pair_examples, rollout_examples
+    from distill_pipeline.losses import LOSSES, POLICY_REF
+    from distill_pipeline.metrics import attach_policy_ref, evaluate_model
     from distill_pipeline.models import load_checkpoint, save_model
-    from distill_pipeline.pipeline.config import TrainHP
     from distill_pipeline.training import finish, train_loop
 
-    name, options = view["loss"], view["options"]
-    spec = LOSSES[name]
-    hp = TrainHP(**view["hp"])
+    spec, hp = LOSSES[view.loss], view.hp
     model, tok = load_checkpoint(inputs["init"] / "model")
-    examples, fields = _examples(spec, view, inputs, tok)
-    reader, top_k = (_attach_keys(examples, fields, inputs["cache"]) if "cache" in inputs
-                     else (None, view["top_k"]))
-    if spec.reference:
-        from distill_pipeline.metrics import reference_logps
+    examples = (rollout_examples(inputs["rollouts"]) if "r" in spec.responses
+                else pair_examples(view.data, tok))
+    cache = TeacherSource(*open_node(inputs["cache"])) if spec.cache else None
+    extras = ()
+    if spec.policy_ref:
+        attach_policy_ref(examples, inputs["reference"] / "model", tok.pad_token_id)
+        extras = (f"{POLICY_REF}_w", f"{POLICY_REF}_l")
+    stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
+                     seed=hp.seed, cache=cache, extras=extras)
+    validation = pair_examples(view.validation, tok) if view.validation else []
 
-        ref_model, _ = load_checkpoint(inputs["reference"] / "model")
-        for e, w, l in zip(examples, *reference_logps(ref_model, examples, tok.pad_token_id)):
-            e["ref_w"], e["ref_l"] = w, l
-        del ref_model
-    stream = TeacherBatches(reader, examples, fields, batch_size=hp.batch_size, pad_id=tok.pad_token_id,
-                            top_k=top_k, seed=hp.seed)
-
-    def batches(epoch: int):
-        for b in stream.epoch(epoch):
-            if spec.reference:
-                b["_ref_w"] = [examples[i]["ref_w"] for i in b["index"]]
-                b["_ref_l"] = [examples[i]["ref_l"] for i in b["index"]]
-            yield b
-
-    validation = pair_examples(view["validation"], tok, kind="validation") if view.get("validation") else []
-
-    def validate(step: int) -> dict:
+    def validate(step: int) -> None:
         if not validation:
-            return {}
+            return
         model.eval()
-        r = evaluate_model(model, tok, validation, batch_size=64, max_new_tokens=view["max_new_tokens"])
+        r = evaluate_model(model, tok, validation, batch_size=64, max_new_tokens=view.max_new_tokens)
         model.train()
         row = {"step": step, **{f"val_{k}": v for k, v in r.items() if k != "n"}}
         with open(out / "validation.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        return row
 
-    summary = train_loop(model, hp=hp, examples=len(examples), batches=batches,
-                         loss_fn=_loss_fn(name, spec, options), work_dir=out,
-                         desc=f"train {name}", on_checkpoint=validate)
+    summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
+                         loss_fn=loss_fn_for(spec, view.options), counts=step_counts, work_dir=out,
+                         desc=f"train {view.loss}", on_checkpoint=validate)
     save_model(model, tok, out / "model")
     finish(out)
     final = {}  # the last checkpoint (always the final step) validated the final weights
     if validation:
         final = json.loads((out / "validation.jsonl").read_text().splitlines()[-1])
-    return {**summary, "loss": name, "examples": len(examples),
+    return {**summary, "loss": view.loss, "examples": len(examples),
             **{k: round(v, 4) for k, v in final.items() if k != "step"}}
+
+
+STAGE = Stage(version=1, kind="train", view=TrainView,
+              inputs={"init": "the student to start from", "cache": "a teacher_logits node",
+                      "reference": "the SFT student (DPO-style reference)",
+                      "rollouts": "the student's rollouts (ADPA)"},
+              outputs=("model", "metrics.jsonl"), run=run)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from distill_pipeline.cache.format import CacheFormat  # noqa: E402
+
 TOP_K, DTYPE = 8, "float16"
+FMT = CacheFormat(TOP_K, DTYPE)
 
 
 def make_teacher(folder: Path, seed: int = 0) -> Path:
@@ -35,21 +38,21 @@ def sequences(n: int, offset: int = 0) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def requests(teacher_dir: Path, seqs, dtype: str = DTYPE):
+def requests(teacher_dir: Path, seqs, fmt: CacheFormat = FMT):
     from distill_pipeline.cache.extract import make_request
     from distill_pipeline.models import teacher_identity
 
     ident = teacher_identity(teacher_dir)
-    return [make_request(ident, p, r, TOP_K, dtype) for p, r in seqs], {ident: str(teacher_dir)}
+    return [make_request(ident, p, r, fmt) for p, r in seqs], {ident: str(teacher_dir)}
 
 
 def run_extraction(teacher_dir: Path, store_root: Path, n: int, unit_tokens: int, workers: int = 1,
-                   offset: int = 0, dtype: str = DTYPE) -> dict:
+                   offset: int = 0, fmt: CacheFormat = FMT) -> dict:
     from distill_pipeline.cache.extract import extract
     from distill_pipeline.cache.store import Store
 
-    reqs, dirs = requests(teacher_dir, sequences(n, offset), dtype)
-    return extract(reqs, Store(store_root), dirs, top_k=TOP_K, dtype=dtype, num_workers=workers,
+    reqs, dirs = requests(teacher_dir, sequences(n, offset), fmt)
+    return extract(reqs, Store(store_root), dirs, fmt, num_workers=workers,
                    batch_tokens=256, unit_tokens=unit_tokens)
 
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from distill_pipeline.cache.admin import info, verify
-from distill_pipeline.cache.reader import CacheReader, Field, TeacherBatches, TokenMismatch
+from distill_pipeline.batches import Batches, Field, TeacherSource
+from distill_pipeline.cache.format import CacheFormat
+from distill_pipeline.cache.reader import CacheReader, TokenMismatch
 from distill_pipeline.cache.store import Store
 from tests.conftest import ROOT
-from tests.invariants.helpers import (DTYPE, TOP_K, make_teacher, requests, run_extraction,
+from tests.invariants.helpers import (DTYPE, FMT, TOP_K, make_teacher, requests, run_extraction,
                                       sequences, tree_bytes)
 
 
@@ -37,6 +39,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_one_vs_three_workers_bit_identical(teacher, tmp_path, ray_local):
     one = run_extraction(teacher, tmp_path / "one", 60, unit_tokens=64, workers=1)
     three = run_extraction(teacher, tmp_path / "three", 60, unit_tokens=64, workers=3)
@@ -45,6 +48,7 @@ def test_one_vs_three_workers_bit_identical(teacher, tmp_path, ray_local):
     assert a.keys() == b.keys() and a == b
 
 
+@pytest.mark.slow
 def test_in_process_equals_ray_workers(teacher, tmp_path, ray_local):
     import ray
     run_extraction(teacher, tmp_path / "ray", 30, unit_tokens=64, workers=2)
@@ -56,6 +60,7 @@ def test_in_process_equals_ray_workers(teacher, tmp_path, ray_local):
     assert tree_bytes(tmp_path / "ray") == tree_bytes(tmp_path / "inline")
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bit_identical(teacher, tmp_path):
     n, unit = 80, 48
     clean = run_extraction(teacher, tmp_path / "clean", n, unit_tokens=unit)
@@ -92,8 +97,8 @@ def test_values_match_live_teacher(teacher, tmp_path):
     from distill_pipeline.models import load_checkpoint
 
     seqs = sequences(6)
-    reqs, dirs = requests(teacher, seqs, dtype="float32")
-    extract(reqs, Store(tmp_path / "s"), dirs, top_k=TOP_K, dtype="float32", batch_tokens=64)
+    reqs, dirs = requests(teacher, seqs, CacheFormat(TOP_K, "float32"))
+    extract(reqs, Store(tmp_path / "s"), dirs, CacheFormat(TOP_K, "float32"), batch_tokens=64)
     model, tok = load_checkpoint(teacher)
     reader = CacheReader(tmp_path / "s")
     for req, (p, r) in zip(reqs, seqs):
@@ -110,14 +115,6 @@ def test_values_match_live_teacher(teacher, tmp_path):
         np.testing.assert_allclose(e["lse"], torch.logsumexp(full[pos], -1).numpy(), atol=1e-4)
 
 
-def test_extract_refuses_keys_of_another_dtype(teacher, tmp_path):
-    from distill_pipeline.cache.extract import extract
-
-    reqs, dirs = requests(teacher, sequences(2), dtype="float16")
-    with pytest.raises(ValueError, match="keyed for a different top_k/dtype"):
-        extract(reqs, Store(tmp_path / "s"), dirs, top_k=TOP_K, dtype="float32")
-
-
 def test_cached_loss_equals_live_teacher_loss(teacher, tmp_path):
     """DCKD with teacher tensors streamed from a float32 cache ≡ computed from the live teacher."""
     from distill_pipeline.cache.extract import extract
@@ -125,21 +122,19 @@ def test_cached_loss_equals_live_teacher_loss(teacher, tmp_path):
     from distill_pipeline.models import load_checkpoint
 
     seqs = sequences(8)
-    reqs, dirs = requests(teacher, seqs, dtype="float32")
-    extract(reqs, Store(tmp_path / "s"), dirs, top_k=TOP_K, dtype="float32", batch_tokens=64)
+    fmt = CacheFormat(TOP_K, "float32")
+    reqs, dirs = requests(teacher, seqs, fmt)
+    extract(reqs, Store(tmp_path / "s"), dirs, fmt, batch_tokens=64)
     model, tok = load_checkpoint(teacher)
-    key = {(tuple(r.prompt_ids), tuple(r.response_ids)): r.key for r in reqs}
     # sequences() has one response per prompt, so each "pair" uses it on both sides
-    examples = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r,
-                 "keys": {("chosen", "teacher"): key[(tuple(p), tuple(r))],
-                          ("rejected", "teacher"): key[(tuple(p), tuple(r))]}} for p, r in seqs]
-    stream = TeacherBatches(CacheReader(tmp_path / "s"), examples,
-                            [Field("chosen", ("teacher",)), Field("rejected", ("teacher",))],
-                            batch_size=4, pad_id=tok.pad_token_id, top_k=TOP_K)
+    examples = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": r} for p, r in seqs]
+    source = TeacherSource(CacheReader(tmp_path / "s"), fmt, {"teacher": reqs[0].teacher})
+    stream = Batches(examples, [Field("chosen", "w", ("teacher",)), Field("rejected", "l", ("teacher",))],
+                     batch_size=4, pad_id=tok.pad_token_id, cache=source)
     batch = next(iter(stream.epoch(0)))
     torch.manual_seed(0)
     args_cached, args_live = [], []
-    for f in ("chosen", "rejected"):
+    for f in ("w", "l"):
         ids, mask, labels = batch[f]["student"]
         with torch.no_grad():
             teacher_logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -161,9 +156,11 @@ def test_token_mismatch_detected(teacher, tmp_path):
     p, r = sequences(4)[0]
     with pytest.raises(TokenMismatch, match="differ from the student sequence at position"):
         reader.get(reqs[0].key, expect_tokens=p + r[:-1] + [r[-1] + 1])
-    # an example paired with another sequence's entry is refused while batching
-    examples = [{"prompt_ids": p, "chosen_ids": r, "keys": {("chosen", "teacher"): reqs[1].key}}]
-    stream = TeacherBatches(reader, examples, [Field("chosen", ("teacher",))], batch_size=1, pad_id=0, top_k=TOP_K)
+    # a batch whose teacher entry holds other tokens is refused while batching (here: the
+    # index's token ids of the entry are made to disagree with the student's)
+    reader.token_ids = lambda key: list(p) + list(r[:-1]) + [r[-1] + 1]
+    stream = Batches([{"prompt_ids": p, "chosen_ids": r}], [Field("chosen", "w", ("teacher",))], batch_size=1,
+                     pad_id=0, cache=TeacherSource(reader, FMT, {"teacher": reqs[0].teacher}))
     with pytest.raises(TokenMismatch):
         next(iter(stream.epoch(0)))
 
@@ -193,7 +190,7 @@ def test_plain_zarr_and_pyarrow_read_the_store(teacher, tmp_path):
     seg = next((tmp_path / "s" / "segments").iterdir())
     index = pq.read_table(seg / "index.parquet").to_pylist()
     group = zarr.open_group(str(seg), mode="r")
-    assert group.attrs["logp_dtype"] == DTYPE and group.attrs["top_k"] == TOP_K
+    assert group.attrs["format"] == {"top_k": TOP_K, "dtype": DTYPE, "logp_keep_bits": None}
     row = index[3]
     s = slice(row["offset"], row["offset"] + row["n_tokens"])
     logp = group["logp"][s].view(np.float16)  # stored as float16 bit patterns
@@ -222,7 +219,7 @@ def test_reader_memory_is_bounded(teacher, tmp_path):
 
 def test_lossy_mode_is_smaller_and_reports_its_kl(teacher, tmp_path):
     run_extraction(teacher, tmp_path / "exact", 40, unit_tokens=10_000)
-    run_extraction(teacher, tmp_path / "lossy", 40, unit_tokens=10_000, dtype="float16-keep3")
+    run_extraction(teacher, tmp_path / "lossy", 40, unit_tokens=10_000, fmt=CacheFormat(TOP_K, DTYPE, 3))
     exact, lossy = info(Store(tmp_path / "exact")), info(Store(tmp_path / "lossy"))
     assert lossy["dtype"] == ["float16-keep3"] and lossy["tokens"] == exact["tokens"]
     assert lossy["reconstruction_kl"] > exact["reconstruction_kl"] >= 0

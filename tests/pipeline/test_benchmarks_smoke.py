@@ -1,6 +1,8 @@
 """CI's short versions of the benchmark scripts, and the README kept true to the code."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ from distill_pipeline.losses import methods_table
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_replication_smoke(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/replicate.py", "--smoke", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -2,6 +2,8 @@
 nothing), a `--set` change reruns only that node and its dependents, errors are one clean line."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import subprocess
@@ -23,6 +25,7 @@ def executed(out: str) -> list[str]:
     return re.findall(r"^(\S+): done in", out, flags=re.M)
 
 
+@pytest.mark.slow
 def test_run_twice_then_set_change(tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="adpa"))
     first = cli("run", "all", "-c", str(config))
@@ -41,6 +44,13 @@ def test_run_twice_then_set_change(tmp_path):
     assert re.search(r"teacher_dpo\s+will run: teacher_dpo.beta 0.1 → 0.3", status.stdout), status.stdout
     assert re.search(r"evaluate\s+will run: upstream teacher_dpo changed", status.stdout)
     assert re.search(r"sft.teacher\s+up to date", status.stdout)
+
+    # a cache-format change reruns only what reads the cache
+    status = cli("status", "-c", str(config), "--set", "teacher_logits.top_k=4")
+    for node in ("sft.teacher", "sft.student", "teacher_dpo", "rollouts"):
+        assert re.search(rf"^{re.escape(node)}\s+up to date", status.stdout, flags=re.M), status.stdout
+    assert re.search(r"teacher_logits.rollouts\s+will run: teacher_logits.top_k 8 → 4", status.stdout), status.stdout
+    assert re.search(r"^train\s+will run: upstream teacher_logits.rollouts changed", status.stdout, flags=re.M)
 
     third = cli("run", "all", "-c", str(config), "--set", "teacher_dpo.beta=0.3")
     assert third.returncode == 0, third.stderr[-3000:]

@@ -62,7 +62,8 @@ def test_teacher_logits_outputs(done_plan):
     folder = done_plan.folder("teacher_logits.rollouts")
     assert files(folder) == {"manifest.json", "teachers.json"}
     meta = json.loads((folder / "teachers.json").read_text())
-    assert set(meta["teachers"]) == {"teacher", "reference"} and meta["top_k"] == 8
+    assert set(meta["teachers"]) == {"teacher", "reference"}
+    assert meta["format"] == {"top_k": 8, "dtype": "float16", "logp_keep_bits": None}
     summary = json.loads((folder / "manifest.json").read_text())["summary"]
     assert summary["entries"] == 48 and summary["cached"] + summary["extracted"] == 48
 

@@ -21,10 +21,10 @@ def _setup(seed=0):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch)).tolist()
         return (data[i] for i in order)
 
-    def loss_fn(m, batch):
+    def loss_fn(m, batch, norm):
         x, y = batch
-        loss = ((m(x) - y) ** 2).mean()
-        return loss, {"mse": loss.item()}
+        loss = ((m(x) - y) ** 2).mean() / norm["micro_batches"]
+        return loss, {"mse": loss}
     return model, batches, loss_fn
 
 

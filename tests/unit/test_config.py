@@ -49,7 +49,9 @@ def test_config_is_frozen(tiny_config):
     (["data.sft.source=missing.jsonl"], ["data.sft", "file not found: missing.jsonl"]),
     (["data.sft.source=data.csv"], ["data.sft", ".jsonl / .parquet"]),
     (["train.loss.gamma=2"], ["train.loss.gamma", "method dckd", "accepted: alpha"]),
-    (["train.loss.alpha=yes"], ["train.loss.alpha", "expected float"]),
+    (["train.loss.alpha=yes"], ["train.loss.alpha", "expected a number"]),
+        (["train.loss.alpha=-1"], ["train.loss.alpha", "greater than or equal to 0"]),
+        (["train.loss.alpha=.nan"], ["train.loss.alpha", "(got nan)"]),
     (["nosuchsection.x=1"], ["nosuchsection", "accepted here: run_dir, method"]),
     (["teacher_dpo.beta"], ["expected key.path=value"]),
 ])

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.data import pair_examples, sft_examples
+from distill_pipeline.data import DataView, pair_examples, sft_examples
 from distill_pipeline.data.readers import DataError, detect_layout, read_dataset
 from distill_pipeline.data.toy import drop_zeros, has_silent_zero, make_task, number_to_words
 from distill_pipeline.models import load_tokenizer
@@ -84,12 +84,13 @@ def test_bad_rows_are_skipped_and_reported(tmp_path):
 def test_over_length_rows_are_reported_and_threshold_refuses(tmp_path, capsys):
     tok = load_tokenizer(ModelSpec(preset="tiny-student"))
     rows = [{"prompt": "digits: one", "completion": "1"}] * 9 + [{"prompt": "digits: " + "one " * 80, "completion": "1"}]
-    view = {"spec": DataSpec(source=write(tmp_path, rows, "jsonl")), "max_length": 32, "max_bad_fraction": 0.2}
+    view = DataView(which="sft", spec=DataSpec(source=write(tmp_path, rows, "jsonl")), max_length=32,
+                    max_bad_fraction=0.2)
     out = sft_examples(view, tok)
     assert len(out) == 9
     assert "longer than data.max_length=32 tokens (rows 10)" in capsys.readouterr().out
     with pytest.raises(DataError, match="max_bad_fraction"):
-        sft_examples({**view, "max_bad_fraction": 0.05}, tok)
+        sft_examples(view.model_copy(update={"max_bad_fraction": 0.05}), tok)
 
 
 def test_unknown_layout_is_a_clear_error(tmp_path):
@@ -140,13 +141,13 @@ def _answer(prompt: str) -> int:
 
 def test_pair_examples_tokenise_builtin(tmp_path):
     tok = load_tokenizer(ModelSpec(preset="tiny-teacher"))
-    view = {"spec": DataSpec(source="builtin:numbers"), "numbers": NumbersTask(n_sft=20, n_pairs=10, n_eval=5),
-            "max_length": 48, "max_bad_fraction": 0.0}
+    view = DataView(which="preferences", spec=DataSpec(source="builtin:numbers"),
+                    numbers=NumbersTask(n_sft=20, n_pairs=10, n_eval=5), max_length=48, max_bad_fraction=0.0)
     ex = pair_examples(view, tok)
     assert len(ex) == 10
     assert all(e["chosen_ids"][-1] == tok.eos_token_id for e in ex)
     assert tok.decode(ex[0]["chosen_ids"][:-1]) == ex[0]["chosen"]
-    ev = pair_examples(view, tok, kind="eval")
+    ev = pair_examples(view.model_copy(update={"which": "eval"}), tok)
     assert len(ev) == 5 and all("answer" in e for e in ev)
 
 

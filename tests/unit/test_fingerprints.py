@@ -1,13 +1,20 @@
-"""Fingerprints change exactly when a node's own config, its stage version or an upstream changes."""
+"""Fingerprints change exactly when what a node reads changes: its own view (every config field,
+for every method), its stage version, or an upstream node; `status` explains against the node's
+own lineage."""
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 
+from distill_pipeline.losses import LOSSES, METHODS, method_loss
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
-from distill_pipeline.stages import get_stage
+from distill_pipeline.pipeline.config import Config, config_from_dict, load_config
+from distill_pipeline.stages import flatten, get_stage
+from tests.conftest import tiny_tree, write_config
 
 
 def fps(config, *sets):
@@ -15,35 +22,155 @@ def fps(config, *sets):
 
 
 def changed(a, b):
-    return {k for k in a if a[k] != b[k]}
+    return {k for k in a if a[k] != b.get(k)}
 
 
 def test_stable_across_loads(tiny_config):
     assert fps(tiny_config) == fps(tiny_config)
 
 
+# ------------------------------------------------------------------ ownership, exhaustively
+
+def _annotation(path: str) -> Any:
+    """The type annotation of a config leaf (through nested models and Optionals)."""
+    model: Any = Config
+    ann: Any = None
+    for part in path.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        inner = [a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = inner[0] if inner else None
+    return ann
+
+
+# Leaves that cannot be changed on their own, and why.
+NOT_PERTURBED = {
+    "method": "changes the graph itself (tests/pipeline/test_methods.py)",
+    "models.teacher.name_or_path": "exclusive with preset, which is perturbed",
+    "models.student.name_or_path": "exclusive with preset, which is perturbed",
+}
+
+
+def perturb(path: str, value: Any, method: str, tmp) -> Any:
+    """A different, valid value for one config leaf (None: no meaningful change exists)."""
+    special = {
+        "models.teacher.preset": "tiny-student", "models.student.preset": "tiny-teacher",
+        "teacher_logits.logp_keep_bits": 4, "ray.address": "127.0.0.1:1",
+        "run_dir": str(tmp / "other-run"), "teacher_logits.store": str(tmp / "other-store"),
+    }
+    if path in special:
+        return special[path]
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf == "source":
+        data = tmp / "rows.jsonl"
+        data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "completion": "c"}\n')
+        return str(data)
+    if leaf == "limit":
+        return 5
+    if path == "train.loss":
+        options = LOSSES[method_loss(method)].options
+        key = next((k for k, v in options.items() if isinstance(v, float)), None)
+        return {key: options[key] + 0.25} if key else None
+    if path == "train.dckd_loss":
+        return {"alpha": 0.35} if method == "adpa+" else None
+    ann = _annotation(path)
+    choices = [a for a in get_args(ann) if get_origin(ann) is Literal] if ann is not None else []
+    if choices:
+        return next(c for c in choices if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value >= 0.5 else value + 0.05
+    if path.endswith("split"):
+        return "test"
+    raise AssertionError(f"no perturbation for config leaf {path} = {value!r}: add one to this test")
+
+
+def reads(node) -> set[str]:
+    """Config paths a node's fingerprint covers: its view's leaves, minus NEUTRAL fields."""
+    neutral = node.view.NEUTRAL
+    return {cp for vp, cp in node.view.config_paths().items()
+            if cp and not any(vp == n or vp.startswith(n + ".") for n in neutral)}
+
+
+def covers(paths: set[str], leaf: str) -> bool:
+    return any(p == leaf or p.startswith(leaf + ".") or leaf.startswith(p + ".") for p in paths)
+
+
+def _set(tree: dict, path: str, value: Any) -> dict:
+    tree = json.loads(json.dumps(tree))
+    node = tree
+    *parents, last = path.split(".")
+    for p in parents:
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
+    node[last] = value
+    return tree
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_config_field_changes_exactly_the_nodes_that_read_it(tmp_path, method):
+    """Every leaf of the config tree, perturbed alone: the nodes whose own fingerprint payload
+    changes are exactly the nodes that read it (their view holds it and it is not NEUTRAL), and
+    the fingerprints that change are those nodes and everything downstream of them."""
+    tree = tiny_tree(tmp_path / "run", method=method)
+    base_cfg = config_from_dict(tree)
+    base = runner.make_plan(base_cfg)
+    leaves = flatten(base_cfg.model_dump(mode="json"))
+    tested = 0
+    for path, value in leaves.items():
+        if path in NOT_PERTURBED:
+            continue
+        new_value = perturb(path, value, method, tmp_path)
+        if new_value is None:
+            continue
+        plan = runner.make_plan(config_from_dict(_set(tree, path, new_value)))
+        assert [n.name for n in plan.nodes] == [n.name for n in base.nodes], path
+        payload_changed = {n.name for n in plan.nodes
+                           if n.view.fingerprint_payload() != base.node(n.name).view.fingerprint_payload()}
+        expected = {n.name for n in plan.nodes if covers(reads(n) | reads(base.node(n.name)), path)}
+        assert payload_changed == expected, f"{method}: {path} {value!r} → {new_value!r}"
+        downstream = set(payload_changed)
+        for n in plan.nodes:
+            if set(n.needs.values()) & downstream:
+                downstream.add(n.name)
+        assert changed(base.fingerprints, plan.fingerprints) == downstream, f"{method}: {path}"
+        tested += 1
+    assert tested > 60
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if LOSSES[method_loss(m)].cache is None])
+def test_teacher_logits_fields_rerun_nothing_for_methods_without_a_cache(tiny_config, method):
+    base = fps(tiny_config, f"method={method}")
+    for override in ("teacher_logits.top_k=20", "teacher_logits.dtype=float32",
+                     "teacher_logits.logp_keep_bits=4", "teacher_logits.unit_tokens=99"):
+        assert changed(base, fps(tiny_config, f"method={method}", override)) == set(), override
+
+
 @pytest.mark.parametrize("override, expected", [
     ("teacher_dpo.beta=0.3", {"teacher_dpo", "evaluate", "teacher_logits", "train"}),
-    ("sft.student.lr=0.01", {"sft.student", "evaluate", "train", "rollouts"}),
-    ("rollouts.max_new_tokens=9", {"rollouts"}),
+    ("sft.student.lr=0.01", {"sft.student", "evaluate", "train"}),
+    ("teacher_logits.top_k=20", {"teacher_logits", "train", "evaluate"}),
+    ("teacher_logits.num_workers=3", set()),
+    ("train.loss.alpha=0.3", {"train", "evaluate"}),
     ("evaluate.max_new_tokens=9", {"evaluate", "train"}),  # train validates with it
     ("models.teacher.dtype=bfloat16", {"sft.teacher", "teacher_dpo", "evaluate", "teacher_logits", "train"}),
-    ("data.numbers.seed=5", None),  # every node reads the built-in task
     ("ray.num_cpus=1", set()),
     ("resources.train_cpus=2", set()),
 ])
-def test_exactly_the_right_nodes_change(tiny_config, override, expected):
-    base, new = fps(tiny_config), fps(tiny_config, override)
-    if expected is None:
-        assert changed(base, new) == set(base)
-    else:
-        assert changed(base, new) == expected & set(base)
+def test_exactly_the_right_nodes_change_for_dckd(tiny_config, override, expected):
+    assert changed(fps(tiny_config), fps(tiny_config, override)) == expected
 
 
 def test_stage_version_bump_changes_node_and_dependents(tiny_config, monkeypatch):
+    import distill_pipeline.stages.teacher_dpo as module
     base = fps(tiny_config)
-    monkeypatch.setattr(get_stage("teacher_dpo"), "VERSION", 99)
-    assert changed(base, fps(tiny_config)) == {"teacher_dpo", "evaluate"} | ({"teacher_logits", "train"} & set(base))
+    monkeypatch.setattr(module, "STAGE", dataclasses.replace(get_stage("teacher_dpo"), version=99))
+    assert changed(base, fps(tiny_config)) == {"teacher_dpo", "evaluate", "teacher_logits", "train"}
 
 
 def test_dataset_file_content_is_fingerprinted(tmp_path, tiny_config):
@@ -55,23 +182,48 @@ def test_dataset_file_content_is_fingerprinted(tmp_path, tiny_config):
     tiny_config.write_text(yaml.safe_dump(tree))
     base = fps(tiny_config)
     data.write_text('{"prompt": "digits: two", "completion": "2"}\n')
-    assert {"sft.teacher", "sft.student"} <= changed(base, fps(tiny_config))
+    assert changed(base, fps(tiny_config)) == {"sft.teacher", "sft.student", "teacher_dpo", "teacher_logits",
+                                               "train", "evaluate"}
 
 
-def test_status_explains_why(tiny_config, tmp_path):
+# ------------------------------------------------------------------ status
+
+def _publish_state(plan, name):
+    """Record `name` as published with its current view (what runner._publish writes)."""
+    path = runner._state_path(plan, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    node = plan.node(name)
+    path.write_text(json.dumps({
+        "fingerprint": plan.fingerprints[name], "version": get_stage(node.stage).version,
+        "view": node.view.fingerprint_payload(), **runner._lineage(node),
+        "inputs": {r: plan.fingerprints[u] for r, u in node.needs.items()}}))
+
+
+def test_status_explains_why(tiny_config):
     plan = runner.make_plan(load_config(tiny_config))
     assert runner.why(plan, "teacher_dpo") == "never run"
-    # pretend teacher_dpo was published with beta 0.1, then ask with beta 0.3
-    state = tmp_path / "run" / ".state"
-    state.mkdir(parents=True)
-    (state / "teacher_dpo.json").write_text(json.dumps({
-        "fingerprint": plan.fingerprints["teacher_dpo"], "version": 1,
-        "view": runner.fingerprinted_view(plan.node("teacher_dpo")),
-        "inputs": {"reference": plan.fingerprints["sft.teacher"]}}))
+    _publish_state(plan, "teacher_dpo")
     plan2 = runner.make_plan(load_config(tiny_config, ["teacher_dpo.beta=0.3"]))
     assert runner.why(plan2, "teacher_dpo") == "teacher_dpo.beta 0.1 → 0.3"
     plan3 = runner.make_plan(load_config(tiny_config, ["sft.teacher.lr=0.5"]))
     assert runner.why(plan3, "teacher_dpo") == "upstream sft.teacher changed"
+    plan4 = runner.make_plan(load_config(tiny_config, ["data.numbers.seed=4"]))
+    assert runner.why(plan4, "teacher_dpo") == "data.numbers.seed 0 → 4; upstream sft.teacher changed"
+
+
+def test_status_explains_against_the_same_methods_last_run(tmp_path):
+    """Methods sharing a run dir: each train node is compared with its own previous run."""
+    def plan_for(method, *sets):
+        tree = tiny_tree(tmp_path / "run", method=method)
+        return runner.make_plan(load_config(write_config(tmp_path / f"{method}.yaml", tree), list(sets)))
+    _publish_state(plan_for("dpkd"), "train")
+    _publish_state(plan_for("sft"), "train")  # published last: the old status diffed against it
+    assert runner.why(plan_for("dpkd", "train.loss.beta=0.2"), "train") == "train.loss.beta 0.1 → 0.2"
+    assert runner.why(plan_for("sft", "train.lr=0.5"), "train") == "train.lr 0.003 → 0.5"
+    assert runner.why(plan_for("dckd"), "train") == "never run with loss dckd (other train outputs here are other methods')"
+    # adpa and adpa+ both train with the adpa loss, from different inits: separate lineages
+    _publish_state(plan_for("adpa+"), "train")
+    assert runner.why(plan_for("adpa"), "train").startswith("never run with loss adpa")
 
 
 def test_select_closure_and_unknown_target(tiny_config):
@@ -82,15 +234,8 @@ def test_select_closure_and_unknown_target(tiny_config):
         runner.select(plan, ["bogus"])
 
 
-def test_status_names_a_changed_input_node(tmp_path):
-    from tests.conftest import tiny_tree, write_config
-    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="adpa")))
-    plan = runner.make_plan(cfg)
-    state = tmp_path / "run" / ".state"
-    state.mkdir(parents=True)
-    node = plan.node("train")
-    (state / "train.json").write_text(json.dumps({
-        "fingerprint": "x", "version": 1, "view": runner.fingerprinted_view(node),
-        "inputs": {**{r: plan.fingerprints[u] for r, u in node.needs.items()}, "old": "y"},
-        "input_nodes": {**node.needs, "init": "train.dckd", "old": "something"}}))
-    assert runner.why(plan, "train") == "input init: train.dckd → sft.student; no longer reads something"
+def test_views_declare_where_every_field_comes_from(tiny_config):
+    for method in METHODS:
+        for node in runner.make_plan(load_config(tiny_config, [f"method={method}"])).nodes:
+            assert set(node.view.origins()) == set(type(node.view).model_fields), node.name
+            assert set(node.needs) <= set(get_stage(node.stage).inputs) or "*" in get_stage(node.stage).inputs

@@ -164,7 +164,7 @@ def test_gradient_flows_to_student_only(name):
     assert lw.grad is not None and lw.grad.abs().sum() > 0
     for t in teacher + ref + label:
         assert t.grad is None or t.grad.abs().sum() == 0
-    assert all(isinstance(v, float) for v in metrics.values())
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
 
 
 def test_registry_options_match_signatures():
@@ -180,3 +180,91 @@ def test_float32_inputs_and_bad_options():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     with pytest.raises(ValueError, match="accepted: teacher_value, student_entropy"):
         L.tvkd_loss(LW, YW, TW_IDS, TW_LP, LL, YL, TL_IDS, TL_LP, potential="nope")
+
+
+# METHODS.md's defaults, by value (the options and their defaults are read from the signatures)
+DEFAULTS = {
+    "sft": {}, "dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma": 1.0}, "wpo": {"beta": 0.1},
+    "vanilla_kd": {"alpha": 0.1}, "dckd": {"alpha": 0.1},
+    "adpa": {"gamma": 1.6, "sft_weight": 1.0, "code_compat": False},
+    "tvkd": {"gamma": 1.0, "potential": "teacher_value", "alpha": 0.7},
+    "dpkd": {"beta": 0.1, "rho": 0.5, "length_normalize": False},
+}
+
+
+def test_option_defaults_by_value():
+    assert {name: spec.options for name, spec in L.LOSSES.items()} == DEFAULTS
+
+
+def test_what_each_loss_reads_follows_from_its_signature():
+    got = {n: (s.responses, s.cache, s.policy_ref) for n, s in L.LOSSES.items()}
+    assert got == {
+        "sft": (("w",), None, False), "dpo": (("w", "l"), None, True), "simpo": (("w", "l"), None, False),
+        "wpo": (("w", "l"), None, True), "vanilla_kd": (("w",), "pairs", False),
+        "dckd": (("w", "l"), "pairs", False), "adpa": (("w", "r"), "rollouts", False),
+        "tvkd": (("w", "l"), "pairs", False), "dpkd": (("w", "l"), "pairs", False)}
+    assert L.LOSSES["adpa"].teachers == {"r": ("teacher", "reference")}
+
+
+def test_a_loss_with_an_unknown_input_is_refused_at_registration():
+    def bogus_loss(logits_w, labels_w, student_thoughts_w, norm=None):
+        raise AssertionError("never called")
+    with pytest.raises(ValueError, match="student_thoughts_w"):
+        L._register((bogus_loss, ""))
+
+
+def _random_inputs(name, B=3, T=5, V=7, K=3, seed=0):
+    """A batch of B examples with different numbers of valid tokens per row and response."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for p in L.LOSSES[name].inputs:
+        role, base, s = L._parse_input(p)
+        if base == "logits":
+            out[p] = torch.randn(B, T, V, generator=g, dtype=D, requires_grad=True)
+        elif base == "labels":
+            lab = torch.randint(0, V, (B, T), generator=g)
+            for b in range(B):  # rows of 1..T valid tokens, differing between responses
+                lab[b, (b + len(s) * 2) % T + 1:] = -100
+            out[p] = lab
+        elif base == "ids":
+            out[p] = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+        elif base == "logp":
+            probs = torch.softmax(torch.randn(B, T, V, generator=g, dtype=D), -1)
+            out[p] = probs.sort(-1, descending=True).values[..., :K].log()
+        elif base == "label_logp":
+            out[p] = -torch.rand(B, T, generator=g, dtype=D)
+        else:  # policy_ref_logp
+            out[p] = -3 * torch.rand(B, generator=g, dtype=D)
+    return out
+
+
+def _counts(inputs, idx):
+    c = {"pairs": len(idx)}
+    for k, v in inputs.items():
+        if k.startswith("labels_"):
+            c[f"tokens_{k[-1]}"] = int((v[idx] != -100).sum())
+    return c
+
+
+@pytest.mark.parametrize("name", sorted(L.LOSSES))
+def test_micro_batches_with_step_counts_sum_to_the_batch_loss(name):
+    """The training loop's normalisation: contributions of micro-batches, each normalised by the
+    whole step's counts, add up to the full batch's loss, metrics and gradient exactly."""
+    spec = L.LOSSES[name]
+    full = _random_inputs(name)
+    loss, metrics = spec.fn(*full.values())
+    loss.backward()
+    grads = {k: v.grad.clone() for k, v in full.items() if v.requires_grad}
+    norm = _counts(full, [0, 1, 2])
+    parts = _random_inputs(name)  # same values, fresh leaves
+    total, mtotal = 0.0, {}
+    for idx in ([0], [1, 2]):
+        sub = [v[idx] for v in parts.values()]
+        part, m = spec.fn(*sub, norm)
+        part.backward()
+        total += part.item()
+        mtotal = {k: mtotal.get(k, 0.0) + v.item() for k, v in m.items()}
+    assert total == pytest.approx(loss.item(), abs=1e-12)
+    assert mtotal == pytest.approx({k: v.item() for k, v in metrics.items()}, abs=1e-12)
+    for k, g in grads.items():
+        assert torch.allclose(parts[k].grad, g, atol=1e-12), k

@@ -1,0 +1,154 @@
+"""Training batches for every training stage, and the adapter from a batch to a loss's inputs.
+
+`Batches` yields per-epoch deterministic micro-batches of tokenised examples: for each `Field`
+(a response of the example: chosen, rejected, the student's rollout, or an SFT response) the
+padded student tensors and, when the field has teachers, the cached teacher tensors aligned with
+the student's shifted logits (read through a `TeacherSource`; every cached row's token ids are
+checked against the student's). Batches are built ahead by a background thread.
+
+`loss_fn_for(spec, options)` turns a batch into the named tensors a loss asks for in its signature
+(`logits_w`, `teacher_logp_r`, `policy_ref_logp_l`, …; see `losses.py`) and calls it;
+`step_counts` gives the token and pair counts the loss is normalised by. SFT, teacher DPO and
+every student method go through these two functions: there is no per-loss plumbing.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from distill_pipeline.losses import POLICY_REF, RESPONSES, TEACHER_ROLES, LossSpec
+
+
+@dataclass(frozen=True)
+class Field:
+    """One response of an example: read from `example[f"{name}_ids"]`, passed to the loss with
+    suffix `suffix` (w, l, r), with the cached tensors of the given teacher roles attached."""
+    name: str
+    suffix: str
+    teachers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where teacher tensors come from: a cache reader, the cache's format, and the teacher
+    identity of each role (the key of an entry is computed from the student's own tokens)."""
+    reader: Any                 # cache.reader.CacheReader
+    fmt: Any                    # cache.format.CacheFormat
+    identities: dict[str, str]  # role → teacher identity
+
+
+def fields_for(spec: LossSpec, names: dict[str, str] = RESPONSES) -> list[Field]:
+    """The fields a loss reads, with the teacher roles it needs on each."""
+    return [Field(names[s], s, spec.teachers.get(s, ())) for s in spec.responses]
+
+
+class Batches:
+    """Per-epoch deterministic micro-batches. Each batch:
+    {"index": [...], "pairs": B, <suffix>: {"student": (ids, mask, labels), <role>: {tensors}},
+     <extra>: (B,) float32 for each name in `extras`}."""
+
+    def __init__(self, examples: list[dict], fields: Sequence[Field], *, batch_size: int, pad_id: int,
+                 seed: int = 0, cache: TeacherSource | None = None, extras: Sequence[str] = (),
+                 prefetch: int = 4):
+        if any(f.teachers for f in fields) and cache is None:
+            raise ValueError("fields with teachers need a TeacherSource")
+        self.examples, self.fields, self.cache, self.extras = examples, list(fields), cache, tuple(extras)
+        self.batch_size, self.pad_id, self.seed, self.prefetch = batch_size, pad_id, seed, prefetch
+
+    def __len__(self) -> int:
+        return (len(self.examples) + self.batch_size - 1) // self.batch_size
+
+    def build(self, idx: list[int]) -> dict:
+        import torch
+
+        from distill_pipeline.cache.reader import aligned_teacher_tensors
+        from distill_pipeline.data.tokenize import collate
+
+        chunk = [self.examples[i] for i in idx]
+        prompts = [e["prompt_ids"] for e in chunk]
+        batch: dict[str, Any] = {"index": idx, "pairs": len(idx)}
+        for f in self.fields:
+            responses = [e[f"{f.name}_ids"] for e in chunk]
+            student = collate(prompts, responses, self.pad_id)
+            entry: dict[str, Any] = {"student": student}
+            for role in f.teachers:
+                ident = self.cache.identities[role]
+                rows = [(self.cache.fmt.key(ident, list(p) + list(r), len(p)), list(p) + list(r), len(p))
+                        for p, r in zip(prompts, responses)]
+                entry[role] = aligned_teacher_tensors(self.cache.reader, rows, student[0].shape[1],
+                                                      self.cache.fmt.top_k)
+            batch[f.suffix] = entry
+        for name in self.extras:
+            batch[name] = torch.tensor([e[name] for e in chunk], dtype=torch.float32)  # (B,)
+        return batch
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """Batches of one epoch, built ahead by a background thread (bounded queue)."""
+        from distill_pipeline.training import epoch_batches
+
+        groups = epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for g in groups:
+                    if stop.is_set():
+                        return
+                    q.put(self.build(g))
+                q.put(None)
+            except BaseException as exc:  # surface reader errors in the training thread
+                q.put(exc)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+
+def step_counts(batch: dict) -> dict[str, int]:
+    """What a loss is normalised by, for one micro-batch: valid (shifted) label positions of each
+    response (`tokens_w`, …) and the number of examples (`pairs`). The training loop sums these
+    over the optimizer step's micro-batches (and, with several workers, over ranks)."""
+    out = {"pairs": batch["pairs"]}
+    for s in RESPONSES:
+        if s in batch:
+            labels = batch[s]["student"][2]
+            out[f"tokens_{s}"] = int((labels[:, 1:] != -100).sum())
+    return out
+
+
+def loss_fn_for(spec: LossSpec, options: dict) -> Callable[[Any, dict, dict], tuple[Any, dict]]:
+    """`loss_fn(model, batch, norm)`: run the model on every field the loss reads and call the
+    loss with its named inputs and `options`."""
+    prefixes = {role: prefix for prefix, role in TEACHER_ROLES.items()}
+
+    def loss_fn(model, batch, norm):
+        named: dict[str, Any] = {}
+        for s in spec.responses:
+            ids, mask, labels = batch[s]["student"]
+            named[f"logits_{s}"] = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            named[f"labels_{s}"] = labels[:, 1:]
+            for role in spec.teachers.get(s, ()):
+                for tensor, value in batch[s][role].items():
+                    named[f"{prefixes[role]}_{tensor}_{s}"] = value
+        for s in ("w", "l"):
+            if f"{POLICY_REF}_{s}" in batch:
+                named[f"{POLICY_REF}_{s}"] = batch[f"{POLICY_REF}_{s}"]
+        return spec.fn(*(named[n] for n in spec.inputs), norm, **options)
+    return loss_fn
