@@ -8,7 +8,7 @@ checked against the student's). Batches are built ahead by a background thread.
 
 `loss_fn_for(spec, options)` turns a batch into the named tensors a loss asks for in its signature
 (`logits_w`, `teacher_logp_r`, `policy_ref_logp_l`, …; see `losses.py`) and calls it;
-`step_counts` gives the token and pair counts the loss is normalised by. SFT, teacher DPO and
+`Batches.counts` gives the token and pair counts the loss is normalised by. SFT, teacher DPO and
 every student method go through these two functions: there is no per-loss plumbing.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ class TeacherSource:
     identities: dict[str, str]  # role → teacher identity
 
 
-def fields_for(spec: LossSpec, names: dict[str, str] = RESPONSES) -> list[Field]:
+def fields_for(spec: LossSpec) -> list[Field]:
     """The fields a loss reads, with the teacher roles it needs on each."""
-    return [Field(names[s], s, spec.teachers.get(s, ())) for s in spec.responses]
+    return [Field(RESPONSES[s], s, spec.teachers.get(s, ())) for s in spec.responses]
 
 
 class Batches:
@@ -57,8 +57,24 @@ class Batches:
         self.examples, self.fields, self.cache, self.extras = examples, list(fields), cache, tuple(extras)
         self.batch_size, self.pad_id, self.seed, self.prefetch = batch_size, pad_id, seed, prefetch
 
-    def __len__(self) -> int:
-        return (len(self.examples) + self.batch_size - 1) // self.batch_size
+    def _groups(self, epoch: int) -> list[list[int]]:
+        from distill_pipeline.training import epoch_batches
+
+        return epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)
+
+    def counts(self, epoch: int) -> list[dict[str, int]]:
+        """What each micro-batch of `epoch` holds, from lengths alone (no tensors built): its
+        examples (`pairs`) and the valid label positions of each response after the causal shift
+        (`tokens_w`, …) — what the training loop normalises a whole step's loss by."""
+        out = []
+        for g in self._groups(epoch):
+            c = {"pairs": len(g)}
+            for f in self.fields:
+                # labels[:, 1:] keeps every response token unless the prompt is empty
+                c[f"tokens_{f.suffix}"] = sum(len(self.examples[i][f"{f.name}_ids"])
+                                              - (len(self.examples[i]["prompt_ids"]) == 0) for i in g)
+            out.append(c)
+        return out
 
     def build(self, idx: list[int]) -> dict:
         import torch
@@ -86,9 +102,7 @@ class Batches:
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         """Batches of one epoch, built ahead by a background thread (bounded queue)."""
-        from distill_pipeline.training import epoch_batches
-
-        groups = epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)
+        groups = self._groups(epoch)
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -119,18 +133,6 @@ class Batches:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
-
-
-def step_counts(batch: dict) -> dict[str, int]:
-    """What a loss is normalised by, for one micro-batch: valid (shifted) label positions of each
-    response (`tokens_w`, …) and the number of examples (`pairs`). The training loop sums these
-    over the optimizer step's micro-batches (and, with several workers, over ranks)."""
-    out = {"pairs": batch["pairs"]}
-    for s in RESPONSES:
-        if s in batch:
-            labels = batch[s]["student"][2]
-            out[f"tokens_{s}"] = int((labels[:, 1:] != -100).sum())
-    return out
 
 
 def loss_fn_for(spec: LossSpec, options: dict) -> Callable[[Any, dict, dict], tuple[Any, dict]]:

@@ -67,7 +67,7 @@ class _LazyModule:
 torch = _LazyModule("torch")
 F = _LazyModule("torch.nn.functional")
 
-IGNORE = -100
+IGNORE = -100  # label of a position that does not count (prompt, padding)
 EPS = 1e-8
 Norm = Mapping[str, Any] | None
 

@@ -7,17 +7,13 @@ METRICS = ("task_accuracy", "reward_accuracy", "mean_length")
 
 def sequence_logps(model, ids, mask, labels):
     """Per-sequence summed label log-probs and token counts: (B,), (B,). Log-softmax in float32."""
-    import torch
-
-    from distill_pipeline.data.tokenize import IGNORE
+    from distill_pipeline.losses import IGNORE, token_logps
 
     dev = next(model.parameters()).device
     ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
-    valid = target != IGNORE
-    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * valid).sum(-1), valid.sum(-1)
+    return token_logps(logits, target).sum(-1), (target != IGNORE).sum(-1)
 
 
 def pair_logps(model, examples, pad_id, batch_size=64):

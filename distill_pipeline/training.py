@@ -6,12 +6,13 @@ from TRL because the distillation losses stream their batches from the teacher-l
 and one small loop serves all three stages with identical resume semantics.
 
 A stage supplies `batches(epoch) -> iterator of micro-batches` (deterministic per epoch),
-`loss_fn(model, micro_batch, norm) -> (loss, metrics)` and `counts(micro_batch) -> {name: int}`.
+`counts(epoch) -> [{name: int}, …]` (what each of those micro-batches holds, known without building
+them) and `loss_fn(model, micro_batch, norm) -> (loss, metrics)`.
 
 Loss normalisation (one rule, docs/METHODS.md "Normalisation"): an optimizer step takes
-`grad_accum` micro-batches; `norm` is the sum of their `counts` (valid tokens of each response,
+`grad_accum` micro-batches; `norm` is the sum of their counts (valid tokens of each response,
 pairs), and each micro-batch's loss is its *sum* of per-token / per-pair terms divided by those
-step totals. The step's loss and gradient are therefore the same whether its examples come in one
+step totals. Micro-batches are still built and consumed one at a time. The step's loss and gradient are therefore the same whether its examples come in one
 micro-batch or several — and with N data-parallel workers, summing `counts` over ranks and
 multiplying each rank's loss by N (DDP averages gradients) gives the same step again. Metrics are
 the same kind of contributions: kept as tensors, summed, and turned into floats once per step
@@ -65,24 +66,30 @@ def _save(ckpt: Path, model: Any, opt: Any, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _one_micro_batch(mb: Any) -> dict[str, int]:
-    return {"micro_batches": 1}
-
-
-def step_norm(window: list[Any], counts: Callable[[Any], dict[str, int]]) -> dict[str, int]:
+def step_norm(window: Iterable[dict[str, int]]) -> dict[str, int]:
     """Σ counts over the micro-batches of one optimizer step (each at least 1)."""
     total: dict[str, int] = {}
-    for mb in window:
-        for k, v in counts(mb).items():
+    for counts in window:
+        for k, v in counts.items():
             total[k] = total.get(k, 0) + v
     return {k: max(1, v) for k, v in total.items()}
 
 
+def _from(source: Callable[[int], Iterable[Any]], epoch: int, skip: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, position within it, item) from `source(epoch)` onwards, skipping the first `skip`
+    of the first epoch (resume: same data order, skip what was consumed)."""
+    while True:
+        for i, item in enumerate(source(epoch)):
+            if i >= skip:
+                yield epoch, i + 1, item
+        epoch, skip = epoch + 1, 0
+
+
 def train_loop(model: Any, *, hp: Any, examples: int,
                batches: Callable[[int], Iterable[Any]],
+               counts: Callable[[int], list[dict[str, int]]],
                loss_fn: Callable[[Any, Any, dict], tuple[Any, dict]],
                work_dir: Path, desc: str,
-               counts: Callable[[Any], dict[str, int]] = _one_micro_batch,
                on_checkpoint: Callable[[int], None] | None = None) -> dict:
     """Train `model` in place; returns summary metrics. Resumes from `work_dir/checkpoint`."""
     import torch
@@ -113,24 +120,14 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     last: dict = {}
     writer = _tensorboard(work_dir)
 
-    def micro_batches() -> Iterator[tuple[int, int, Any]]:
-        e, skip = epoch, consumed
-        while True:
-            for i, mb in enumerate(batches(e)):
-                if i < skip:
-                    continue  # resume: same data order, skip what was consumed
-                yield e, i + 1, mb
-            e, skip = e + 1, 0
-
-    stream = micro_batches()
+    stream, count_stream = _from(batches, epoch, consumed), _from(counts, epoch, consumed)
     with open(log_path, "a") as log, progress(total=steps, initial=step, desc=desc) as bar:
         while step < steps:
             opt.zero_grad(set_to_none=True)
-            window = [next(stream) for _ in range(hp.grad_accum)]
-            epoch, consumed = window[-1][0], window[-1][1]
-            norm = step_norm([mb for _, _, mb in window], counts)
+            norm = step_norm(next(count_stream)[2] for _ in range(hp.grad_accum))
             sums: dict[str, Any] = {}
-            for _, _, mb in window:
+            for _ in range(hp.grad_accum):
+                epoch, consumed, mb = next(stream)
                 loss, metrics = loss_fn(model, to_device(mb, dev), norm)
                 loss.backward()
                 for k, v in {"loss": loss, **metrics}.items():

@@ -24,11 +24,11 @@ from distill_pipeline.provenance import package_versions
 
 @dataclass(frozen=True)
 class Request:
-    """One (sequence, teacher) entry to extract."""
+    """One (sequence, teacher) entry to extract, keyed in one cache format (`make_request`)."""
     teacher: str          # teacher identity (weights + tokenizer + chat template hash)
     prompt_ids: tuple
     response_ids: tuple
-    key: str = ""
+    key: str
 
     @property
     def n_tokens(self) -> int:
@@ -196,6 +196,10 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, s
     """Extract every missing entry of `requests` (built with `make_request(…, fmt)`) into `store`.
     Returns counts and throughput."""
     t0 = time.perf_counter()
+    for r in requests:  # entries are published under these keys: they must be keys of `fmt`
+        if r.key != fmt.key(r.teacher, r.prompt_ids + r.response_ids, len(r.prompt_ids)):
+            raise ValueError(f"request {r.key[:12]}… was keyed in another cache format than this "
+                             f"extraction's ({fmt}); build requests with make_request(…, fmt)")
     keys = {r.key for r in requests}
     existing = store.existing_keys()
     units = plan_units(requests, existing, unit_tokens)

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 2  # 2: one `format` object in segment manifests (1 had top_k + logp_dtype)
+SCHEMA_VERSION = 1  # part of every key; bump only when keys or array layouts change
 MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
 
 
@@ -56,6 +56,15 @@ class CacheFormat:
     @classmethod
     def from_json(cls, data: dict) -> "CacheFormat":
         return cls(**data)
+
+    @classmethod
+    def from_manifest(cls, attrs: dict) -> "CacheFormat":
+        """A segment's format from its manifest: the `format` object, or the separate `top_k` and
+        `logp_dtype` (`float16` / `float16-keep4`) of segments written before it existed."""
+        if "format" in attrs:
+            return cls.from_json(attrs["format"])
+        base, _, keep = attrs["logp_dtype"].partition("-keep")
+        return cls(int(attrs["top_k"]), base, int(keep) if keep else None)
 
     # ------------------------------------------------------------------ log-prob bits
 

@@ -56,7 +56,7 @@ def entry_checksum(ids, logp_bits, lse, label) -> str:
 
 def segment_format(attrs: dict) -> CacheFormat:
     """The format a segment was written in, from its manifest (zarr group attributes)."""
-    return CacheFormat.from_json(attrs["format"])
+    return CacheFormat.from_manifest(attrs)
 
 
 @dataclass
@@ -80,9 +80,9 @@ class Store:
             found = json.loads(meta.read_text()).get("schema_version")
             if found != SCHEMA_VERSION:
                 raise CacheError(f"{self.root}: cache schema {found}, this version of distill-pipeline "
-                                 f"reads schema {SCHEMA_VERSION} (entry keys and manifests changed); "
-                                 "point teacher_logits.store / --store at a new directory, or delete "
-                                 "this one, and the entries are extracted again")
+                                 f"reads schema {SCHEMA_VERSION} (entry keys differ); point "
+                                 "teacher_logits.store / --store at a new directory, or delete this "
+                                 "one, and the entries are extracted again")
         elif create:
             (self.root / "segments").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)

@@ -11,28 +11,43 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from distill_pipeline.data.readers import BadRows, DataError, read_dataset
 from distill_pipeline.data.tokenize import encode_rows
-from distill_pipeline.pipeline.config import DataSpec, NumbersTask
-from distill_pipeline.stages import View
+from distill_pipeline.pipeline.config import DataSpec, Layout, NumbersTask
+from distill_pipeline.view import View
 
 __all__ = ["BadRows", "DataError", "DataView", "data_view", "sft_examples", "pair_examples"]
 
 
 class DataView(View):
-    which: str                          # sft | preferences | eval | validation
-    spec: DataSpec
+    """What reading one dataset depends on. Fields a source ignores stay None and read from no
+    config path: the built-in task reads no layout/split/limit, a local file no split."""
+    which: Literal["sft", "preferences", "eval", "validation"]
+    source: str
+    layout: Layout | None = None
+    split: str | None = None
+    limit: int | None = None
     max_length: int
     max_bad_fraction: float
     numbers: NumbersTask | None = None  # the built-in task only
     sha256: str | None = None           # local files only
 
     def origins(self) -> dict[str, str | None]:
-        return {"which": None, "spec": f"data.{self.which}", "max_length": "data.max_length",
-                "max_bad_fraction": "data.max_bad_fraction", "numbers": "data.numbers",
-                "sha256": f"data.{self.which}.source"}
+        spec = f"data.{self.which}"
+        builtin, hub = self.source.startswith("builtin:"), self.source.startswith("hf://")
+        return {"which": None, "source": f"{spec}.source",
+                "layout": None if builtin else f"{spec}.layout",
+                "split": f"{spec}.split" if hub else None,
+                "limit": None if builtin else f"{spec}.limit",
+                "max_length": "data.max_length", "max_bad_fraction": "data.max_bad_fraction",
+                "numbers": "data.numbers" if builtin else None,
+                "sha256": None if builtin or hub else f"{spec}.source"}
+
+    def spec(self) -> DataSpec:
+        return DataSpec(source=self.source, layout=self.layout or "auto", split=self.split or "train",
+                        limit=self.limit)
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -54,12 +69,13 @@ def file_digest(path: str) -> str:
 
 def data_view(cfg: Any, which: str) -> DataView:
     spec = getattr(cfg.data, which)
-    builtin = spec.source.startswith("builtin:")
-    local = not builtin and not spec.source.startswith("hf://")
-    return DataView(which=which, spec=spec, max_length=cfg.data.max_length,
-                    max_bad_fraction=cfg.data.max_bad_fraction,
+    builtin, hub = spec.source.startswith("builtin:"), spec.source.startswith("hf://")
+    return DataView(which=which, source=spec.source,
+                    layout=None if builtin else spec.layout, split=spec.split if hub else None,
+                    limit=None if builtin else spec.limit,
+                    max_length=cfg.data.max_length, max_bad_fraction=cfg.data.max_bad_fraction,
                     numbers=cfg.data.numbers if builtin else None,
-                    sha256=file_digest(spec.source) if local else None)
+                    sha256=None if builtin or hub else file_digest(spec.source))
 
 
 def _finish(bad: BadRows, view: DataView, examples: list[dict]) -> list[dict]:
@@ -72,12 +88,12 @@ def _finish(bad: BadRows, view: DataView, examples: list[dict]) -> list[dict]:
 
 
 def sft_examples(view: DataView, tok: Any) -> list[dict]:
-    rows, bad = read_dataset(view.spec, "sft", view.numbers)
+    rows, bad = read_dataset(view.spec(), "sft", view.numbers)
     return _finish(bad, view, encode_rows(tok, rows, ["response"], view.max_length, bad))
 
 
 def pair_examples(view: DataView, tok: Any) -> list[dict]:
-    rows, bad = read_dataset(view.spec, view.which, view.numbers)
+    rows, bad = read_dataset(view.spec(), view.which, view.numbers)
     return _finish(bad, view, encode_rows(tok, rows, ["chosen", "rejected"], view.max_length, bad))
 
 

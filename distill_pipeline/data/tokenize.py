@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-IGNORE = -100
+from distill_pipeline.losses import IGNORE  # the loss functions' convention
 
 
 def encode_prompt(tok: Any, messages: list[dict]) -> list[int]:

@@ -35,7 +35,8 @@ class PipelineError(RuntimeError):
 class Plan:
     cfg: Any
     nodes: list[NodeSpec]
-    fingerprints: dict[str, str]
+    fingerprints: dict[str, str]   # the node's folder: its view, version and inputs' contents
+    contents: dict[str, str]       # what dependents hash: the same minus the view's LAYOUT fields
     run_dir: Path
 
     def node(self, name: str) -> NodeSpec:
@@ -55,19 +56,26 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(canonical(value).encode()).hexdigest()
+
+
 def make_plan(cfg: Any) -> Plan:
     nodes = build_graph(cfg)
     fps: dict[str, str] = {}
+    contents: dict[str, str] = {}
     for n in nodes:
         stage = get_stage(n.stage)
         unknown = set(n.needs) - set(stage.inputs) if ANY_ROLE not in stage.inputs else set()
-        if unknown:  # a wiring bug in recipes.py, not a user error
-            raise PipelineError(f"node {n.name} reads {sorted(unknown)}, which stage {n.stage} does not "
-                                f"declare (it reads: {', '.join(stage.inputs)})")
-        payload = {"stage": n.stage, "version": stage.version, "view": n.view.fingerprint_payload(),
-                   "inputs": {role: fps[up] for role, up in sorted(n.needs.items())}}
-        fps[n.name] = hashlib.sha256(canonical(payload).encode()).hexdigest()
-    return Plan(cfg, nodes, fps, Path(cfg.run_dir))
+        if unknown or not isinstance(n.view, stage.view):  # wiring bugs in recipes.py, not user errors
+            raise PipelineError(f"node {n.name}: stage {n.stage} reads roles {', '.join(stage.inputs)} "
+                                f"and a {stage.view.__name__}; got roles {sorted(n.needs)} and a "
+                                f"{type(n.view).__name__}")
+        common = {"stage": n.stage, "version": stage.version,
+                  "inputs": {role: contents[up] for role, up in sorted(n.needs.items())}}
+        fps[n.name] = _digest({**common, "view": n.view.fingerprint_payload()})
+        contents[n.name] = _digest({**common, "view": n.view.content_payload()})
+    return Plan(cfg, nodes, fps, contents, Path(cfg.run_dir))
 
 
 def select(plan: Plan, targets: list[str]) -> list[str]:
@@ -93,17 +101,26 @@ def select(plan: Plan, targets: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------- status
 #
 # `.state/<node>/<lineage>.json` is the last published state of each *lineage* of a node: the node
-# name plus the view's LINEAGE fields (e.g. train's loss) and the upstream node names. Methods run
-# into one run dir each keep their own lineage, so `status` explains a pending node against its
-# own previous run, never against another method's node of the same name.
+# name and its view's LINEAGE fields (train's loss), and recursively the lineages of its inputs.
+# Methods run into one run dir each keep their own lineages (an sft and a dpo `evaluate` differ
+# through their `train`), so `status` explains a pending node against its own previous run.
 
-def _lineage(node: NodeSpec) -> dict:
-    return {"lineage": jsonable(node.view.lineage()), "input_nodes": dict(sorted(node.needs.items()))}
+def _lineage(plan: Plan, name: str) -> dict:
+    node = plan.node(name)
+    return {"node": name, "fields": jsonable(node.view.lineage()),
+            "inputs": {role: _lineage(plan, up) for role, up in sorted(node.needs.items())}}
+
+
+def _lineage_words(lineage: dict, own: bool = True) -> list[str]:
+    """The LINEAGE fields of a node and its ancestors, e.g. ['loss adpa', 'train.dckd loss dckd']."""
+    words = [(f"{k} {v}" if own else f"{lineage['node']} {k} {v}") for k, v in lineage["fields"].items()]
+    for sub in lineage["inputs"].values():
+        words += [w for w in _lineage_words(sub, own=False) if w not in words]
+    return words
 
 
 def _state_path(plan: Plan, name: str) -> Path:
-    key = hashlib.sha256(canonical(_lineage(plan.node(name))).encode()).hexdigest()[:16]
-    return plan.run_dir / ".state" / name / f"{key}.json"
+    return plan.run_dir / ".state" / name / f"{_digest(_lineage(plan, name))[:16]}.json"
 
 
 def jsonable(value: Any) -> Any:
@@ -118,9 +135,9 @@ def why(plan: Plan, name: str) -> str:
     if not state_file.exists():
         if not (plan.run_dir / ".state" / name).exists():
             return "never run" + partial
-        what = (", ".join(f"{k} {v}" for k, v in node.view.lineage().items())
-                or "inputs " + ", ".join(f"{r} {u}" for r, u in sorted(node.needs.items())))
-        return f"never run with {what} (other {name} outputs here are other methods')" + partial
+        words = _lineage_words(_lineage(plan, name))
+        what = f" with {', '.join(words)}" if words else ""
+        return f"never run{what} (other {name} outputs here are other methods')" + partial
     prev = json.loads(state_file.read_text())
     reasons = []
     version = get_stage(node.stage).version
@@ -136,7 +153,7 @@ def why(plan: Plan, name: str) -> str:
             else:
                 reasons.append(f"{where} {old.get(key, '(unset)')} → {new.get(key, '(unset)')}")
     for role, up in sorted(node.needs.items()):
-        if prev.get("inputs", {}).get(role) != plan.fingerprints[up]:
+        if prev.get("inputs", {}).get(role) != plan.contents[up]:
             reasons.append(f"upstream {up} changed")
     return ("; ".join(reasons) or "output folder missing") + partial
 
@@ -187,13 +204,20 @@ def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
     if final.exists():  # a stale folder without manifest (crash after rename is impossible)
         shutil.rmtree(final)
     os.replace(partial, final)
-    state = {"fingerprint": plan.fingerprints[name], "version": manifest["version"],
-             "view": node.view.fingerprint_payload(), **_lineage(node),
-             "inputs": {role: plan.fingerprints[up] for role, up in node.needs.items()}}
-    _state_path(plan, name).parent.mkdir(parents=True, exist_ok=True)
-    tmp = _state_path(plan, name).with_suffix(".tmp")
+    record_state(plan, name)
+
+
+def record_state(plan: Plan, name: str) -> None:
+    """Remember what `name` was published from, for `status` (one file per lineage)."""
+    node = plan.node(name)
+    state = {"fingerprint": plan.fingerprints[name], "version": get_stage(node.stage).version,
+             "view": node.view.fingerprint_payload(), "lineage": _lineage(plan, name),
+             "inputs": {role: plan.contents[up] for role, up in node.needs.items()}}
+    path = _state_path(plan, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, _state_path(plan, name))
+    os.replace(tmp, path)
 
 
 def _summary_line(plan: Plan, name: str, summary: dict, seconds: float) -> str:

@@ -17,62 +17,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict
+from distill_pipeline.view import View, flatten  # noqa: F401 (re-exported for stages)
 
 STAGE_NAMES = ("sft", "teacher_dpo", "rollouts", "teacher_logits", "train", "evaluate")
 ANY_ROLE = "*"  # a stage that reads any number of upstream nodes (evaluate: every model)
-
-
-class View(BaseModel):
-    """The config a node reads. Subclasses declare fields and `origins`."""
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    NEUTRAL: ClassVar[frozenset[str]] = frozenset()  # dotted field paths left out of the fingerprint
-    LINEAGE: ClassVar[tuple[str, ...]] = ()
-
-    def origins(self) -> dict[str, str | None]:
-        """Field → the config path it was read from (None: fixed by the recipe, not the config)."""
-        raise NotImplementedError(f"{type(self).__name__} must say where each field comes from")
-
-    def fingerprint_payload(self) -> dict:
-        """What the node's fingerprint hashes: the view as JSON, minus NEUTRAL fields."""
-        exclude: dict[str, Any] = {}
-        for dotted in self.NEUTRAL:
-            *parents, leaf = dotted.split(".")
-            node = exclude
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = True
-        return self.model_dump(mode="json", exclude=exclude or None)
-
-    def config_paths(self) -> dict[str, str | None]:
-        """Every leaf of the view (dotted) → the config path it holds (None: recipe constant)."""
-        out: dict[str, str | None] = {}
-        dump = self.model_dump(mode="json")
-        origins = self.origins()
-        for name in type(self).model_fields:
-            value, origin = getattr(self, name), origins[name]
-            if isinstance(value, View):
-                out.update({f"{name}.{k}": v for k, v in value.config_paths().items()})
-                continue
-            for leaf in flatten(dump[name]):
-                out[f"{name}.{leaf}" if leaf else name] = (
-                    None if origin is None else f"{origin}.{leaf}" if leaf else origin)
-        return out
-
-    def lineage(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.LINEAGE}
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts → {dotted path: leaf}; a non-dict is one leaf with path ''."""
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,34 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from distill_pipeline.data import DataView, data_view
-from distill_pipeline.pipeline.config import Rollouts
 from distill_pipeline.stages import Stage, View
 
 
 class RolloutsView(View):
-    rollouts: Rollouts
+    backend: Literal["auto", "hf", "vllm"]
+    max_new_tokens: int
+    temperature: float
+    top_p: float | None = None   # sampling only: greedy decoding (temperature 0) reads neither
+    seed: int | None = None
+    batch_size: int              # padding differs by batch, so greedy ties can break differently
     data: DataView
 
     def origins(self) -> dict[str, str | None]:
-        return {"rollouts": "rollouts", "data": None}
+        sampling = self.temperature > 0
+        return {"backend": "rollouts.backend", "max_new_tokens": "rollouts.max_new_tokens",
+                "temperature": "rollouts.temperature", "top_p": "rollouts.top_p" if sampling else None,
+                "seed": "rollouts.seed" if sampling else None, "batch_size": "rollouts.batch_size",
+                "data": None}
 
 
 def view_for(cfg) -> RolloutsView:
-    return RolloutsView(rollouts=cfg.rollouts, data=data_view(cfg, "preferences"))
+    r, sampling = cfg.rollouts, cfg.rollouts.temperature > 0
+    return RolloutsView(backend=r.backend, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                        top_p=r.top_p if sampling else None, seed=r.seed if sampling else None,
+                        batch_size=r.batch_size, data=data_view(cfg, "preferences"))
 
 
 def run(view: RolloutsView, inputs: dict, out: Path) -> dict:
@@ -34,20 +46,20 @@ def run(view: RolloutsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.generation import generate_hf, generate_vllm, pick_backend
     from distill_pipeline.models import load_checkpoint
 
-    cfg = view.rollouts
-    backend = pick_backend(cfg.backend)
+    backend = pick_backend(view.backend)
+    top_p, seed = view.top_p or 1.0, view.seed or 0  # unread by greedy decoding
     policy_dir = inputs["policy"] / "model"
     model, tok = load_checkpoint(policy_dir)
     examples = pair_examples(view.data, tok)
     prompts = [e["prompt_ids"] for e in examples]
     if backend == "vllm":  # pragma: no cover - GPU only
         del model
-        responses = generate_vllm(str(policy_dir), tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+        responses = generate_vllm(str(policy_dir), tok, prompts, max_new_tokens=view.max_new_tokens,
+                                  temperature=view.temperature, top_p=top_p, seed=seed)
     else:
-        responses = generate_hf(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, top_p=cfg.top_p,
-                                batch_size=cfg.batch_size, seed=cfg.seed, desc="rollouts")
+        responses = generate_hf(model, tok, prompts, max_new_tokens=view.max_new_tokens,
+                                temperature=view.temperature, top_p=top_p,
+                                batch_size=view.batch_size, seed=seed, desc="rollouts")
     tmp = out / "rollouts.jsonl.tmp"
     with open(tmp, "w") as fh:
         for e, r in zip(examples, responses):

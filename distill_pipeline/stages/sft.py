@@ -18,6 +18,10 @@ class SftView(View):
     hp: TrainHP
     data: DataView
 
+    # Checkpoints only: a resumed run is bit-identical (tests/stages/test_training_resume.py), and
+    # these stages write nothing per checkpoint (train does: its validation rows).
+    NEUTRAL = frozenset({"hp.checkpoint_every"})
+
     def origins(self) -> dict[str, str | None]:
         return {"role": None, "model": f"models.{self.role}", "hp": f"sft.{self.role}", "data": None}
 
@@ -28,7 +32,7 @@ def view_for(cfg, role: str) -> SftView:
 
 
 def run(view: SftView, inputs: dict, out: Path) -> dict:
-    from distill_pipeline.batches import Batches, Field, loss_fn_for, step_counts
+    from distill_pipeline.batches import Batches, Field, loss_fn_for
     from distill_pipeline.data import sft_examples
     from distill_pipeline.losses import LOSSES
     from distill_pipeline.models import describe, load_model, load_tokenizer, save_model
@@ -42,7 +46,7 @@ def run(view: SftView, inputs: dict, out: Path) -> dict:
     stream = Batches(examples, [Field("response", "w")], batch_size=hp.batch_size,
                      pad_id=tok.pad_token_id, seed=hp.seed)
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
-                         loss_fn=loss_fn_for(LOSSES["sft"], {}), counts=step_counts,
+                         loss_fn=loss_fn_for(LOSSES["sft"], {}), counts=stream.counts,
                          work_dir=out, desc=f"sft {view.role}")
     save_model(model, tok, out / "model")
     finish(out)

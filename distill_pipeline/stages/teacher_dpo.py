@@ -15,6 +15,10 @@ class TeacherDpoView(View):
     hp: TeacherDpo
     data: DataView
 
+    # Checkpoints only: a resumed run is bit-identical (tests/stages/test_training_resume.py), and
+    # these stages write nothing per checkpoint (train does: its validation rows).
+    NEUTRAL = frozenset({"hp.checkpoint_every"})
+
     def origins(self) -> dict[str, str | None]:
         return {"hp": "teacher_dpo", "data": None}
 
@@ -24,7 +28,7 @@ def view_for(cfg) -> TeacherDpoView:
 
 
 def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
-    from distill_pipeline.batches import Batches, fields_for, loss_fn_for, step_counts
+    from distill_pipeline.batches import Batches, fields_for, loss_fn_for
     from distill_pipeline.data import pair_examples
     from distill_pipeline.losses import LOSSES, POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref
@@ -38,7 +42,7 @@ def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, extras=(f"{POLICY_REF}_w", f"{POLICY_REF}_l"))
     summary = train_loop(policy, hp=hp, examples=len(examples), batches=stream.epoch,
-                         loss_fn=loss_fn_for(spec, {"beta": hp.beta}), counts=step_counts,
+                         loss_fn=loss_fn_for(spec, {"beta": hp.beta}), counts=stream.counts,
                          work_dir=out, desc="teacher_dpo")
     save_model(policy, tok, out / "model")
     finish(out)

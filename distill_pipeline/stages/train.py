@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distill_pipeline.data import DataView, data_view
+from distill_pipeline.losses import LOSSES
 from distill_pipeline.pipeline.config import TrainHP, loss_options
 from distill_pipeline.stages import Stage, View
 
 
 class TrainView(View):
-    loss: str
+    loss: Literal[tuple(LOSSES)]  # type: ignore[valid-type]
     options_key: Literal["loss", "dckd_loss"] = "loss"  # adpa+'s DCKD phase reads train.dckd_loss
     options: dict[str, Any]
     hp: TrainHP
@@ -39,8 +40,6 @@ class TrainView(View):
 
 
 def view_for(cfg, loss: str, options_key: str = "loss") -> TrainView:
-    from distill_pipeline.losses import LOSSES
-
     spec = LOSSES[loss]
     validation = data_view(cfg, "validation") if cfg.data.validation is not None else None
     return TrainView(loss=loss, options_key=options_key, options=loss_options(cfg, f"train.{options_key}"),
@@ -51,10 +50,10 @@ def view_for(cfg, loss: str, options_key: str = "loss") -> TrainView:
 
 
 def run(view: TrainView, inputs: dict, out: Path) -> dict:
-    from distill_pipeline.batches import Batches, TeacherSource, fields_for, loss_fn_for, step_counts
+    from distill_pipeline.batches import Batches, TeacherSource, fields_for, loss_fn_for
     from distill_pipeline.cache.reader import open_node
     from distill_pipeline.data import pair_examples, rollout_examples
-    from distill_pipeline.losses import LOSSES, POLICY_REF
+    from distill_pipeline.losses import POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref, evaluate_model
     from distill_pipeline.models import load_checkpoint, save_model
     from distill_pipeline.training import finish, train_loop
@@ -83,7 +82,7 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
             fh.write(json.dumps(row) + "\n")
 
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
-                         loss_fn=loss_fn_for(spec, view.options), counts=step_counts, work_dir=out,
+                         loss_fn=loss_fn_for(spec, view.options), counts=stream.counts, work_dir=out,
                          desc=f"train {view.loss}", on_checkpoint=validate)
     save_model(model, tok, out / "model")
     finish(out)

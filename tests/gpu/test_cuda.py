@@ -19,10 +19,12 @@ def _tiny_teacher():
 
 
 def test_extraction_on_cuda_matches_cpu():
-    from distill_pipeline.cache.extract import Request, topk_for_batch
+    from distill_pipeline.cache.extract import make_request, topk_for_batch
+    from distill_pipeline.cache.format import CacheFormat
 
     model, tok = _tiny_teacher()
-    batch = [Request("t", (3, 4, 5), (6, 7, 8, tok.eos_token_id)), Request("t", (3, 9), (10, 11))]
+    fmt = CacheFormat(8)
+    batch = [make_request("t", (3, 4, 5), (6, 7, 8, tok.eos_token_id), fmt), make_request("t", (3, 9), (10, 11), fmt)]
     on_gpu = topk_for_batch(model.cuda(), batch, tok.pad_token_id, 8)
     on_cpu = topk_for_batch(model.cpu(), batch, tok.pad_token_id, 8)
     for g, c in zip(on_gpu, on_cpu):
@@ -31,7 +33,7 @@ def test_extraction_on_cuda_matches_cpu():
 
 
 def test_a_training_step_on_cuda_matches_cpu(tmp_path):
-    from distill_pipeline.batches import Batches, Field, loss_fn_for, step_counts
+    from distill_pipeline.batches import Batches, Field, loss_fn_for
     from distill_pipeline.losses import LOSSES
     from distill_pipeline.pipeline.config import TrainHP
     from distill_pipeline.training import train_loop
@@ -43,7 +45,7 @@ def test_a_training_step_on_cuda_matches_cpu(tmp_path):
         model, tok = _tiny_teacher()
         stream = Batches(examples, [Field("response", "w")], batch_size=2, pad_id=tok.pad_token_id)
         out = train_loop(model.to(dev), hp=hp, examples=2, batches=stream.epoch,
-                         loss_fn=loss_fn_for(LOSSES["sft"], {}), counts=step_counts,
+                         loss_fn=loss_fn_for(LOSSES["sft"], {}), counts=stream.counts,
                          work_dir=tmp_path / dev, desc=dev)
         losses.append(out["final_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)

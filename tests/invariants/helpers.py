@@ -47,13 +47,13 @@ def requests(teacher_dir: Path, seqs, fmt: CacheFormat = FMT):
 
 
 def run_extraction(teacher_dir: Path, store_root: Path, n: int, unit_tokens: int, workers: int = 1,
-                   offset: int = 0, fmt: CacheFormat = FMT) -> dict:
+                   offset: int = 0, fmt: CacheFormat = FMT, batch_tokens: int = 256) -> dict:
     from distill_pipeline.cache.extract import extract
     from distill_pipeline.cache.store import Store
 
     reqs, dirs = requests(teacher_dir, sequences(n, offset), fmt)
     return extract(reqs, Store(store_root), dirs, fmt, num_workers=workers,
-                   batch_tokens=256, unit_tokens=unit_tokens)
+                   batch_tokens=batch_tokens, unit_tokens=unit_tokens)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

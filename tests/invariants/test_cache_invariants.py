@@ -115,6 +115,45 @@ def test_values_match_live_teacher(teacher, tmp_path):
         np.testing.assert_allclose(e["lse"], torch.logsumexp(full[pos], -1).numpy(), atol=1e-4)
 
 
+def test_batch_size_changes_no_stored_log_prob(teacher, tmp_path):
+    """Why `batch_tokens` is left out of the fingerprint: other padding gives the same ids and
+    stored (float16) log-probs; lse and label log-probs agree to float32 rounding."""
+    for bt in (64, 4096):
+        run_extraction(teacher, tmp_path / str(bt), 30, unit_tokens=100_000, batch_tokens=bt)
+    reqs, _ = requests(teacher, sequences(30))
+    small, large = CacheReader(tmp_path / "64"), CacheReader(tmp_path / "4096")
+    for r in reqs:
+        a, b = small.get(r.key), large.get(r.key)
+        assert np.array_equal(a["ids"], b["ids"]) and np.array_equal(a["logp"], b["logp"])
+        np.testing.assert_allclose(a["lse"], b["lse"], atol=1e-5)
+        np.testing.assert_allclose(a["label_logp"], b["label_logp"], atol=1e-5)
+
+
+def test_extract_refuses_keys_of_another_format(teacher, tmp_path):
+    from distill_pipeline.cache.extract import extract
+
+    reqs, dirs = requests(teacher, sequences(2), CacheFormat(TOP_K, "float16"))
+    with pytest.raises(ValueError, match="keyed in another cache format"):
+        extract(reqs, Store(tmp_path / "s"), dirs, CacheFormat(TOP_K, "float32"))
+
+
+def test_segments_written_before_the_format_object_still_read(teacher, tmp_path):
+    """Segment manifests once held `top_k` and `logp_dtype` instead of `format`; keys are
+    unchanged, so such stores keep working."""
+    import json
+
+    run_extraction(teacher, tmp_path / "s", 6, unit_tokens=1000, fmt=CacheFormat(TOP_K, DTYPE, 6))
+    seg = Store(tmp_path / "s").segments()[0]
+    meta = json.loads((seg / "zarr.json").read_text())
+    fmt = meta["attributes"].pop("format")
+    meta["attributes"].update(top_k=fmt["top_k"], logp_dtype=f"{fmt['dtype']}-keep{fmt['logp_keep_bits']}")
+    (seg / "zarr.json").write_text(json.dumps(meta))
+    assert verify(Store(tmp_path / "s"))[1] == []
+    assert info(Store(tmp_path / "s"))["dtype"] == ["float16-keep6"]
+    reqs, _ = requests(teacher, sequences(6), CacheFormat(TOP_K, DTYPE, 6))
+    assert CacheReader(tmp_path / "s").get(reqs[0].key)["logp"].shape[1] == TOP_K
+
+
 def test_cached_loss_equals_live_teacher_loss(teacher, tmp_path):
     """DCKD with teacher tensors streamed from a float32 cache ≡ computed from the live teacher."""
     from distill_pipeline.cache.extract import extract

@@ -18,6 +18,7 @@ from distill_pipeline.pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 
 RTOL = 1e-5
+pytestmark = pytest.mark.slow  # trains the tiny pipeline several times
 
 
 @pytest.fixture(scope="module")

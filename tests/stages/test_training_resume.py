@@ -28,10 +28,14 @@ def _setup(seed=0):
     return model, batches, loss_fn
 
 
+def counts(epoch):
+    return [{"micro_batches": 1}] * 5
+
+
 def test_resume_matches_uninterrupted(tmp_path):
     hp = TrainHP(lr=0.05, max_steps=9, batch_size=3, grad_accum=2, checkpoint_every=3)
     model, batches, loss_fn = _setup()
-    train_loop(model, hp=hp, examples=15, batches=batches, loss_fn=loss_fn, work_dir=tmp_path / "a", desc="a")
+    train_loop(model, hp=hp, examples=15, batches=batches, counts=counts, loss_fn=loss_fn, work_dir=tmp_path / "a", desc="a")
 
     crashed, batches, loss_fn = _setup()
 
@@ -40,12 +44,12 @@ def test_resume_matches_uninterrupted(tmp_path):
             raise Stop()
     (tmp_path / "b").mkdir()
     try:
-        train_loop(crashed, hp=hp, examples=15, batches=batches, loss_fn=loss_fn,
+        train_loop(crashed, hp=hp, examples=15, batches=batches, counts=counts, loss_fn=loss_fn,
                    work_dir=tmp_path / "b", desc="b", on_checkpoint=crash)
     except Stop:
         pass
     resumed, batches, loss_fn = _setup(seed=123)  # fresh weights: must come from the checkpoint
-    train_loop(resumed, hp=hp, examples=15, batches=batches, loss_fn=loss_fn, work_dir=tmp_path / "b", desc="b")
+    train_loop(resumed, hp=hp, examples=15, batches=batches, counts=counts, loss_fn=loss_fn, work_dir=tmp_path / "b", desc="b")
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]

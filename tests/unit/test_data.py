@@ -84,8 +84,7 @@ def test_bad_rows_are_skipped_and_reported(tmp_path):
 def test_over_length_rows_are_reported_and_threshold_refuses(tmp_path, capsys):
     tok = load_tokenizer(ModelSpec(preset="tiny-student"))
     rows = [{"prompt": "digits: one", "completion": "1"}] * 9 + [{"prompt": "digits: " + "one " * 80, "completion": "1"}]
-    view = DataView(which="sft", spec=DataSpec(source=write(tmp_path, rows, "jsonl")), max_length=32,
-                    max_bad_fraction=0.2)
+    view = DataView(which="sft", source=write(tmp_path, rows, "jsonl"), max_length=32, max_bad_fraction=0.2)
     out = sft_examples(view, tok)
     assert len(out) == 9
     assert "longer than data.max_length=32 tokens (rows 10)" in capsys.readouterr().out
@@ -141,7 +140,7 @@ def _answer(prompt: str) -> int:
 
 def test_pair_examples_tokenise_builtin(tmp_path):
     tok = load_tokenizer(ModelSpec(preset="tiny-teacher"))
-    view = DataView(which="preferences", spec=DataSpec(source="builtin:numbers"),
+    view = DataView(which="preferences", source="builtin:numbers",
                     numbers=NumbersTask(n_sft=20, n_pairs=10, n_eval=5), max_length=48, max_bad_fraction=0.0)
     ex = pair_examples(view, tok)
     assert len(ex) == 10

@@ -116,7 +116,9 @@ def _set(tree: dict, path: str, value: Any) -> dict:
 def test_each_config_field_changes_exactly_the_nodes_that_read_it(tmp_path, method):
     """Every leaf of the config tree, perturbed alone: the nodes whose own fingerprint payload
     changes are exactly the nodes that read it (their view holds it and it is not NEUTRAL), and
-    the fingerprints that change are those nodes and everything downstream of them."""
+    the fingerprints that change are those nodes and everything downstream of a node whose
+    content (payload minus LAYOUT fields) changed. The hand-written tables below check the same
+    from outside the views."""
     tree = tiny_tree(tmp_path / "run", method=method)
     base_cfg = config_from_dict(tree)
     base = runner.make_plan(base_cfg)
@@ -134,11 +136,12 @@ def test_each_config_field_changes_exactly_the_nodes_that_read_it(tmp_path, meth
                            if n.view.fingerprint_payload() != base.node(n.name).view.fingerprint_payload()}
         expected = {n.name for n in plan.nodes if covers(reads(n) | reads(base.node(n.name)), path)}
         assert payload_changed == expected, f"{method}: {path} {value!r} → {new_value!r}"
-        downstream = set(payload_changed)
+        spread = {n.name for n in plan.nodes
+                  if n.view.content_payload() != base.node(n.name).view.content_payload()}
         for n in plan.nodes:
-            if set(n.needs.values()) & downstream:
-                downstream.add(n.name)
-        assert changed(base.fingerprints, plan.fingerprints) == downstream, f"{method}: {path}"
+            if set(n.needs.values()) & spread:
+                spread.add(n.name)
+        assert changed(base.fingerprints, plan.fingerprints) == payload_changed | spread, f"{method}: {path}"
         tested += 1
     assert tested > 60
 
@@ -149,6 +152,31 @@ def test_teacher_logits_fields_rerun_nothing_for_methods_without_a_cache(tiny_co
     for override in ("teacher_logits.top_k=20", "teacher_logits.dtype=float32",
                      "teacher_logits.logp_keep_bits=4", "teacher_logits.unit_tokens=99"):
         assert changed(base, fps(tiny_config, f"method={method}", override)) == set(), override
+
+
+ALL_ADPA = {"sft.teacher", "sft.student", "teacher_dpo", "rollouts", "teacher_logits.rollouts", "train", "evaluate"}
+
+
+@pytest.mark.parametrize("override, expected", [
+    # read by nobody, or not read in this configuration (built-in data, greedy rollouts)
+    ("data.preferences.split=test", set()), ("data.sft.limit=5", set()), ("data.eval.layout=pairs", set()),
+    ("rollouts.seed=3", set()), ("rollouts.top_p=0.5", set()),
+    ("sft.teacher.checkpoint_every=3", set()), ("teacher_dpo.checkpoint_every=3", set()),
+    ("teacher_logits.num_workers=3", set()), ("teacher_logits.batch_tokens=512", set()),
+    # where the cache lives: the extraction node only
+    ("teacher_logits.unit_tokens=99", {"teacher_logits.rollouts"}),
+    ("teacher_logits.store=/tmp/elsewhere", {"teacher_logits.rollouts"}),
+    # what the cache holds: the extraction and everything that reads it
+    ("teacher_logits.top_k=4", {"teacher_logits.rollouts", "train", "evaluate"}),
+    ("rollouts.temperature=0.7", {"rollouts", "teacher_logits.rollouts", "train", "evaluate"}),
+    ("train.checkpoint_every=3", {"train", "evaluate"}),  # train validates at every checkpoint
+    ("train.loss.gamma=0.5", {"train", "evaluate"}),
+    ("sft.student.lr=0.01", {"sft.student", "rollouts", "teacher_logits.rollouts", "train", "evaluate"}),
+    ("data.numbers.seed=3", ALL_ADPA),
+])
+def test_exactly_the_right_nodes_change_for_adpa(tmp_path, override, expected):
+    config = write_config(tmp_path / "adpa.yaml", tiny_tree(tmp_path / "run", method="adpa"))
+    assert changed(fps(config), fps(config, override)) == expected
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -189,14 +217,8 @@ def test_dataset_file_content_is_fingerprinted(tmp_path, tiny_config):
 # ------------------------------------------------------------------ status
 
 def _publish_state(plan, name):
-    """Record `name` as published with its current view (what runner._publish writes)."""
-    path = runner._state_path(plan, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    node = plan.node(name)
-    path.write_text(json.dumps({
-        "fingerprint": plan.fingerprints[name], "version": get_stage(node.stage).version,
-        "view": node.view.fingerprint_payload(), **runner._lineage(node),
-        "inputs": {r: plan.fingerprints[u] for r, u in node.needs.items()}}))
+    """Record `name` as published with its current view (what publishing a node does)."""
+    runner.record_state(plan, name)
 
 
 def test_status_explains_why(tiny_config):
@@ -223,7 +245,15 @@ def test_status_explains_against_the_same_methods_last_run(tmp_path):
     assert runner.why(plan_for("dckd"), "train") == "never run with loss dckd (other train outputs here are other methods')"
     # adpa and adpa+ both train with the adpa loss, from different inits: separate lineages
     _publish_state(plan_for("adpa+"), "train")
-    assert runner.why(plan_for("adpa"), "train").startswith("never run with loss adpa")
+    assert runner.why(plan_for("adpa"), "train").startswith("never run with loss adpa (")
+    _publish_state(plan_for("adpa"), "train")
+    assert runner.why(plan_for("adpa+", "train.loss.gamma=0.5"), "train") == "train.loss.gamma 1.6 → 0.5"
+    # evaluate has no lineage field of its own: it is told apart by the train node it reads
+    _publish_state(plan_for("dpo"), "evaluate")
+    _publish_state(plan_for("sft"), "evaluate")
+    assert runner.why(plan_for("dpo", "evaluate.batch_size=32"), "evaluate") == "evaluate.batch_size 16 → 32"
+    assert runner.why(plan_for("simpo"), "evaluate") == ("never run with train loss simpo "
+                                                          "(other evaluate outputs here are other methods')")
 
 
 def test_select_closure_and_unknown_target(tiny_config):
