@@ -143,18 +143,41 @@ def aligned_teacher_tensors(reader: CacheReader, rows: list[tuple[str, list[int]
     return {"ids": ids, "logp": logp, "lse": lse, "label_logp": label, "mask": mask}
 
 
-# An extraction node's published `teachers.json`: which store, in which format, which teachers.
+# An extraction node's published files: `teachers.json` (which store, in which format, which
+# teachers) and `keys.parquet` (every entry key the node stands for: what its dependents read).
 NODE_FILE = "teachers.json"
+KEYS_FILE = "keys.parquet"
 
 
-def write_node_file(out: Any, store_root: Any, fmt: Any, source: str, teachers: dict[str, dict]) -> None:
+def write_node_file(out: Any, store_root: Any, fmt: Any, source: str, teachers: dict[str, dict],
+                    keys: Sequence[str]) -> None:
     """teachers: role → {"identity", "path"}. Written once per extraction node."""
     import json
     from pathlib import Path
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     (Path(out) / NODE_FILE).write_text(json.dumps(
         {"store": str(store_root), "format": fmt.to_json(), "source": source, "teachers": teachers},
         indent=2))
+    pq.write_table(pa.table({"key": sorted(set(keys))}), Path(out) / KEYS_FILE)
+
+
+def node_keys(folder: Any) -> list[str]:
+    """The entry keys an extraction node's dependents read."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(folder) / KEYS_FILE, columns=["key"]).column("key").to_pylist()
+
+
+def node_store(folder: Any) -> str:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(folder) / NODE_FILE).read_text())["store"]
 
 
 def open_node(folder: Any) -> tuple[CacheReader, Any, dict[str, str]]:

@@ -4,8 +4,9 @@ Node `teacher_logits` (DCKD, TVKD, VanillaKD, DPKD, and ADPA+'s first phase): th
 the dataset's y_w and y_l. Node `teacher_logits.rollouts` (ADPA, ADPA+): the DPO teacher *and*
 the reference (SFT) teacher on the student's rollouts, same tokens. Only entries missing from the
 store are extracted (content addressed), sharded over `teacher_logits.num_workers` Ray workers.
-Produces `teachers.json` (store root, the `CacheFormat`, teacher identities by role); the train
-stage reads the format from it and computes the same keys from its own tokens.
+Produces `teachers.json` (store root, the `CacheFormat`, teacher identities by role) and
+`keys.parquet` (every entry key the node covers); the train stage reads the format from the first
+and computes the same keys from its own tokens.
 Run alone: `distill-pipeline run teacher_logits -c configs/quickstart.yaml`.
 """
 from __future__ import annotations
@@ -71,11 +72,12 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
                     unit_tokens=cfg.unit_tokens, threads_per_worker=cfg.threads_per_worker,
                     gpus_per_worker=gpus_per_worker())
     write_node_file(out, store.root, fmt, view.source,
-                    {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles})
+                    {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles},
+                    [r.key for r in requests])
     return {**stats, "store": str(store.root)}
 
 
 STAGE = Stage(version=1, kind="orchestrate", view=TeacherLogitsView,
               inputs={"teacher": "the DPO teacher", "reference": "the reference (SFT) teacher",
                       "rollouts": "the student's rollouts (source: rollouts)"},
-              outputs=("teachers.json",), run=run)
+              outputs=("teachers.json", "keys.parquet"), run=run)

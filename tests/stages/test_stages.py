@@ -60,7 +60,7 @@ def test_rollouts_outputs(done_plan):
 
 def test_teacher_logits_outputs(done_plan):
     folder = done_plan.folder("teacher_logits.rollouts")
-    assert files(folder) == {"manifest.json", "teachers.json"}
+    assert files(folder) == {"manifest.json", "teachers.json", "keys.parquet"}
     meta = json.loads((folder / "teachers.json").read_text())
     assert set(meta["teachers"]) == {"teacher", "reference"}
     assert meta["format"] == {"top_k": 8, "dtype": "float16", "logp_keep_bits": None}
