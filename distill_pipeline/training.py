@@ -32,6 +32,18 @@ from typing import Any, Callable, Iterable, Iterator
 from distill_pipeline.progress import progress
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A training step produced a NaN/inf loss or gradient: the stage stops before the optimizer
+    applies it, and nothing is published (the last checkpoint stays for a resume)."""
+
+    def __init__(self, desc: str, step: int, values: dict, grad_norm: float):
+        parts = ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+        super().__init__(
+            f"{desc}: step {step} is not finite ({parts}, gradient norm {grad_norm:.6g}); the step "
+            "was not applied and nothing was published. Lower the learning rate, check the loss "
+            "options and the data (empty responses, extreme teacher log-probs), then rerun")
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Example indices of each micro-batch of one epoch: a seeded shuffle, independent of the
     batch size (so 1×4 and 4×1 accumulation see the same examples in the same order)."""
@@ -134,11 +146,14 @@ def train_loop(model: Any, *, hp: Any, examples: int,
                     v = v.detach() if hasattr(v, "detach") else v
                     sums[k] = sums[k] + v if k in sums else v
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+            values = {k: float(v) for k, v in sums.items()}  # the step's one host sync
+            if not all(math.isfinite(v) for v in (*values.values(), float(grad_norm))):
+                raise NonFiniteLoss(desc, step + 1, values, float(grad_norm))
             opt.step()
             sched.step()
             step += 1
             last = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), **{k: float(v) for k, v in sums.items()}}
+                    "grad_norm": float(grad_norm), **values}
             log.write(json.dumps(last) + "\n")
             if writer:
                 for k, v in last.items():

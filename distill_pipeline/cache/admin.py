@@ -1,164 +1,379 @@
-"""`distill-pipeline cache ls | info | verify | gc`: inspect, check and clean a cache store."""
+"""`distill-pipeline cache ls | info | verify | gc`: inspect, check and clean a cache store.
+
+Every command looks at a segment through `check_segment`: the cheap checks (manifest, index,
+array shapes, entries tiling the arrays) for `ls`/`info`, plus every chunk, key and per-entry
+checksum for `verify` and `gc --damaged`. A segment that fails any of them is *damaged*: listed,
+counted, and removable with `cache gc --damaged` so its entries can be extracted again.
+"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distill_pipeline.cache.format import SCHEMA_VERSION
-from distill_pipeline.cache.store import CHUNK_ROWS, Store, entry_checksum, segment_format
+from distill_pipeline.cache.reader import damage_advice, node_keys, node_store  # noqa: F401 (CLI)
+from distill_pipeline.cache.store import (CHUNK_ROWS, FIELDS, INDEX_COLUMNS, CacheError, Store,
+                                          entry_checksum, segment_format)
 
 
 def _manifest(store: Store, seg: Path) -> dict:
     return json.loads((seg / "zarr.json").read_text()).get("attributes", {})
 
 
+def _why(exc: Exception, limit: int = 160) -> str:
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@dataclass
+class SegmentCheck:
+    """What `check_segment` found: the parts it could read, and every problem (each names the
+    segment and what is broken)."""
+    name: str
+    path: Path
+    manifest: dict | None = None
+    fmt: Any = None
+    index: list[dict] | None = None
+    arrays: dict = field(default_factory=dict)  # deep checks only: field → decoded array
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.problems)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(f"{self.name}: {text}")
+
+
+def segment_dirs(store: Store) -> list[Path]:
+    """Every folder under segments/, complete or not."""
+    seg = store.root / "segments"
+    return sorted(p for p in seg.iterdir() if p.is_dir()) if seg.is_dir() else []
+
+
+def read_array(check: SegmentCheck, group: Any, name: str):
+    """One array decoded chunk by chunk (so a bad chunk is named), or None (problem recorded)."""
+    import numpy as np
+
+    try:
+        arr = group[name]
+        rows = arr.chunks[0]
+    except Exception as exc:  # noqa: BLE001
+        check.problem(f"array {name} missing or unreadable: {_why(exc)}")
+        return None
+    parts = []
+    for c in range(0, arr.shape[0], rows):
+        try:
+            parts.append(arr[c:c + rows])
+        except Exception as exc:  # noqa: BLE001 - CRC32C mismatch, bad compressed data, …
+            check.problem(f"array {name} chunk {c // rows} (rows {c}–{min(c + rows, arr.shape[0]) - 1}) "
+                          f"is corrupt: {_why(exc)}")
+            return None
+    return np.concatenate(parts) if parts else np.zeros((0,) + tuple(arr.shape[1:]), arr.dtype)
+
+
+def check_segment(store: Store, seg: Path, *, deep: bool = True) -> SegmentCheck:
+    """Cheap checks (always): manifest readable with a format and counts, index readable with its
+    columns, entries tiling the arrays, array shapes as the manifest says. Deep (verify): also
+    decode every chunk (CRC32C) and check every key and per-entry checksum."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    check = SegmentCheck(seg.name, seg)
+    if not (seg / "index.parquet").exists():
+        check.problem("no index.parquet (incomplete segment; `cache gc` removes it)")
+        return check
+    try:
+        check.manifest = _manifest(store, seg)
+        check.fmt = segment_format(check.manifest)
+        n_tokens, n_entries = int(check.manifest["n_tokens"]), int(check.manifest["n_entries"])
+    except FileNotFoundError:
+        check.problem("zarr.json (the segment manifest) is missing")
+    except Exception as exc:  # noqa: BLE001 - bad JSON, missing fields
+        check.problem(f"zarr.json (the segment manifest) is unreadable: {_why(exc)}")
+    try:
+        check.index = pq.read_table(seg / "index.parquet", columns=INDEX_COLUMNS).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - truncated (ArrowInvalid), missing columns
+        check.problem(f"index.parquet is unreadable (truncated or corrupt): {_why(exc)}")
+    if check.problems:
+        return check
+    index, fmt = check.index, check.fmt
+    if len(index) != n_entries:
+        check.problem(f"index.parquet has {len(index)} entries, manifest says {n_entries}")
+    expected_offset = 0
+    for i, row in enumerate(index):
+        where = f"entry {i} ({row['key'][:12]}…)"
+        if row["offset"] != expected_offset:
+            check.problem(f"{where}: offset {row['offset']} ≠ {expected_offset} (entries must tile the arrays)")
+        expected_offset = row["offset"] + row["n_tokens"]
+        if row["n_tokens"] != len(row["token_ids"]) - row["prompt_len"]:
+            check.problem(f"{where}: n_tokens {row['n_tokens']} ≠ response length "
+                          f"{len(row['token_ids']) - row['prompt_len']}")
+        if deep and fmt.key(row["teacher"], row["token_ids"], row["prompt_len"]) != row["key"]:
+            check.problem(f"{where}: key does not match its teacher/tokens/K/dtype")
+    if expected_offset != n_tokens:
+        check.problem(f"entries cover {expected_offset} rows of {n_tokens}")
+    try:
+        group = store.open_segment(seg.name)
+    except Exception as exc:  # noqa: BLE001
+        check.problem(f"zarr group cannot be opened: {_why(exc)}")
+        return check
+    for name in FIELDS:
+        try:
+            arr = group[name]
+        except Exception as exc:  # noqa: BLE001
+            check.problem(f"array {name} missing or unreadable: {_why(exc)}")
+            continue
+        if arr.shape[0] != n_tokens:
+            check.problem(f"array {name} has {arr.shape[0]} rows, manifest says {n_tokens}")
+        if name in ("ids", "logp") and tuple(arr.shape[1:]) != (fmt.top_k,):
+            check.problem(f"array {name} has K={tuple(arr.shape[1:])} but manifest top_k={fmt.top_k}")
+        if deep:
+            data = read_array(check, group, name)
+            if data is not None:
+                check.arrays[name] = data
+    if not deep or len(check.arrays) != 4 or check.damaged:
+        return check
+    a = check.arrays
+    for i, row in enumerate(index):
+        where = f"entry {i} ({row['key'][:12]}…)"
+        s = slice(row["offset"], row["offset"] + row["n_tokens"])
+        if entry_checksum(a["ids"][s], a["logp"][s], a["lse"][s], a["label_logp"][s]) != row["checksum"]:
+            check.problem(f"{where}: checksum mismatch (data changed after it was written)")
+        lp = fmt.decode(a["logp"][s])
+        if (np.diff(lp, axis=1) > 0).any() or (lp > 1e-3).any():
+            check.problem(f"{where}: top-K log-probs not sorted descending / not ≤ 0")
+    return check
+
+
 def ls(store: Store) -> list[dict]:
+    """One row per segment folder; damaged ones (cheap checks) have `damaged` set to the reason."""
     rows = []
-    for seg in store.segments():
-        m = _manifest(store, seg)
-        fmt = segment_format(m)
+    for seg in segment_dirs(store):
+        check = check_segment(store, seg, deep=False)
+        m = check.manifest or {}
+        fmt = check.fmt
         size = sum(f.stat().st_size for f in seg.rglob("*") if f.is_file())
-        rows.append({"segment": seg.name, "teacher": m.get("teacher", "?")[:12], "entries": m.get("n_entries"),
-                     "tokens": m.get("n_tokens"), "bytes": size, "top_k": fmt.top_k,
-                     "dtype": fmt.storage})
+        rows.append({"segment": seg.name, "teacher": str(m.get("teacher", "?"))[:12],
+                     "entries": m.get("n_entries", "?"), "tokens": m.get("n_tokens", "?"), "bytes": size,
+                     "top_k": fmt.top_k if fmt else "?", "dtype": fmt.storage if fmt else "?",
+                     "damaged": "; ".join(p.split(": ", 1)[1] for p in check.problems) or None})
     return rows
 
 
 def info(store: Store) -> dict:
     """Entries, tokens, bytes on disk and per token, K, dtype, teachers, and the mean probability
-    mass the top-K keeps (quality of the truncation)."""
+    mass the top-K keeps (quality of the truncation). Counts cover healthy segments; damaged
+    ones (cheap checks, or a log-prob chunk that does not decode) are listed under `damaged`."""
     import numpy as np
 
     entries = tokens = 0
     mass_sum = kl_sum = 0.0
     teachers: dict[str, dict] = {}
     ks, dtypes = set(), set()
-    for seg in store.segments():
-        m = _manifest(store, seg)
-        group = store.open_segment(seg.name)
-        fmt = segment_format(m)
+    damaged: dict[str, list[str]] = {}
+    healthy = 0
+    for seg in segment_dirs(store):
+        check = check_segment(store, seg, deep=False)
+        lp = None
+        if not check.damaged:
+            lp = read_array(check, store.open_segment(seg.name), "logp")
+        if check.damaged:
+            damaged[seg.name] = check.problems
+            continue
+        healthy += 1
+        m, fmt = check.manifest, check.fmt
         ks.add(fmt.top_k)
         dtypes.add(fmt.storage)
         n = int(m["n_tokens"])
-        t = teachers.setdefault(m["teacher"], {"entries": 0, "tokens": 0})
-        t["entries"] += m["n_entries"]
+        t = teachers.setdefault(m.get("teacher", "?"), {"entries": 0, "tokens": 0})
+        t["entries"] += int(m["n_entries"])
         t["tokens"] += n
-        entries += m["n_entries"]
+        entries += int(m["n_entries"])
         tokens += n
         kl_sum += m.get("reconstruction_kl", 0.0) * n
         for start in range(0, n, CHUNK_ROWS):
-            lp = fmt.decode(group["logp"][start:start + CHUNK_ROWS]).astype(np.float64)
-            mass_sum += float(np.exp(lp).sum(axis=1).sum())
-    disk = store.disk_bytes() if store.segments() else 0
-    return {"root": str(store.root), "schema_version": SCHEMA_VERSION, "segments": len(store.segments()),
+            mass_sum += float(np.exp(fmt.decode(lp[start:start + CHUNK_ROWS]).astype(np.float64)).sum())
+    disk = store.disk_bytes()
+    return {"root": str(store.root), "schema_version": SCHEMA_VERSION, "segments": healthy,
             "entries": entries, "tokens": tokens, "bytes_on_disk": disk,
             "bytes_per_token": round(disk / tokens, 2) if tokens else None,
             "top_k": sorted(ks), "dtype": sorted(dtypes),
             "teachers": {k[:16]: v for k, v in teachers.items()},
             "mean_topk_mass": round(mass_sum / tokens, 6) if tokens else None,
-            "reconstruction_kl": float(f"{kl_sum / tokens:.3g}") if tokens else None}
+            "reconstruction_kl": float(f"{kl_sum / tokens:.3g}") if tokens else None,
+            "damaged": damaged}
+
+
+def check_segments(store: Store, *, deep: bool = True) -> list[SegmentCheck]:
+    return [check_segment(store, seg, deep=deep) for seg in segment_dirs(store)]
 
 
 def verify(store: Store) -> tuple[int, list[str]]:
     """Decode every chunk (CRC32C), and check shapes, offsets, keys and per-entry checksums.
     Returns (entries checked, problems) — each problem names the segment and what is broken."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    problems: list[str] = []
-    checked = 0
-    for seg in sorted((store.root / "segments").iterdir()) if (store.root / "segments").exists() else []:
-        name = seg.name
-        if not (seg / "index.parquet").exists():
-            problems.append(f"{name}: no index.parquet (incomplete segment; `cache gc` removes it)")
-            continue
-        try:
-            m = _manifest(store, seg)
-            fmt = segment_format(m)
-            group = store.open_segment(name)
-            index = pq.read_table(seg / "index.parquet").to_pylist()
-        except Exception as exc:
-            problems.append(f"{name}: unreadable manifest or index: {exc}")
-            continue
-        arrays = {}
-        for field in ("ids", "logp", "lse", "label_logp"):
-            try:
-                arr = group[field]
-                rows = arr.chunks[0]
-                parts = []
-                for c in range(0, arr.shape[0], rows):  # chunk by chunk, so a bad one is named
-                    try:
-                        parts.append(arr[c:c + rows])
-                    except Exception as exc:
-                        problems.append(f"{name}: array {field} chunk {c // rows} (rows {c}–"
-                                        f"{min(c + rows, arr.shape[0]) - 1}) is corrupt: {type(exc).__name__}: {exc}")
-                        parts = None
-                        break
-                if parts is not None:
-                    arrays[field] = np.concatenate(parts) if parts else np.zeros((0,))
-            except Exception as exc:
-                problems.append(f"{name}: array {field} missing or unreadable: {exc}")
-        n = int(m.get("n_tokens", -1))
-        for field, arr in arrays.items():
-            if arr.shape[0] != n:
-                problems.append(f"{name}: array {field} has {arr.shape[0]} rows, manifest says {n}")
-        if {"ids", "logp"} <= set(arrays) and arrays["ids"].shape[1:] != (fmt.top_k,):
-            problems.append(f"{name}: ids has K={arrays['ids'].shape[1:]} but manifest top_k={fmt.top_k}")
-        expected_offset = 0
-        for i, row in enumerate(index):
-            checked += 1
-            where = f"{name}: entry {i} ({row['key'][:12]}…)"
-            if row["offset"] != expected_offset:
-                problems.append(f"{where}: offset {row['offset']} ≠ {expected_offset} (entries must tile the arrays)")
-            expected_offset = row["offset"] + row["n_tokens"]
-            if row["n_tokens"] != len(row["token_ids"]) - row["prompt_len"]:
-                problems.append(f"{where}: n_tokens {row['n_tokens']} ≠ response length "
-                                f"{len(row['token_ids']) - row['prompt_len']}")
-            key = fmt.key(row["teacher"], row["token_ids"], row["prompt_len"])
-            if key != row["key"]:
-                problems.append(f"{where}: key does not match its teacher/tokens/K/dtype")
-            if len(arrays) == 4:
-                s = slice(row["offset"], row["offset"] + row["n_tokens"])
-                if entry_checksum(arrays["ids"][s], arrays["logp"][s], arrays["lse"][s],
-                                  arrays["label_logp"][s]) != row["checksum"]:
-                    problems.append(f"{where}: checksum mismatch (data changed after it was written)")
-                lp = fmt.decode(arrays["logp"][s])
-                if (np.diff(lp, axis=1) > 0).any() or (lp > 1e-3).any():
-                    problems.append(f"{where}: top-K log-probs not sorted descending / not ≤ 0")
-        if len(arrays) == 4 and expected_offset != n:
-            problems.append(f"{name}: entries cover {expected_offset} rows of {n}")
+    checked, problems = 0, []
+    for check in check_segments(store):
+        checked += len(check.index or [])
+        problems += check.problems
     return checked, problems
 
 
+def store_id(root: Any) -> str:
+    """One spelling of a store root, to match the store a node names with the one verified."""
+    return str(Path(root).expanduser().resolve())
+
+
+def damaged_keys(checks: list[SegmentCheck]) -> set[str]:
+    """Keys of damaged segments whose index could still be read."""
+    return {row["key"] for c in checks if c.damaged and c.index for row in c.index}
+
+
+@dataclass
+class NodeCheck:
+    """One published extraction node of a run dir against the store it names."""
+    folder: Path
+    node: str
+    store: str | None = None
+    expected: int = 0
+    missing: int = 0
+    in_damaged: int = 0   # of its keys, how many sit in damaged segments
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.missing == 0 and self.in_damaged == 0
+
+
+def run_nodes(run_dir: Path) -> list[Path]:
+    """Published `teacher_logits` node folders of a run dir (their manifest.json says so)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is not a directory" if run_dir.exists() else "does not exist"
+        raise CacheError(f"run dir {run_dir} {what}; give --run the run_dir of a config "
+                         "(the folder holding its node folders)")
+    nodes = []
+    for manifest in sorted(run_dir.glob("*/manifest.json")):
+        if manifest.parent.name.startswith("."):
+            continue
+        try:
+            stage = json.loads(manifest.read_text()).get("stage")
+        except Exception:  # noqa: BLE001 - not ours to judge here
+            continue
+        if stage == "teacher_logits":
+            nodes.append(manifest.parent)
+    return nodes
+
+
+def check_nodes(run_dir: Path, damaged_keys: dict[str, set[str]] | None = None) -> list[NodeCheck]:
+    """For every extraction node of the run: is each key it stands for in its store?
+    `damaged_keys`: store root → keys found in damaged segments (counted separately)."""
+    out = []
+    for folder in run_nodes(run_dir):
+        try:
+            node = json.loads((folder / "manifest.json").read_text()).get("node", folder.name)
+        except Exception:  # noqa: BLE001
+            node = folder.name
+        nc = NodeCheck(folder, str(node))
+        try:
+            nc.store = node_store(folder)
+            keys = set(node_keys(folder))
+            nc.expected = len(keys)
+            missing = Store(nc.store, create=False).missing(keys)
+        except CacheError as exc:
+            nc.error = str(exc)
+            out.append(nc)
+            continue
+        bad = (damaged_keys or {}).get(store_id(nc.store)) or set()
+        nc.in_damaged = len((keys - missing) & bad)
+        nc.missing = len(missing)
+        out.append(nc)
+    return out
+
+
+@dataclass
+class GcReport:
+    removed: list[str] = field(default_factory=list)   # "tmp/x (why)", "segments/y (why)"
+    kept: list[str] = field(default_factory=list)      # in-flight writes of live processes
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # segment → problems
+
+
+def _owner(name: str) -> int | None:
+    """The pid in a tmp/ entry's name `<segment>.<pid>.<ns>`, or None."""
+    parts = name.rsplit(".", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return int(parts[1])
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    except OSError:
+        return False
+    return True
+
+
 def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = None,
-       dry_run: bool = False) -> list[str]:
-    """Remove abandoned in-flight writes (tmp/ older than `older_than_s`), incomplete segments,
-    and, if asked, every segment of one teacher. Returns what was (or would be) removed."""
-    removed = []
+       damaged: bool = False, dry_run: bool = False) -> GcReport:
+    """Remove abandoned in-flight writes (tmp/ entries older than `older_than_s` whose writing
+    process is gone — a live writer's are never touched), incomplete segments, and, if asked,
+    every segment of one teacher and every segment `verify` flags (`damaged`)."""
+    report = GcReport()
     now = time.time()
     tmp = store.root / "tmp"
-    for p in sorted(tmp.iterdir()) if tmp.exists() else []:
-        if now - p.stat().st_mtime > older_than_s:
-            removed.append(f"tmp/{p.name} (abandoned write)")
+    for p in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        pid = _owner(p.name)
+        if pid is not None and pid_alive(pid):
+            report.kept.append(f"tmp/{p.name} (being written by running process {pid})")
+            continue
+        try:
+            age = now - p.stat().st_mtime
+        except FileNotFoundError:
+            continue  # its writer just published or removed it
+        if age > older_than_s:
+            report.removed.append(f"tmp/{p.name} (abandoned write)")
             if not dry_run:
-                shutil.rmtree(p, ignore_errors=True)
-    for seg in sorted((store.root / "segments").iterdir()):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+    for seg in segment_dirs(store):
         why = None
         if not (seg / "index.parquet").exists():
             why = "incomplete segment"
-        elif drop_teacher and _manifest(store, seg).get("teacher", "").startswith(drop_teacher):
-            why = f"teacher {drop_teacher}"
+        elif drop_teacher:
+            try:
+                if str(_manifest(store, seg).get("teacher", "")).startswith(drop_teacher):
+                    why = f"teacher {drop_teacher}"
+            except Exception:  # noqa: BLE001 - unreadable manifest: a damaged segment, not this teacher's
+                pass
+        if why is None and damaged:
+            check = check_segment(store, seg, deep=True)
+            if check.damaged:
+                report.damaged[seg.name] = check.problems
+                why = "damaged"
         if why:
-            removed.append(f"segments/{seg.name} ({why})")
+            report.removed.append(f"segments/{seg.name} ({why})")
             if not dry_run:
-                shutil.rmtree(seg, ignore_errors=True)
-    return removed
+                store.remove_segment(seg.name)
+    return report
 
 
 def human_bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return str(n)
     n = float(n or 0)
     if n < 1024:
         return f"{int(n)} B"
@@ -167,3 +382,4 @@ def human_bytes(n: Any) -> str:
         if n < 1024 or unit == "TB":
             break
     return f"{n:.1f} {unit}"
+

@@ -12,23 +12,41 @@ import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
-from distill_pipeline.cache.store import CacheError, Store, segment_format
+from distill_pipeline.cache.store import FIELDS, CacheError, Store, entry_checksum, segment_format
 
 
 class TokenMismatch(CacheError):
     """A cached entry's token ids differ from the student sequence it is paired with."""
 
 
+def damage_advice(root: Any, *, listed: bool = False) -> str:
+    """What to do about a damaged segment (said by the reader, `cache ls/info/verify`); `listed`:
+    the damage was just listed by a full verify, so that step is left out."""
+    remove = (f"run `distill-pipeline cache gc --damaged --store {root}` to remove the damaged segment(s)"
+              if listed else f"run `distill-pipeline cache verify --store {root}` to list the damage, then "
+              f"`distill-pipeline cache gc --damaged --store {root}`")
+    return remove + " and rerun `distill-pipeline run teacher_logits` to extract the removed entries again"
+
+
 class CacheReader:
+    """Entries by key. Each entry's data is checked against the checksum written with it the first
+    time this reader decodes it (so chunks that are intact but swapped or replaced are caught);
+    any failure to read raises `CacheError` naming the segment, the entry and the fix."""
+
     def __init__(self, root: Any, *, max_cached_bytes: int = 256 << 20):
         self.store = Store(root, create=False)
-        idx = self.store.index(columns=["key", "offset", "n_tokens", "prompt_len"]).to_pydict()
-        self._where = {k: (s, o, n, p) for k, s, o, n, p in zip(
-            idx["key"], idx["segment"], idx["offset"], idx["n_tokens"], idx["prompt_len"])}
+        self.damaged: dict[str, str] = {}  # segments left out: their index cannot be read
+        idx = self.store.index(columns=["key", "offset", "n_tokens", "prompt_len", "checksum"],
+                               damaged=self.damaged).to_pydict()
+        self._where = {k: (s, o, n, p, c) for k, s, o, n, p, c in zip(
+            idx["key"], idx["segment"], idx["offset"], idx["n_tokens"], idx["prompt_len"], idx["checksum"])}
         self._groups: dict[str, Any] = {}
+        self._arrays: dict[tuple, Any] = {}
+        self._formats: dict[str, Any] = {}
         self._chunks: OrderedDict = OrderedDict()
         self._budget, self._held = max_cached_bytes, 0
         self._tokens: OrderedDict = OrderedDict()
+        self._verified: set[str] = set()  # keys whose data matched their checksum
         self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
@@ -37,13 +55,27 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self._where)
 
+    def _damage(self, segment: str, key: str | None, what: str) -> CacheError:
+        entry = f", entry {key[:16]}…," if key else ""
+        return CacheError(f"cache segment {segment}{entry} in {self.store.root} is damaged: {what}; "
+                          + damage_advice(self.store.root))
+
     def _group(self, segment: str):
         if segment not in self._groups:
             self._groups[segment] = self.store.open_segment(segment)
         return self._groups[segment]
 
+    def _array(self, segment: str, field: str):
+        arr = self._arrays.get((segment, field))
+        if arr is None:
+            arr = self._arrays[(segment, field)] = self._group(segment)[field]
+        return arr
+
     def _format(self, segment: str):
-        return segment_format(dict(self._group(segment).attrs))
+        fmt = self._formats.get(segment)
+        if fmt is None:
+            fmt = self._formats[segment] = segment_format(dict(self._group(segment).attrs))
+        return fmt
 
     def _chunk(self, segment: str, field: str, c: int):
         """Decoded chunk `c` of one array, through the LRU."""
@@ -52,7 +84,7 @@ class CacheReader:
             if key in self._chunks:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
-        arr = self._group(segment)[field]
+        arr = self._array(segment, field)
         rows = arr.chunks[0]
         data = arr[c * rows:(c + 1) * rows]
         with self._lock:
@@ -66,7 +98,7 @@ class CacheReader:
     def _rows(self, segment: str, field: str, offset: int, n: int):
         import numpy as np
 
-        rows = self._group(segment)[field].chunks[0]
+        rows = self._array(segment, field).chunks[0]
         parts = []
         pos = offset
         while pos < offset + n:
@@ -75,7 +107,9 @@ class CacheReader:
             take = min(offset + n, (c + 1) * rows) - pos
             parts.append(chunk[pos - c * rows:pos - c * rows + take])
             pos += take
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else self._chunk(segment, field, 0)[:0]
 
     def token_ids(self, key: str) -> list[int]:
         segment = self._where[key][0]
@@ -84,21 +118,32 @@ class CacheReader:
         if table is None:
             import pyarrow.parquet as pq
 
-            t = pq.read_table(self.store.root / "segments" / segment / "index.parquet",
-                              columns=["key", "token_ids"]).to_pydict()
+            try:
+                t = pq.read_table(self.store.root / "segments" / segment / "index.parquet",
+                                  columns=["key", "token_ids"]).to_pydict()
+            except Exception as exc:  # noqa: BLE001 - truncated, deleted, corrupt
+                raise self._damage(segment, key, f"its index.parquet cannot be read "
+                                                 f"({type(exc).__name__}: {exc})") from None
             table = dict(zip(t["key"], t["token_ids"]))
             with self._lock:
                 self._tokens[segment] = table
                 while len(self._tokens) > 64:
                     self._tokens.popitem(last=False)
+        if key not in table:
+            raise self._damage(segment, key, "its index.parquet changed while it was being read")
         return table[key]
 
     def get(self, key: str, expect_tokens: Sequence[int] | None = None) -> dict:
         """One entry: ids (n, K) int32, logp (n, K) float32, lse (n,), label_logp (n,)."""
         if key not in self._where:
+            if self.damaged:
+                names = ", ".join(sorted(self.damaged)[:3]) + (" …" if len(self.damaged) > 3 else "")
+                raise CacheError(f"cache entry {key[:16]}… is not in {self.store.root}, which has "
+                                 f"{len(self.damaged)} damaged segment(s) whose entries cannot be read "
+                                 f"({names}); " + damage_advice(self.store.root))
             raise CacheError(f"cache entry {key[:16]}… is not in {self.store.root}; run "
                              "`distill-pipeline run teacher_logits` for this data and teacher")
-        segment, offset, n, prompt_len = self._where[key]
+        segment, offset, n, prompt_len, checksum = self._where[key]
         if expect_tokens is not None:
             stored = self.token_ids(key)
             if list(stored) != list(expect_tokens):
@@ -110,11 +155,19 @@ class CacheReader:
                     f"student {list(expect_tokens[first:first + 5])}; lengths {len(stored)} vs "
                     f"{len(expect_tokens)}). Teacher and student tokenisation disagree — rerun "
                     "teacher_logits for this data, and check both models share one tokenizer")
-        fmt = self._format(segment)
-        return {"ids": self._rows(segment, "ids", offset, n),
-                "logp": fmt.decode(self._rows(segment, "logp", offset, n)),
-                "lse": self._rows(segment, "lse", offset, n),
-                "label_logp": self._rows(segment, "label_logp", offset, n),
+        try:
+            fmt = self._format(segment)
+            ids, bits, lse, label = (self._rows(segment, f, offset, n) for f in FIELDS)
+        except CacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zarr checksum mismatch, missing files, bad JSON, …
+            raise self._damage(segment, key, f"reading it failed ({type(exc).__name__}: {exc})") from None
+        if key not in self._verified:  # once per entry per reader: a hash of ~n·(6K+8) bytes
+            if len(lse) != n or entry_checksum(ids, bits, lse, label) != checksum:
+                raise self._damage(segment, key, "its data does not match the checksum written with it "
+                                                 "(chunks changed, replaced or swapped after it was written)")
+            self._verified.add(key)
+        return {"ids": ids, "logp": fmt.decode(bits), "lse": lse, "label_logp": label,
                 "prompt_len": prompt_len}
 
 
@@ -164,29 +217,44 @@ def write_node_file(out: Any, store_root: Any, fmt: Any, source: str, teachers: 
     pq.write_table(pa.table({"key": sorted(set(keys))}), Path(out) / KEYS_FILE)
 
 
+def _node_damaged(folder: Any, name: str, exc: Exception) -> CacheError:
+    return CacheError(f"extraction node {folder}: {name} cannot be read ({type(exc).__name__}: {exc}); "
+                      f"delete the folder {folder} and rerun `distill-pipeline run teacher_logits` to "
+                      "write it again")
+
+
 def node_keys(folder: Any) -> list[str]:
     """The entry keys an extraction node's dependents read."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
 
-    return pq.read_table(Path(folder) / KEYS_FILE, columns=["key"]).column("key").to_pylist()
+    try:
+        return pq.read_table(Path(folder) / KEYS_FILE, columns=["key"]).column("key").to_pylist()
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, no key column
+        raise _node_damaged(folder, KEYS_FILE, exc) from None
 
 
-def node_store(folder: Any) -> str:
+def _node_meta(folder: Any) -> dict:
     import json
     from pathlib import Path
 
-    return json.loads((Path(folder) / NODE_FILE).read_text())["store"]
+    try:
+        meta = json.loads((Path(folder) / NODE_FILE).read_text())
+        meta["store"], meta["format"], meta["teachers"]  # noqa: B018 - required fields
+        return meta
+    except Exception as exc:  # noqa: BLE001 - missing file, bad JSON, missing field
+        raise _node_damaged(folder, NODE_FILE, exc) from None
+
+
+def node_store(folder: Any) -> str:
+    return _node_meta(folder)["store"]
 
 
 def open_node(folder: Any) -> tuple[CacheReader, Any, dict[str, str]]:
     """(reader over the node's store, its CacheFormat, teacher identity by role)."""
-    import json
-    from pathlib import Path
-
     from distill_pipeline.cache.format import CacheFormat
 
-    meta = json.loads((Path(folder) / NODE_FILE).read_text())
+    meta = _node_meta(folder)
     return (CacheReader(meta["store"]), CacheFormat.from_json(meta["format"]),
             {role: t["identity"] for role, t in meta["teachers"].items()})

@@ -11,7 +11,8 @@
         label_logp/ (N,)   float32         log-prob of the actual next token
         index.parquet                      one row per (sequence, teacher) entry: key, teacher,
                                            offset, n_tokens, prompt_len, token_ids, checksum
-    <root>/tmp/                            segments being written (never read; `cache gc` clears)
+    <root>/tmp/<segment id>.<pid>.<ns>     segments being written by process <pid> (never read;
+                                           `cache gc` removes those whose process is gone)
 
 Arrays are chunked along the token axis; every chunk carries a CRC32C. An entry's key
 (`CacheFormat.key`) hashes (schema version, teacher identity, format, prompt length, exact token ids): the same teacher on
@@ -39,6 +40,10 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 
 class CacheError(RuntimeError):
     """The cache store is missing, unreadable or inconsistent."""
+
+
+STORE_META = {"schema_version": SCHEMA_VERSION, "kind": "distill-pipeline teacher-logit cache"}
+INDEX_COLUMNS = ["key", "teacher", "offset", "n_tokens", "prompt_len", "token_ids", "checksum"]
 
 
 def default_root() -> Path:
@@ -75,46 +80,118 @@ class Store:
 
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
         self.root = Path(root).expanduser() if root else default_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"{self.root} is a file, not a teacher-logit cache directory; point --store "
+                             "(or teacher_logits.store, $DISTILL_CACHE_DIR) at a directory")
         meta = self.root / "store.json"
         if meta.exists():
-            found = json.loads(meta.read_text()).get("schema_version")
+            found = self._read_meta(meta).get("schema_version")
             if found != SCHEMA_VERSION:
                 raise CacheError(f"{self.root}: cache schema {found}, this version of distill-pipeline "
                                  f"reads schema {SCHEMA_VERSION} (entry keys differ); point "
                                  "teacher_logits.store / --store at a new directory, or delete this "
                                  "one, and the entries are extracted again")
+            if create:  # a writer needs both (a publish into a missing segments/ would be lost)
+                self._mkdirs()
         elif create:
+            self._mkdirs()
+            tmp = self.root / f"store.json.{os.getpid()}"
+            try:
+                tmp.write_text(json.dumps(STORE_META))
+                os.replace(tmp, meta)
+            except OSError as exc:
+                raise CacheError(f"cannot create a teacher-logit cache at {self.root}: {exc.strerror or exc}; "
+                                 "point teacher_logits.store / --store at a writable directory") from None
+        else:
+            where = "the directory does not exist" if not self.root.exists() else "no store.json in it"
+            raise CacheError(f"no teacher-logit cache at {self.root} ({where}); check --store, "
+                             "$DISTILL_CACHE_DIR or teacher_logits.store — `distill-pipeline run "
+                             "teacher_logits` creates the store")
+
+    def _mkdirs(self) -> None:
+        try:
             (self.root / "segments").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)
-            tmp = self.root / f"store.json.{os.getpid()}"
-            tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION,
-                                       "kind": "distill-pipeline teacher-logit cache"}))
-            os.replace(tmp, meta)
-        else:
-            raise CacheError(f"no teacher-logit cache at {self.root}")
+        except OSError as exc:
+            raise CacheError(f"cannot create a teacher-logit cache at {self.root}: {exc.strerror or exc} "
+                             f"({exc.filename}); point teacher_logits.store / --store at a writable "
+                             "directory") from None
+
+    @staticmethod
+    def _read_meta(meta: Path) -> dict:
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            data = exc
+        if not isinstance(data, dict):
+            why = f"{type(data).__name__}: {data}" if isinstance(data, Exception) else "not a JSON object"
+            raise CacheError(
+                f"{meta} is damaged ({why}). It only marks the directory as a cache: rewrite it with "
+                f"`echo '{json.dumps(STORE_META)}' > {meta}`, then check the segments with "
+                f"`distill-pipeline cache verify --store {meta.parent}` (or point --store / "
+                "teacher_logits.store at a new directory and the entries are extracted again)")
+        return data
 
     # ------------------------------------------------------------------ index
 
     def segments(self) -> list[Path]:
+        """Published segments (complete: their index.parquet exists), by name."""
         seg = self.root / "segments"
-        return sorted(p for p in seg.iterdir() if (p / "index.parquet").exists()) if seg.exists() else []
+        if not seg.is_dir():
+            return []
+        return sorted(p for p in seg.iterdir() if p.is_dir() and (p / "index.parquet").exists())
 
-    def index(self, columns: list[str] | None = None):
-        """All entries of all published segments as one Arrow table (+ `segment` column)."""
+    def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None):
+        """All entries of all published segments as one Arrow table (+ `segment` column). A segment
+        whose index cannot be read (truncated, corrupt) is left out — its entries count as absent —
+        and, if `damaged` is given, recorded there (segment name → why)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         tables = []
         for seg in self.segments():
-            t = pq.read_table(seg / "index.parquet", columns=columns)
-            tables.append(t.append_column("segment", pa.array([seg.name] * len(t))))
+            try:
+                t = pq.read_table(seg / "index.parquet", columns=columns)
+            except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError, missing column, …
+                if damaged is not None:
+                    damaged[seg.name] = f"index.parquet is unreadable ({type(exc).__name__}: {exc})"
+                continue
+            tables.append(t.append_column("segment", pa.array([seg.name] * len(t), pa.string())))
         if not tables:
-            cols = columns or ["key", "teacher", "offset", "n_tokens", "prompt_len", "token_ids", "checksum"]
-            return pa.table({c: [] for c in cols + ["segment"]})
+            cols = columns or INDEX_COLUMNS
+            return pa.table({c: pa.array([], pa.string()) for c in cols + ["segment"]})
         return pa.concat_tables(tables)
 
     def existing_keys(self) -> set[str]:
         return set(self.index(columns=["key"]).column("key").to_pylist())
+
+    def missing(self, keys) -> set[str]:
+        """The keys not in any published segment with a readable index: what an extraction of
+        them would have to compute again. Reads only the key column of each index."""
+        wanted = set(keys)
+        return wanted - self.existing_keys() if wanted else set()
+
+    def remove_segment(self, name: str) -> None:
+        """Take a segment out of the store: one rename out of segments/ (readers stop seeing it at
+        once), then delete it. The renamed folder is named like a write of this process, so an
+        interrupted delete is finished by a later `cache gc`."""
+        path = self.root / "segments" / name
+        aside = self.root / "tmp" / f"{name}.{os.getpid()}.{time.time_ns()}"
+        try:
+            aside.parent.mkdir(exist_ok=True)
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # someone else removed it
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _readable(self, segment: Path) -> bool:
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_table(segment / "index.parquet", columns=["key"])
+            return True
+        except Exception:  # noqa: BLE001
+            return False
 
     # ------------------------------------------------------------------ write
 
@@ -130,7 +207,9 @@ class Store:
 
         final = self.root / "segments" / segment_id
         if final.exists():
-            return False
+            if self._readable(final):
+                return False
+            self.remove_segment(segment_id)  # incomplete or unreadable: its entries are written again
         tmp = self.root / "tmp" / f"{segment_id}.{os.getpid()}.{time.time_ns()}"
         group = zarr.open_group(str(tmp), mode="w", attributes=manifest)
         zstd = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
@@ -176,4 +255,5 @@ class Store:
         return zarr.open_group(str(self.root / "segments" / name), mode="r")
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in (self.root / "segments").rglob("*") if f.is_file())
+        seg = self.root / "segments"
+        return sum(f.stat().st_size for f in seg.rglob("*") if f.is_file()) if seg.is_dir() else 0

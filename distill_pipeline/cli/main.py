@@ -40,13 +40,18 @@ def _load(config: str, sets: Optional[List[str]], ray_address: Optional[str] = N
 
 
 def _errors() -> tuple:
+    """Errors whose message is the whole story (what, where, what to do): printed, no traceback."""
+    from distill_pipeline.cache.store import CacheError
     from distill_pipeline.data.readers import DataError
     from distill_pipeline.generation import BackendError
     from distill_pipeline.models import ModelError
     from distill_pipeline.pipeline.config import ConfigError
+    from distill_pipeline.pipeline.lock import RunDirBusy
+    from distill_pipeline.pipeline.raysetup import RayUnavailable
     from distill_pipeline.pipeline.runner import PipelineError
 
-    return ConfigError, DataError, ModelError, PipelineError, BackendError
+    return (ConfigError, DataError, ModelError, PipelineError, BackendError, CacheError, RunDirBusy,
+            RayUnavailable)
 
 
 @app.command()
@@ -54,16 +59,25 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
         config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt,
         force: bool = typer.Option(False, "--force", help="rerun the named stages even if up to date"),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="attach to a Ray cluster"),
-        no_ray: bool = typer.Option(False, "--no-ray", help="run stages in this process (debugging)")):
-    """Bring the named stages (and anything they need) up to date."""
-    from distill_pipeline.pipeline.runner import make_plan, run as run_plan
+        no_ray: bool = typer.Option(False, "--no-ray", help="run stages in this process (debugging)"),
+        wait: bool = typer.Option(False, "--wait", help="if another run holds the run dir, wait for it "
+                                  "instead of exiting")):
+    """Bring the named stages (and anything they need) up to date.
+
+    One run per run dir at a time (a second one exits, or queues with --wait). Ctrl-C or SIGTERM
+    stops the running stages and keeps their partial output: rerun the same command to resume."""
+    from distill_pipeline.pipeline.runner import Interrupted, make_plan, run as run_plan
 
     cfg = _load(config, sets, ray_address)
     try:
         plan = make_plan(cfg)
-        ran = run_plan(plan, list(stages or ["all"]), force=force, use_ray=not no_ray)
+        ran = run_plan(plan, list(stages or ["all"]), force=force, use_ray=not no_ray, wait=wait)
     except _errors() as exc:
         fail(str(exc))
+    except (Interrupted, KeyboardInterrupt):
+        typer.secho(f"interrupted; partial outputs are kept in {cfg.run_dir}/.partial — rerun the same "
+                    "command to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
     if not ran:
         typer.echo("nothing to do: every node is up to date")
 
@@ -74,7 +88,10 @@ def status(config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt):
     from distill_pipeline.pipeline.runner import make_plan, status as plan_status
 
     cfg = _load(config, sets)
-    rows = plan_status(make_plan(cfg))
+    try:
+        rows = plan_status(make_plan(cfg))
+    except _errors() as exc:
+        fail(str(exc))
     width = max(len(n) for n, _, _ in rows)
     for name, ok, text in rows:
         typer.secho(f"{name.ljust(width)}  {text}", fg=typer.colors.GREEN if ok else typer.colors.YELLOW)
@@ -122,77 +139,215 @@ def _store(path: Optional[str]):
         fail(str(exc))
 
 
+def _cache_call(fn, *args, **kwargs):
+    """An admin call whose failure (CacheError, an unreadable file) is one message, no traceback."""
+    from distill_pipeline.cache.store import CacheError
+
+    try:
+        return fn(*args, **kwargs)
+    except CacheError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot read the cache: {exc}; check the path and its permissions")
+
+
+def _segments_note(store) -> None:
+    seg = store.root / "segments"
+    if not seg.is_dir():
+        typer.secho(f"note: {seg} is missing: the store holds no entries (`distill-pipeline run "
+                    "teacher_logits` extracts them again)", fg=typer.colors.YELLOW, err=True)
+
+
 @cache_app.command("ls")
 def cache_ls(store: Optional[str] = StoreOpt):
-    """One line per segment: teacher, entries, tokens, size."""
-    from distill_pipeline.cache.admin import human_bytes, ls
+    """One line per segment: teacher, entries, tokens, size. Segments failing the cheap checks
+    (manifest, index, shapes) are marked DAMAGED (exit 1); `cache verify` also decodes every chunk."""
+    from distill_pipeline.cache.admin import damage_advice, human_bytes, ls
 
-    rows = ls(_store(store))
+    s = _store(store)
+    _segments_note(s)
+    rows = _cache_call(ls, s)
     typer.echo(f"{'segment':34}{'teacher':14}{'K':>4}{'dtype':>10}{'entries':>9}{'tokens':>10}{'size':>11}")
     for r in rows:
-        typer.echo(f"{r['segment']:34}{r['teacher']:14}{r['top_k']:>4}{r['dtype']:>10}{r['entries']:>9}"
-                   f"{r['tokens']:>10}{human_bytes(r['bytes']):>11}")
-    typer.echo(f"{len(rows)} segment(s)")
+        line = (f"{r['segment']:34}{r['teacher']:14}{r['top_k']:>4}{r['dtype']:>10}{r['entries']:>9}"
+                f"{r['tokens']:>10}{human_bytes(r['bytes']):>11}")
+        if r["damaged"]:
+            typer.secho(f"{line}  DAMAGED: {r['damaged']}", fg=typer.colors.RED)
+        else:
+            typer.echo(line)
+    bad = sum(1 for r in rows if r["damaged"])
+    typer.echo(f"{len(rows)} segment(s)" + (f", {bad} damaged" if bad else ""))
+    if bad:
+        fail(f"{bad} damaged segment(s) in {s.root}; {damage_advice(s.root)}")
 
 
 @cache_app.command("info")
 def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")):
-    """Entries, tokens, bytes on disk and per token, K, dtype, teachers, mean top-K mass."""
+    """Entries, tokens, bytes on disk and per token, K, dtype, teachers, mean top-K mass.
+    Damaged segments are listed and left out of the counts (exit 1)."""
     import json
 
-    from distill_pipeline.cache.admin import human_bytes, info
+    from distill_pipeline.cache.admin import damage_advice, human_bytes, info
 
-    r = info(_store(store))
+    s = _store(store)
+    _segments_note(s)
+    r = _cache_call(info, s)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
-        return
-    typer.echo(f"store            {r['root']} (schema {r['schema_version']})")
-    typer.echo(f"segments         {r['segments']}")
-    typer.echo(f"entries          {r['entries']}")
-    typer.echo(f"tokens           {r['tokens']}")
-    typer.echo(f"bytes on disk    {human_bytes(r['bytes_on_disk'])} ({r['bytes_on_disk']} B)")
-    typer.echo(f"bytes per token  {r['bytes_per_token']}")
-    typer.echo(f"top-K            {', '.join(map(str, r['top_k']))}")
-    typer.echo(f"dtype            {', '.join(r['dtype'])}")
-    typer.echo(f"top-K mass       {r['mean_topk_mass']} (mean probability the stored top-K keeps)")
-    typer.echo(f"storage KL       {r['reconstruction_kl']} (mean K+1-bin KL, float32 logits → stored values)")
-    for t, v in r["teachers"].items():
-        typer.echo(f"teacher          {t}…  {v['entries']} entries, {v['tokens']} tokens")
+    else:
+        typer.echo(f"store            {r['root']} (schema {r['schema_version']})")
+        typer.echo(f"segments         {r['segments']}" + (f" healthy, {len(r['damaged'])} damaged"
+                                                          if r["damaged"] else ""))
+        typer.echo(f"entries          {r['entries']}")
+        typer.echo(f"tokens           {r['tokens']}")
+        typer.echo(f"bytes on disk    {human_bytes(r['bytes_on_disk'])} ({r['bytes_on_disk']} B)")
+        typer.echo(f"bytes per token  {r['bytes_per_token']}")
+        typer.echo(f"top-K            {', '.join(map(str, r['top_k']))}")
+        typer.echo(f"dtype            {', '.join(r['dtype'])}")
+        typer.echo(f"top-K mass       {r['mean_topk_mass']} (mean probability the stored top-K keeps)")
+        typer.echo(f"storage KL       {r['reconstruction_kl']} (mean K+1-bin KL, float32 logits → stored values)")
+        for t, v in r["teachers"].items():
+            typer.echo(f"teacher          {t}…  {v['entries']} entries, {v['tokens']} tokens")
+        for problems in r["damaged"].values():
+            for p in problems:
+                typer.secho(f"damaged          {p}", fg=typer.colors.RED)
+    if r["damaged"]:
+        fail(f"{len(r['damaged'])} damaged segment(s) in {s.root} (not counted above); "
+             f"{damage_advice(s.root)}")
 
 
-@cache_app.command("verify")
-def cache_verify(store: Optional[str] = StoreOpt):
-    """Decode every chunk and check checksums, keys, offsets and shapes; exit 1 on any problem."""
-    from distill_pipeline.cache.admin import verify
+@cache_app.command("verify", help=(
+    "Decode every chunk and check checksums, keys, offsets and shapes; exit 1 on any problem.\n\n"
+    "Without --run, verify can only check the segments that exist: a segment deleted whole leaves no "
+    "trace. With --run RUN_DIR it also checks, for each published teacher_logits node of the run, that "
+    "every entry the node stands for is in the store its teachers.json names (without --store, those "
+    "stores are the ones verified)."))
+def cache_verify(store: Optional[str] = StoreOpt,
+                 run_dir: Optional[str] = typer.Option(
+                     None, "--run", help="a run dir: also check that every entry its published "
+                     "teacher_logits nodes stand for is still in their store (finds deleted segments)")):
+    from pathlib import Path
 
-    checked, problems = verify(_store(store))
-    for p in problems:
-        typer.secho(p, fg=typer.colors.RED)
-    if problems:
-        fail(f"{len(problems)} problem(s) in {checked} entries")
-    typer.echo(f"ok: {checked} entries verified")
+    from distill_pipeline.cache.admin import (check_nodes, check_segments, damage_advice, damaged_keys,
+                                              run_nodes, store_id)
+    from distill_pipeline.cache.reader import node_store
+    from distill_pipeline.cache.store import CacheError, Store
+
+    nodes = _cache_call(run_nodes, Path(run_dir)) if run_dir else []
+    roots: list = [store]
+    if run_dir and store is None:
+        found = set()
+        for folder in nodes:
+            try:
+                found.add(node_store(folder))
+            except CacheError:
+                pass  # reported with the node below
+        roots = sorted(found) or [None]
+    checked, problems, bad_keys, advice = 0, 0, {}, []
+    for root in roots:
+        if run_dir and store is None:
+            try:
+                s = Store(root, create=False)
+            except CacheError as exc:
+                typer.secho(str(exc), fg=typer.colors.RED)
+                problems += 1
+                continue
+        else:
+            s = _store(root)
+        _segments_note(s)
+        checks = _cache_call(check_segments, s)
+        for c in checks:
+            checked += len(c.index or [])
+            for p in c.problems:
+                typer.secho(p, fg=typer.colors.RED)
+            problems += len(c.problems)
+        if any(c.damaged for c in checks):
+            advice.append(damage_advice(s.root, listed=True))
+        bad_keys[store_id(s.root)] = damaged_keys(checks)
+        if run_dir:
+            typer.echo(f"store {s.root}: {len(checks)} segment(s) checked")
+    lacking = []
+    if run_dir:
+        if not nodes:
+            typer.echo(f"{run_dir}: no published teacher_logits node (nothing of the run to check)")
+        for nc in _cache_call(check_nodes, Path(run_dir), bad_keys):
+            if nc.error:
+                typer.secho(nc.error, fg=typer.colors.RED)
+                lacking.append(nc)
+            elif not nc.ok:
+                more = f"; {nc.in_damaged} more in damaged segments" if nc.in_damaged else ""
+                typer.secho(f"node {nc.folder}: {nc.missing} of {nc.expected} entries missing from "
+                            f"{nc.store}{more}", fg=typer.colors.RED)
+                lacking.append(nc)
+            else:
+                typer.echo(f"node {nc.folder}: all {nc.expected} entries present in {nc.store}")
+        if lacking:
+            names = sorted({nc.node for nc in lacking})
+            advice.append(f"rerun `distill-pipeline run {' '.join(names)} -c <the run's config>` to "
+                          "re-extract the missing entries (the node is out of date while any is missing)")
+    if problems or lacking:
+        parts = [f"{problems} problem(s) in {checked} entries"]
+        if lacking:
+            parts.append(f"{len(lacking)} teacher_logits node(s) of {run_dir} lack entries")
+        fail("; ".join(parts) + (". To fix: " + "; then ".join(advice) if advice else ""))
+    typer.echo(f"ok: {checked} entries verified" + (f", {len(nodes)} teacher_logits node(s) complete"
+                                                   if run_dir else ""))
 
 
 @cache_app.command("gc")
 def cache_gc(store: Optional[str] = StoreOpt,
-             older_than: float = typer.Option(60.0, help="minutes after which a tmp/ write counts as abandoned"),
+             older_than: float = typer.Option(60.0, help="minutes after which a tmp/ write whose process "
+                                              "has exited counts as abandoned (a running writer's is "
+                                              "never removed)"),
              drop_teacher: Optional[str] = typer.Option(None, help="remove every segment of this teacher (id prefix)"),
+             damaged: bool = typer.Option(False, "--damaged", help="also remove every segment `cache verify` "
+                                          "flags (decodes every chunk), so its entries can be extracted again"),
              dry_run: bool = typer.Option(False, "--dry-run")):
-    """Remove abandoned writes, incomplete segments, and optionally one teacher's segments."""
+    """Remove abandoned writes, incomplete segments, and optionally one teacher's or damaged segments."""
     from distill_pipeline.cache.admin import gc
 
-    removed = gc(_store(store), older_than_s=older_than * 60, drop_teacher=drop_teacher, dry_run=dry_run)
-    for r in removed:
+    s = _store(store)
+    _segments_note(s)
+    report = _cache_call(gc, s, older_than_s=older_than * 60, drop_teacher=drop_teacher, damaged=damaged,
+                         dry_run=dry_run)
+    for name, problems in report.damaged.items():
+        typer.secho(f"damaged segment {name}:", fg=typer.colors.RED)
+        for p in problems:
+            typer.secho(f"  {p.split(': ', 1)[1]}", fg=typer.colors.RED)
+    for k in report.kept:
+        typer.echo(f"kept {k}")
+    for r in report.removed:
         typer.echo(("would remove " if dry_run else "removed ") + r)
-    typer.echo(f"{len(removed)} item(s)")
+    typer.echo(f"{len(report.removed)} item(s)" + (f", {len(report.kept)} in-flight write(s) kept"
+                                                   if report.kept else ""))
+    if report.damaged:
+        if dry_run:
+            typer.echo("rerun without --dry-run to remove them")
+        else:
+            typer.echo("rerun `distill-pipeline run teacher_logits -c <config>` to extract the removed "
+                       "entries again")
 
 
 def main() -> None:
+    """Entry point: known errors print one message (in the commands) and usage errors click's;
+    anything else is a bug — one line on stderr, the traceback in a file (DISTILL_DEBUG=1 prints it)."""
     try:
         app()
     except KeyboardInterrupt:
-        typer.secho("interrupted; partial outputs are kept and resume on the next run", err=True)
+        typer.secho("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("DISTILL_DEBUG") == "1":
+            raise
+        import tempfile
+        import traceback
+
+        with tempfile.NamedTemporaryFile("w", prefix="distill-pipeline-crash-", suffix=".txt",
+                                         delete=False) as fh:
+            traceback.print_exc(file=fh)
+        typer.secho(f"error: unexpected {type(exc).__name__}: {exc}\n(this is a bug in distill-pipeline: "
+                    f"the traceback is in {fh.name}; DISTILL_DEBUG=1 prints it)", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ spec, the shared reading limits, the built-in task's settings when the source is
 the file's sha256 when it is a local file (so a changed file reruns what reads it).
 `sft_examples` and `pair_examples` take that view and a tokenizer and return tokenised rows;
 skipped rows are printed as one line (count + first row numbers) and refused above
-`max_bad_fraction`.
+`max_bad_fraction`; a dataset left with no usable row is refused with the reason (every row
+rejected and why, all scored pairs tied, …).
+
+`validate_dataset(view)` runs the same reading and row checks without tokenising — the pipeline's
+preflight calls it for every dataset before the first stage, so a bad `data.eval` fails at once
+rather than after training. Every failure is a `DataError` naming the file, the line/row and the fix.
 """
 from __future__ import annotations
 
@@ -13,12 +18,13 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from distill_pipeline.data.readers import BadRows, DataError, read_dataset
+from distill_pipeline.data.readers import BadRows, DataError, check_readable, read_dataset
 from distill_pipeline.data.tokenize import encode_rows
 from distill_pipeline.pipeline.config import DataSpec, Layout, NumbersTask
 from distill_pipeline.view import View
 
-__all__ = ["BadRows", "DataError", "DataView", "data_view", "sft_examples", "pair_examples"]
+__all__ = ["BadRows", "DataError", "DataView", "data_view", "sft_examples", "pair_examples",
+           "validate_dataset"]
 
 
 class DataView(View):
@@ -46,16 +52,20 @@ class DataView(View):
                 "sha256": None if builtin or hub else f"{spec}.source"}
 
     def spec(self) -> DataSpec:
-        return DataSpec(source=self.source, layout=self.layout or "auto", split=self.split or "train",
-                        limit=self.limit)
+        # not re-validated: the config checked the source when it was loaded, and a file that has
+        # gone or changed since is reported by the reader as a DataError (not a ValidationError)
+        return DataSpec.model_construct(source=self.source, layout=self.layout or "auto",
+                                        split=self.split or "train", limit=self.limit)
 
 
 _DIGESTS: dict[tuple, str] = {}
 
 
-def file_digest(path: str) -> str:
-    """sha256 of a dataset file, memoised per (path, size, mtime) for this process."""
+def file_digest(path: str, which: str = "") -> str:
+    """sha256 of a dataset file, memoised per (path, size, mtime) for this process; a DataError
+    naming the file when it is missing, a directory or unreadable."""
     p = Path(path).expanduser().resolve()
+    check_readable(p, which)
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
@@ -75,16 +85,39 @@ def data_view(cfg: Any, which: str) -> DataView:
                     limit=None if builtin else spec.limit,
                     max_length=cfg.data.max_length, max_bad_fraction=cfg.data.max_bad_fraction,
                     numbers=cfg.data.numbers if builtin else None,
-                    sha256=None if builtin or hub else file_digest(spec.source))
+                    sha256=None if builtin or hub else file_digest(spec.source, which))
+
+
+def _refuse(bad: BadRows, view: DataView, n_usable: int) -> None:
+    """The stages' verdict on a read: no usable row, or too many bad rows → DataError."""
+    if not n_usable:
+        raise DataError(bad.no_rows_message())
+    bad.check(view.max_bad_fraction)
 
 
 def _finish(bad: BadRows, view: DataView, examples: list[dict]) -> list[dict]:
     if bad.count:
         print(bad.summary())
-    bad.check(view.max_bad_fraction)
-    if not examples:
-        raise DataError(f"{bad.source}: no usable rows")
+    _refuse(bad, view, len(examples))
     return examples
+
+
+def validate_dataset(view: DataView) -> str:
+    """Read and check one dataset without tokenising; return a one-line summary.
+
+    Applies what `sft_examples` / `pair_examples` apply — whole-file checks (readable, UTF-8, JSON,
+    layout fits `view.which`), the row checks, "no usable rows" and `max_bad_fraction` — except the
+    token-length check (that needs the tokenizer, and runs when the stage reads the data). Raises
+    `DataError` on anything the stage would refuse; returns e.g.
+    `data.preferences: 1500 rows, pairs layout (3 skipped: 3 chosen == rejected (rows 4, 9, 12))`.
+    Meant for the pipeline's preflight, which calls it for every dataset before the first stage.
+    """
+    rows, bad = read_dataset(view.spec(), view.which, view.numbers)  # as the stages read it
+    _refuse(bad, view, len(rows))
+    text = f"data.{view.which}: {len(rows)} row{'' if len(rows) == 1 else 's'}, {bad.layout} layout"
+    if bad.count:
+        text += f" ({bad.count} skipped: {bad.reasons_text(top=3)})"
+    return text
 
 
 def sft_examples(view: DataView, tok: Any) -> list[dict]:

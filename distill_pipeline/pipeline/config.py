@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from distill_pipeline.cache.format import CacheFormat, FormatError
 from distill_pipeline.losses import LOSSES, METHODS, TWO_PHASE, method_loss
@@ -24,6 +25,16 @@ class ConfigError(ValueError):
 
 class Node(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/yes would otherwise pass as 1 for a number (`train.epochs: true`)."""
+        if isinstance(value, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            if bool not in (get_args(ann) or (ann,)) and {int, float} & set(get_args(ann) or (ann,)):
+                raise ValueError(f"expected a number, got the boolean {value}")
+        return value
 
 
 class ModelSpec(Node):
@@ -73,9 +84,11 @@ class DataSpec(Node):
             p = Path(s).expanduser()
             if p.suffix not in (".jsonl", ".json", ".parquet"):
                 raise ValueError(f"{s!r}: accepted sources are builtin:numbers, hf://<dataset id>, "
-                                 "or a .jsonl / .parquet file")
+                                 "or a .jsonl / .json / .parquet file")
             if not p.exists():
                 raise ValueError(f"file not found: {s}")
+            if not p.is_file():
+                raise ValueError(f"{s} is a directory; give a .jsonl / .json / .parquet file")
         return self
 
 
@@ -176,7 +189,7 @@ class RayCfg(Node):
 
 
 class Config(Node):
-    run_dir: str
+    run_dir: str = Field(..., min_length=1, description="where every node's output folder goes")
     method: Method = "adpa"
     models: Models
     data: Data
@@ -200,8 +213,29 @@ def _unalias(node: Any) -> Any:
     return node
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"`{key}` is given twice in one section (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _set(tree: dict, dotted: str, raw: str, source: str) -> None:
     keys = dotted.split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"--set {source!r}: {'empty key' if not dotted else 'empty part in key ' + repr(dotted)}; "
+                          "expected key.path=value, e.g. --set teacher_dpo.beta=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {source!r}: the value is not valid YAML ({exc.problem}); quote it") from None
     node = tree
     for i, k in enumerate(keys[:-1]):
         child = node.get(k)
@@ -210,7 +244,7 @@ def _set(tree: dict, dotted: str, raw: str, source: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {source}: {'.'.join(keys[:i + 1])} is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    node[keys[-1]] = value
 
 
 def _accepted(model: type[BaseModel], loc: tuple) -> str:
@@ -238,7 +272,7 @@ def _format(err: ValidationError, source: str) -> str:
             msg = f"unknown key; accepted here: {accepted}" if accepted else "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        elif "input" in e and not isinstance(e["input"], dict):
+        elif "input" in e and not isinstance(e["input"], dict) and "got" not in msg:
             msg += f" (got {e['input']!r})"
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
@@ -249,10 +283,20 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config {path} is a directory, not a YAML file; pass -c path/to/config.yaml")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(tree).__name__}")
     tree = _unalias(tree)

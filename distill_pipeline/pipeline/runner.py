@@ -14,9 +14,12 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +34,10 @@ class PipelineError(RuntimeError):
     """A stage failed or a run request is invalid."""
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived while stages were running (partial outputs are kept)."""
+
+
 @dataclass
 class Plan:
     cfg: Any
@@ -38,6 +45,7 @@ class Plan:
     fingerprints: dict[str, str]   # the node's folder: its view, version and inputs' contents
     contents: dict[str, str]       # what dependents hash: the same minus the view's LAYOUT fields
     run_dir: Path
+    broken: dict[str, str | None] = field(default_factory=dict)  # published but no longer usable
 
     def node(self, name: str) -> NodeSpec:
         return next(n for n in self.nodes if n.name == name)
@@ -49,7 +57,14 @@ class Plan:
         return self.run_dir / ".partial" / self.folder(name).name
 
     def done(self, name: str) -> bool:
-        return (self.folder(name) / MANIFEST).exists()
+        """Published, and its output still usable (the stage's `check_output`, e.g. an
+        extraction's entries still in their store; checked once per plan)."""
+        if not (self.folder(name) / MANIFEST).exists():
+            return False
+        if name not in self.broken:
+            check = get_stage(self.node(name).stage).check_output
+            self.broken[name] = check(self.folder(name)) if check else None
+        return self.broken[name] is None
 
 
 def canonical(value: Any) -> str:
@@ -75,13 +90,18 @@ def make_plan(cfg: Any) -> Plan:
                   "inputs": {role: contents[up] for role, up in sorted(n.needs.items())}}
         fps[n.name] = _digest({**common, "view": n.view.fingerprint_payload()})
         contents[n.name] = _digest({**common, "view": n.view.content_payload()})
-    return Plan(cfg, nodes, fps, contents, Path(cfg.run_dir))
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PipelineError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory")
+    return Plan(cfg, nodes, fps, contents, run_dir)
 
 
 def select(plan: Plan, targets: list[str]) -> list[str]:
     """Node names for targets (stage names, node names or 'all') plus their upstream closure."""
     if not targets or targets == ["all"]:
         return [n.name for n in plan.nodes]
+    if "all" in targets:
+        raise PipelineError(f"'all' already means every node; drop it or drop {', '.join(t for t in targets if t != 'all')}")
     wanted: set[str] = set()
     names = [n.name for n in plan.nodes]
     for t in targets:
@@ -132,6 +152,8 @@ def why(plan: Plan, name: str) -> str:
     node = plan.node(name)
     state_file = _state_path(plan, name)
     partial = " (resumes from its partial output)" if plan.partial(name).exists() else ""
+    if plan.broken.get(name):
+        return plan.broken[name] + partial
     if not state_file.exists():
         if not (plan.run_dir / ".state" / name).exists():
             return "never run" + partial
@@ -204,6 +226,7 @@ def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
     if final.exists():  # a stale folder without manifest (crash after rename is impossible)
         shutil.rmtree(final)
     os.replace(partial, final)
+    plan.broken[name] = None
     record_state(plan, name)
 
 
@@ -228,37 +251,89 @@ def _summary_line(plan: Plan, name: str, summary: dict, seconds: float) -> str:
     return f"{line}\n{report(folder)}" if report else line
 
 
-def preflight(plan: Plan) -> None:
-    """Checks that need libraries (not just the config) and must pass before compute is spent."""
-    from distill_pipeline.models import check_same_tokenizer, load_tokenizer
+def _data_views(view: Any) -> list[Any]:
+    """The dataset views inside a node's view (nested fields)."""
+    from distill_pipeline.data import DataView
 
+    found = []
+    for name in type(view).model_fields:
+        value = getattr(view, name)
+        if isinstance(value, DataView):
+            found.append(value)
+    return found
+
+
+def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print) -> None:
+    """Checks that must pass before compute is spent: both models (files, tokenizer, chat template;
+    no weights read), every dataset a node about to run reads (read and validated, not
+    tokenised), and teacher/student tokenizer equality."""
+    from distill_pipeline.data import validate_dataset
+    from distill_pipeline.models import check_model_spec, check_same_tokenizer, load_tokenizer
+
+    for role in ("teacher", "student"):  # cheap file checks first: no weights, no hub retries
+        echo(f"preflight: models.{role}: {check_model_spec(getattr(plan.cfg.models, role))}")
+    seen: set[str] = set()
+    for name in todo:
+        for view in _data_views(plan.node(name).view):
+            if view.which not in seen:
+                seen.add(view.which)
+                echo(f"preflight: {validate_dataset(view)}")
     models = plan.cfg.models
     check_same_tokenizer(load_tokenizer(models.teacher), load_tokenizer(models.student),
                          teacher=models.teacher.preset or models.teacher.name_or_path,
                          student=models.student.preset or models.student.name_or_path)
 
 
-def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = True,
+@contextmanager
+def interruptible(raise_now: bool = True):
+    """While the block runs, SIGINT / SIGTERM set the yielded event and, with `raise_now`, raise
+    `Interrupted` in the main thread. The Ray scheduler polls the event instead: an exception
+    raised inside Ray's blocking C calls surfaces as a SystemError."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        stop.set()
+        if raise_now:
+            raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = True, wait: bool = False,
         echo: Callable[[str], None] = print) -> list[str]:
-    """Bring the selected nodes up to date; returns the names of the nodes that executed."""
+    """Bring the selected nodes up to date; returns the names of the nodes that executed.
+    Holds the run dir's lock while it works; `Interrupted` on SIGINT / SIGTERM."""
+    from distill_pipeline.pipeline.lock import RunLock
+
     selected = select(plan, targets)
-    everything = targets in ([], ["all"])
-    forced = {n.name for n in plan.nodes
-              if force and (everything or n.name in targets or n.stage in targets)}
-    todo = [n for n in selected if n in forced or not plan.done(n)]
-    for n in selected:
-        if n not in todo:
-            echo(f"{n}: up to date")
-    if not todo:
-        return []
-    preflight(plan)
-    for n in todo:
-        echo(f"{n}: will run: {'forced' if n in forced and plan.done(n) else why(plan, n)}")
-    if use_ray:
-        _run_ray(plan, todo, echo)
-    else:
+    with RunLock(plan.run_dir, wait=wait, echo=echo):
+        plan.broken.clear()  # another run may have changed things while we waited
+        everything = targets in ([], ["all"])
+        forced = {n.name for n in plan.nodes
+                  if force and (everything or n.name in targets or n.stage in targets)}
+        todo = [n for n in selected if n in forced or not plan.done(n)]
+        for n in selected:
+            if n not in todo:
+                echo(f"{n}: up to date")
+        if not todo:
+            return []
+        preflight(plan, todo, echo)
         for n in todo:
-            _run_one_inline(plan, n, echo)
+            echo(f"{n}: will run: {'forced' if n in forced and plan.done(n) else why(plan, n)}")
+        if use_ray:
+            _run_ray(plan, todo, echo)
+        else:
+            with interruptible():
+                for n in todo:
+                    _run_one_inline(plan, n, echo)
     return todo
 
 
@@ -282,39 +357,55 @@ def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
 
     from distill_pipeline.pipeline.raysetup import ensure_ray
 
-    ensure_ray(plan.cfg.ray)
+    ensure_ray(plan.cfg.ray)  # before `interruptible`: ray.init installs signal handlers of its own
+    with interruptible(raise_now=False) as stop:
+        _schedule(plan, todo, echo, stop)
+
+
+def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: threading.Event) -> None:
+    import ray
+
     res = plan.cfg.resources
     remote = ray.remote(execute_node)
     pending, running, started = list(todo), {}, {}
     failures: list[str] = []
-    while pending or running:
-        for name in list(pending):
-            node = plan.node(name)
-            if any(up in pending or up in running.values() for up in node.needs.values()):
-                continue
-            if failures:
+    try:
+        while pending or running:
+            for name in list(pending):
+                node = plan.node(name)
+                if any(up in pending or up in running.values() for up in node.needs.values()):
+                    continue
+                if failures:
+                    break
+                kind = get_stage(node.stage).kind
+                cpus = {"train": res.train_cpus, "generate": res.generate_cpus}.get(kind, 0)
+                gpus = res.gpus if kind in ("train", "generate") else 0
+                ref = remote.options(num_cpus=cpus, num_gpus=gpus, name=name).remote(
+                    node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
+                    max(1, int(cpus)))
+                running[ref] = name
+                started[name] = time.time()
+                pending.remove(name)
+            if not running:
                 break
-            kind = get_stage(node.stage).kind
-            cpus = {"train": res.train_cpus, "generate": res.generate_cpus}.get(kind, 0)
-            gpus = res.gpus if kind in ("train", "generate") else 0
-            ref = remote.options(num_cpus=cpus, num_gpus=gpus, name=name).remote(
-                node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
-                max(1, int(cpus)))
-            running[ref] = name
-            started[name] = time.time()
-            pending.remove(name)
-        if not running:
-            break
-        done, _ = ray.wait(list(running), num_returns=1)
-        name = running.pop(done[0])
-        try:
-            summary = ray.get(done[0])
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            failures.append(f"{name} failed: {type(cause).__name__}: {cause}\n"
-                            f"partial output kept in {plan.partial(name)}")
-            continue
-        _publish(plan, name, summary, started[name])
-        echo(_summary_line(plan, name, summary, time.time() - started[name]))
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            if stop.is_set():
+                raise Interrupted("signal")
+            if not done:
+                continue
+            name = running.pop(done[0])
+            try:
+                summary = ray.get(done[0])
+            except Exception as exc:
+                cause = getattr(exc, "cause", None) or exc
+                failures.append(f"{name} failed: {type(cause).__name__}: {cause}\n"
+                                f"partial output kept in {plan.partial(name)}")
+                continue
+            _publish(plan, name, summary, started[name])
+            echo(_summary_line(plan, name, summary, time.time() - started[name]))
+    except Interrupted:
+        for ref in running:  # force: the task's worker and the actors it owns go with it
+            ray.cancel(ref, force=True)
+        raise
     if failures:
         raise PipelineError("\n".join(failures))

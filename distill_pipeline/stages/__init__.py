@@ -10,7 +10,9 @@ A stage owns
   explains a pending node against the last state of its own lineage);
 - its **inputs**: the roles it may read (upstream node folders), and its **outputs**: the paths it
   publishes in its folder (the runner refuses to publish a folder that lacks one);
-- `run(view, inputs, out) -> summary`, and optionally `report(folder) -> str` (printed after it).
+- `run(view, inputs, out) -> summary`, and optionally `report(folder) -> str` (printed after it)
+  and `check_output(folder) -> reason | None` (a published output that is no longer usable — an
+  extraction whose entries left the store — makes the node run again).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class Stage:
     outputs: tuple[str, ...]           # paths published in the node's folder
     run: Callable[[Any, dict[str, Path], Path], dict]
     report: Callable[[Path], str] | None = None
+    # Is a published folder still usable? None if so, else why not (then the node reruns).
+    check_output: Callable[[Path], str | None] | None = None
 
 
 def get_stage(name: str) -> Stage:

@@ -77,7 +77,24 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     return {**stats, "store": str(store.root)}
 
 
+def check_output(folder: Path) -> str | None:
+    """Up to date only while every entry it stands for is still in its store."""
+    from distill_pipeline.cache.reader import node_keys, node_store
+    from distill_pipeline.cache.store import CacheError, Store
+
+    try:
+        keys, root = node_keys(folder), node_store(folder)
+        store = Store(root, create=False)
+        missing = store.missing(keys)
+    except (CacheError, OSError, ValueError) as exc:
+        return f"its cache entries cannot be checked ({exc})"
+    if missing:
+        return (f"{len(missing)} of {len(keys)} of its cache entries are missing from {root} "
+                "(deleted or damaged segments); they will be extracted again")
+    return None
+
+
 STAGE = Stage(version=1, kind="orchestrate", view=TeacherLogitsView,
               inputs={"teacher": "the DPO teacher", "reference": "the reference (SFT) teacher",
                       "rollouts": "the student's rollouts (source: rollouts)"},
-              outputs=("teachers.json", "keys.parquet"), run=run)
+              outputs=("teachers.json", "keys.parquet"), run=run, check_output=check_output)

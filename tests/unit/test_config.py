@@ -47,7 +47,7 @@ def test_config_is_frozen(tiny_config):
     (["rollouts.backend=tpu"], ["rollouts.backend", "'auto', 'hf' or 'vllm'"]),
     (["method=grpo"], ["method", "'adpa+'"]),
     (["data.sft.source=missing.jsonl"], ["data.sft", "file not found: missing.jsonl"]),
-    (["data.sft.source=data.csv"], ["data.sft", ".jsonl / .parquet"]),
+    (["data.sft.source=data.csv"], ["data.sft", ".jsonl / .json / .parquet"]),
     (["train.loss.gamma=2"], ["train.loss.gamma", "method dckd", "accepted: alpha"]),
     (["train.loss.alpha=yes"], ["train.loss.alpha", "expected a number"]),
         (["train.loss.alpha=-1"], ["train.loss.alpha", "greater than or equal to 0"]),

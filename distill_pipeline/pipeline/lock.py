@@ -1,0 +1,76 @@
+"""One `run` at a time per run dir: `<run_dir>/.lock`, an advisory lock held by a live process.
+
+The lock is `fcntl.flock` on the file, so the kernel releases it when its holder exits or is
+killed — a lock left by a dead process is simply taken over. The file also records who holds it
+(pid, host, start time, command) so a second invocation can say so. `--wait` polls until free.
+Run dirs on shared storage need a filesystem whose flock works across hosts (NFSv4, Lustre);
+otherwise run one pipeline per run dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run dir's lock."""
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, *, wait: bool = False, poll_s: float = 1.0,
+                 echo: Callable[[str], None] = print):
+        self.path = Path(run_dir) / ".lock"
+        self.wait, self.poll_s, self.echo = wait, poll_s, echo
+        self._fh = None
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return "another process"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
+        return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} (since {started}: "
+                f"{info.get('command', '?')})")
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        told = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not self.wait:
+                    holder = self._holder()
+                    fh.close()
+                    raise RunDirBusy(f"run dir {self.path.parent} is in use by {holder}; wait for it "
+                                     "to finish, or rerun with --wait to queue behind it") from None
+                if not told:
+                    self.echo(f"waiting for {self._holder()} to release {self.path.parent} …")
+                    told = True
+                time.sleep(self.poll_s)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                             "command": " ".join(sys.argv)}))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self._fh is not None:
+            self._fh.seek(0)
+            self._fh.truncate()
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None

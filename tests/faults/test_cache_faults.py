@@ -1,0 +1,454 @@
+"""Damaged teacher-logit caches, through the real CLI: each case breaks a small store one way and
+checks the exit code, that no traceback reaches the user, and the words of the message (what is
+broken, where, what to do). Also: `cache gc` against a live writer, `verify --run`, `gc --damaged`,
+and the reader catching damage (swapped chunks included) as it decodes entries."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill_pipeline.cache.reader import CacheReader, write_node_file
+from distill_pipeline.cache.store import CacheError, Store
+from tests.conftest import ROOT
+from tests.invariants.helpers import FMT, make_teacher, requests, run_extraction, sequences
+
+N_SEQ, UNIT_TOKENS = 24, 60  # 4 segments, two of them with the same number of rows
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """One extraction per module; every test works on its own copy of it."""
+    root = tmp_path_factory.mktemp("cache-faults")
+    teacher = make_teacher(root / "teacher")
+    run_extraction(teacher, root / "store", N_SEQ, unit_tokens=UNIT_TOKENS)
+    reqs, _ = requests(teacher, sequences(N_SEQ))
+    return {"root": root, "teacher": teacher, "keys": [r.key for r in reqs],
+            "identity": reqs[0].teacher}
+
+
+@pytest.fixture
+def store(base, tmp_path) -> Path:
+    dst = tmp_path / "store"
+    shutil.copytree(base["root"] / "store", dst)
+    return dst
+
+
+def make_run(base, tmp_path: Path, store: Path) -> Path:
+    """A run dir with one published teacher_logits node standing for every entry of the store
+    (written with the stage's own writer), and an unrelated node that verify must ignore."""
+    run = tmp_path / "run"
+    node = run / "teacher_logits-0123abcd"
+    node.mkdir(parents=True)
+    write_node_file(node, store, FMT, "pairs", {"teacher": {"identity": base["identity"],
+                                                            "path": str(base["teacher"])}}, base["keys"])
+    (node / "manifest.json").write_text(json.dumps({"node": "teacher_logits", "stage": "teacher_logits"}))
+    other = run / "sft.student-4567ef01"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"node": "sft.student", "stage": "sft"}))
+    return run
+
+
+def cache(*args) -> tuple[int, str]:
+    r = subprocess.run([sys.executable, "-m", "distill_pipeline.cli.main", "cache", *map(str, args)],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "DISTILL_PROGRESS": "0"})
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out, out
+    assert "this is a bug" not in out, out  # the CLI's last line of defence was not reached
+    return r.returncode, out
+
+
+def has(out: str, *words: str) -> None:
+    missing = [w for w in words if w not in out]
+    assert not missing, f"{missing} not in:\n{out}"
+
+
+def segments(store: Path) -> list[Path]:
+    return sorted(p for p in (store / "segments").iterdir())
+
+
+def manifest(seg: Path) -> dict:
+    return json.loads((seg / "zarr.json").read_text())["attributes"]
+
+
+def chunk(seg: Path, field: str) -> Path:
+    return next(p for p in sorted((seg / field / "c").rglob("*")) if p.is_file())
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def keys_of(seg: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_table(seg / "index.parquet", columns=["key"]).column("key").to_pylist())
+
+
+# ---------------------------------------------------------------------------- healthy and empty
+
+
+def test_healthy_store_every_command_succeeds(store):
+    code, out = cache("ls", "--store", store)
+    assert code == 0 and "4 segment(s)" in out and "DAMAGED" not in out
+    code, out = cache("info", "--store", store)
+    assert code == 0 and f"entries          {N_SEQ}" in out
+    code, out = cache("verify", "--store", store)
+    assert code == 0 and f"ok: {N_SEQ} entries verified" in out
+    code, out = cache("gc", "--store", store)
+    assert code == 0 and "0 item(s)" in out
+
+
+def test_empty_store(tmp_path):
+    Store(tmp_path / "empty")
+    code, out = cache("ls", "--store", tmp_path / "empty")
+    assert code == 0 and "0 segment(s)" in out
+    code, out = cache("info", "--store", tmp_path / "empty")
+    assert code == 0 and "entries          0" in out
+    code, out = cache("verify", "--store", tmp_path / "empty")
+    assert code == 0 and "ok: 0 entries verified" in out
+
+
+# ---------------------------------------------------------------------------- the store itself
+
+
+@pytest.mark.parametrize("command", ["ls", "info", "verify", "gc"])
+def test_store_path_that_does_not_exist(tmp_path, command):
+    code, out = cache(command, "--store", tmp_path / "nowhere")
+    assert code == 1
+    has(out, "no teacher-logit cache at", str(tmp_path / "nowhere"), "does not exist", "--store")
+    assert not (tmp_path / "nowhere").exists()  # looking never creates a store
+
+
+def test_store_path_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("not a cache")
+    for command in ("ls", "verify"):
+        code, out = cache(command, "--store", tmp_path / "file")
+        assert code == 1
+        has(out, str(tmp_path / "file"), "is a file", "--store")
+    with pytest.raises(CacheError, match="is a file"):  # the pipeline's writer too
+        Store(tmp_path / "file")
+
+
+def test_directory_without_store_json(tmp_path):
+    (tmp_path / "d").mkdir()
+    code, out = cache("info", "--store", tmp_path / "d")
+    assert code == 1
+    has(out, "no teacher-logit cache at", "no store.json", "distill-pipeline run teacher_logits")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_store_json_not_a_json_object(store, content):
+    (store / "store.json").write_text(content, errors="surrogateescape")
+    for command in ("ls", "info", "verify", "gc"):
+        code, out = cache(command, "--store", store)
+        assert code == 1, command
+        has(out, str(store / "store.json"), "damaged", "echo '{\"schema_version\": 1",
+            "distill-pipeline cache verify --store")
+    with pytest.raises(CacheError, match="store.json is damaged"):  # as the pipeline opens it
+        Store(store)
+
+
+def test_missing_segments_dir(store, base, tmp_path):
+    shutil.rmtree(store / "segments")
+    for command, words in (("ls", "0 segment(s)"), ("info", "entries          0"),
+                           ("verify", "ok: 0 entries verified"), ("gc", "0 item(s)")):
+        code, out = cache(command, "--store", store)
+        assert code == 0, command
+        has(out, words, "segments is missing", "distill-pipeline run teacher_logits")
+    run = make_run(base, tmp_path, store)  # what a run expects is gone: verify --run says so
+    code, out = cache("verify", "--store", store, "--run", run)
+    assert code == 1
+    has(out, f"{N_SEQ} of {N_SEQ} entries missing", "teacher_logits-0123abcd",
+        "distill-pipeline run teacher_logits")
+    Store(store)  # a writer recreates it, so a publish is never lost
+    assert (store / "segments").is_dir()
+
+
+# ---------------------------------------------------------------------------- damaged segments
+
+
+def test_corrupt_chunk(store):
+    seg = segments(store)[1]
+    flip_byte(chunk(seg, "logp"))
+    code, out = cache("info", "--store", store)
+    assert code == 1
+    has(out, seg.name, "array logp chunk 0", "corrupt", "damaged", "3 healthy, 1 damaged",
+        "cache gc --damaged --store", "distill-pipeline run teacher_logits")
+    code, out = cache("verify", "--store", store)
+    assert code == 1
+    has(out, seg.name, "array logp chunk 0", "corrupt", "1 problem(s)", "cache gc --damaged")
+
+
+def test_info_json_lists_damage(store):
+    seg = segments(store)[0]
+    flip_byte(chunk(seg, "logp"))  # info decodes the log-probs (for the top-K mass)
+    code, out = cache("info", "--store", store, "--json")
+    assert code == 1
+    data = json.loads(out[: out.index("\nerror:")])
+    assert list(data["damaged"]) == [seg.name] and data["segments"] == 3
+
+
+def test_corrupt_segment_manifest(store):
+    seg = segments(store)[2]
+    (seg / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')
+    code, out = cache("ls", "--store", store)
+    assert code == 1
+    has(out, seg.name, "DAMAGED", "zarr.json", "unreadable", "4 segment(s), 1 damaged",
+        "cache verify --store", "cache gc --damaged --store")
+    code, out = cache("verify", "--store", store)
+    assert code == 1 and seg.name in out and "zarr.json" in out
+
+
+def test_missing_segment_manifest(store):
+    seg = segments(store)[0]
+    (seg / "zarr.json").unlink()
+    code, out = cache("ls", "--store", store)
+    assert code == 1
+    has(out, seg.name, "DAMAGED", "zarr.json", "missing", "cache gc --damaged")
+    code, out = cache("info", "--store", store)
+    assert code == 1 and seg.name in out
+
+
+def test_corrupt_array_metadata(store):
+    seg = segments(store)[3]
+    (seg / "lse" / "zarr.json").write_text("garbage")
+    code, out = cache("ls", "--store", store)
+    assert code == 1
+    has(out, seg.name, "DAMAGED", "array lse", "cache gc --damaged")
+
+
+def test_truncated_index(store):
+    seg = segments(store)[0]
+    truncate(seg / "index.parquet")
+    code, out = cache("ls", "--store", store)
+    assert code == 1  # not called healthy
+    has(out, seg.name, "DAMAGED", "index.parquet is unreadable", "truncated", "1 damaged",
+        "cache gc --damaged")
+    code, out = cache("info", "--store", store)
+    assert code == 1
+    has(out, seg.name, "index.parquet", "3 healthy, 1 damaged")
+    code, out = cache("verify", "--store", store)
+    assert code == 1 and "index.parquet is unreadable" in out
+
+
+def test_incomplete_segment_is_named_and_collected(store):
+    seg = segments(store)[1]
+    (seg / "index.parquet").unlink()
+    code, out = cache("ls", "--store", store)
+    assert code == 1
+    has(out, seg.name, "no index.parquet", "incomplete segment")
+    code, out = cache("gc", "--store", store)
+    assert code == 0
+    has(out, f"removed segments/{seg.name} (incomplete segment)", "1 item(s)")
+    assert not seg.exists()
+
+
+def test_deleted_chunk_file_is_caught_by_checksum(store):
+    """zarr reads a missing chunk as zeros without complaint: only the entry checksums notice."""
+    seg = segments(store)[2]
+    chunk(seg, "lse").unlink()
+    code, out = cache("verify", "--store", store)
+    assert code == 1
+    has(out, seg.name, "checksum mismatch", "cache gc --damaged")
+
+
+def test_swapped_chunks_are_caught(store):
+    """Two chunks, each with a valid CRC, swapped between segments of the same size: verify and
+    the reader both notice (the per-entry checksums), before and not after training on them."""
+    by_rows: dict[int, list[Path]] = {}
+    for seg in segments(store):
+        by_rows.setdefault(manifest(seg)["n_tokens"], []).append(seg)
+    a, b = next(v for v in by_rows.values() if len(v) >= 2)[:2]
+    key = sorted(keys_of(a))[0]
+    assert CacheReader(store).get(key)["lse"].shape[0] > 0  # readable before
+    ca, cb = chunk(a, "lse"), chunk(b, "lse")
+    da, db = ca.read_bytes(), cb.read_bytes()
+    ca.write_bytes(db)
+    cb.write_bytes(da)
+    code, out = cache("verify", "--store", store)
+    assert code == 1
+    has(out, a.name, b.name, "checksum mismatch")
+    with pytest.raises(CacheError) as err:
+        CacheReader(store).get(key)
+    has(str(err.value), a.name, key[:16], "does not match the checksum",
+        f"distill-pipeline cache verify --store {store}", "cache gc --damaged",
+        "distill-pipeline run teacher_logits")
+
+
+def test_reader_names_segment_of_corrupt_chunk(store):
+    seg = segments(store)[0]
+    flip_byte(chunk(seg, "logp"))
+    key = sorted(keys_of(seg))[0]
+    with pytest.raises(CacheError) as err:  # not zarr's bare ValueError
+        CacheReader(store).get(key)
+    has(str(err.value), seg.name, key[:16], "damaged", "cache verify --store", "cache gc --damaged")
+
+
+def test_reader_with_truncated_index(store):
+    seg = segments(store)[1]
+    keys = keys_of(seg)
+    other = sorted(keys_of(segments(store)[0]))[0]
+    truncate(seg / "index.parquet")
+    reader = CacheReader(store)  # the other segments still read
+    assert reader.get(other)["ids"].shape[1] == FMT.top_k and seg.name in reader.damaged
+    with pytest.raises(CacheError) as err:
+        reader.get(sorted(keys)[0])
+    has(str(err.value), "1 damaged segment(s)", seg.name, "cache gc --damaged")
+
+
+# ---------------------------------------------------------------------------- gc
+
+
+def test_gc_never_touches_a_live_writer(store):
+    """An in-flight write of a running process survives `gc --older-than 0` whatever its age;
+    once the process is gone, it is collected."""
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, sys, time\n"
+         "p = os.path.join(sys.argv[1], 'tmp', f'abc123.{os.getpid()}.{time.time_ns()}')\n"
+         "os.makedirs(os.path.join(p, 'ids'))\n"
+         "print(p, flush=True)\n"
+         "time.sleep(120)\n", str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        tmp = Path(child.stdout.readline().strip())
+        old = time.time() - 86400
+        os.utime(tmp, (old, old))  # a day old: only its owner being alive protects it
+        code, out = cache("gc", "--store", store, "--older-than", "0")
+        assert code == 0
+        has(out, f"kept tmp/{tmp.name}", f"running process {child.pid}", "0 item(s)")
+        assert tmp.is_dir()
+    finally:
+        child.kill()
+        child.wait()
+    code, out = cache("gc", "--store", store, "--older-than", "0")
+    assert code == 0
+    has(out, f"removed tmp/{tmp.name} (abandoned write)", "1 item(s)")
+    assert not tmp.exists()
+
+
+def test_gc_keeps_a_dead_writers_recent_write_within_grace(store):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True)
+    dead = int(child.stdout)
+    tmp = store / "tmp" / f"abc123.{dead}.{time.time_ns()}"
+    tmp.mkdir()
+    (store / "tmp" / "stray-file").write_text("x")  # not named like a write: age alone decides
+    code, out = cache("gc", "--store", store)  # default grace: 60 minutes
+    assert code == 0 and "0 item(s)" in out and tmp.exists()
+    code, out = cache("gc", "--store", store, "--older-than", "0", "--dry-run")
+    assert code == 0
+    has(out, f"would remove tmp/{tmp.name}", "would remove tmp/stray-file", "2 item(s)")
+    assert tmp.exists()
+
+
+def test_gc_damaged_lists_then_removes(store, base, tmp_path):
+    bad = segments(store)[2]
+    flip_byte(chunk(bad, "label_logp"))
+    lost = keys_of(bad)
+    code, out = cache("gc", "--store", store, "--damaged", "--dry-run")
+    assert code == 0
+    has(out, f"damaged segment {bad.name}", "array label_logp chunk 0", f"would remove segments/{bad.name}",
+        "1 item(s)", "without --dry-run")
+    assert bad.exists()
+    code, out = cache("gc", "--store", store, "--damaged")
+    assert code == 0
+    has(out, f"removed segments/{bad.name} (damaged", "distill-pipeline run teacher_logits")
+    assert not bad.exists() and len(segments(store)) == 3
+    assert cache("verify", "--store", store)[0] == 0
+    assert Store(store, create=False).missing(base["keys"]) == lost
+    run_extraction(base["teacher"], store, N_SEQ, unit_tokens=UNIT_TOKENS)  # what the rerun does
+    assert Store(store).missing(base["keys"]) == set()
+    assert cache("verify", "--store", store, "--run", make_run(base, tmp_path, store))[0] == 0
+
+
+def test_gc_drop_teacher_with_a_damaged_manifest(store):
+    seg = segments(store)[0]
+    (seg / "zarr.json").write_text("{")
+    code, out = cache("gc", "--store", store, "--drop-teacher", "ffff", "--dry-run")
+    assert code == 0 and "0 item(s)" in out
+
+
+# ---------------------------------------------------------------------------- verify --run and lost entries
+
+
+def test_verify_run_after_a_segment_is_deleted(store, base, tmp_path):
+    run = make_run(base, tmp_path, store)
+    code, out = cache("verify", "--store", store, "--run", run)
+    assert code == 0
+    has(out, f"all {N_SEQ} entries present", "1 teacher_logits node(s) complete")
+    gone = segments(store)[1]
+    n = len(keys_of(gone))
+    shutil.rmtree(gone)
+    code, out = cache("verify", "--store", store)  # alone it cannot know: say so in --help
+    assert code == 0
+    code, out = cache("verify", "--run", run)  # the store is found through the node's teachers.json
+    assert code == 1
+    has(out, f"{n} of {N_SEQ} entries missing from {store}", "teacher_logits-0123abcd",
+        "distill-pipeline run teacher_logits", "lack entries")
+    assert "sft.student" not in out
+    code, out = cache("verify", "--help")
+    has(out, "--run", "deleted whole")
+
+
+def test_verify_run_counts_entries_in_damaged_segments(store, base, tmp_path):
+    run = make_run(base, tmp_path, store)
+    seg = segments(store)[0]
+    flip_byte(chunk(seg, "ids"))
+    code, out = cache("verify", "--run", run)
+    assert code == 1
+    has(out, f"0 of {N_SEQ} entries missing", f"{len(keys_of(seg))} more in damaged segments",
+        "cache gc --damaged", "distill-pipeline run teacher_logits")
+
+
+def test_verify_run_with_a_damaged_node(store, base, tmp_path):
+    run = make_run(base, tmp_path, store)
+    truncate(run / "teacher_logits-0123abcd" / "keys.parquet")
+    code, out = cache("verify", "--store", store, "--run", run)
+    assert code == 1
+    has(out, "teacher_logits-0123abcd", "keys.parquet cannot be read", "distill-pipeline run teacher_logits")
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_verify_run_dir_that_is_not_a_directory(store, tmp_path, kind):
+    run = tmp_path / "run"
+    if kind == "file":
+        run.write_text("x")
+    code, out = cache("verify", "--store", store, "--run", run)
+    assert code == 1
+    has(out, f"run dir {run}", "does not exist" if kind == "missing" else "is not a directory", "--run")
+
+
+def test_store_missing_keys(store, base):
+    s = Store(store, create=False)
+    assert s.missing(base["keys"]) == set() and s.missing([]) == set()
+    assert s.missing(["0" * 64]) == {"0" * 64}
+    seg = segments(store)[3]
+    lost = keys_of(seg)
+    truncate(seg / "index.parquet")  # unreadable index: its entries count as absent
+    assert s.missing(base["keys"]) == lost
+
+
+def test_rerun_replaces_a_segment_with_an_unreadable_index(store, base):
+    """Without gc: the rerun extraction sees the entries as missing and republishes the unit over
+    the damaged folder (a publish never silently keeps a segment nobody can read)."""
+    seg = segments(store)[0]
+    truncate(seg / "index.parquet")
+    stats = run_extraction(base["teacher"], store, N_SEQ, unit_tokens=UNIT_TOKENS)
+    assert stats["extracted"] == len(keys_of(seg)) and stats["units"] == 1
+    assert Store(store).missing(base["keys"]) == set()
+    code, out = cache("verify", "--store", store)
+    assert code == 0 and f"ok: {N_SEQ} entries verified" in out
