@@ -18,7 +18,7 @@ from typing import Any
 from distill_pipeline.cache.format import SCHEMA_VERSION
 from distill_pipeline.cache.reader import damage_advice, node_keys, node_store  # noqa: F401 (CLI)
 from distill_pipeline.cache.store import (CHUNK_ROWS, FIELDS, INDEX_COLUMNS, CacheError, Store,
-                                          entry_checksum, segment_format)
+                                          entry_checksum, segment_format, writer_alive)
 
 
 def _manifest(store: Store, seg: Path) -> dict:
@@ -334,9 +334,16 @@ def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = N
     now = time.time()
     tmp = store.root / "tmp"
     for p in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        if p.name.endswith(".lock"):
+            if not p.with_name(p.name[:-5]).exists() and writer_alive(p.with_name(p.name[:-5])) is False:
+                p.unlink(missing_ok=True)  # a lock whose write is gone and whose writer is dead
+            continue
+        live = writer_alive(p)  # the writer's flock: authoritative, on any host
         pid = _owner(p.name)
-        if pid is not None and pid_alive(pid):
-            report.kept.append(f"tmp/{p.name} (being written by running process {pid})")
+        if live is None:  # no lock file (older writes, folders set aside): this host's pid
+            live = pid is not None and pid_alive(pid)
+        if live:
+            report.kept.append(f"tmp/{p.name} (being written by a running process{f' {pid}' if pid else ''})")
             continue
         try:
             age = now - p.stat().st_mtime

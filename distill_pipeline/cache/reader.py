@@ -202,19 +202,42 @@ NODE_FILE = "teachers.json"
 KEYS_FILE = "keys.parquet"
 
 
-def write_node_file(out: Any, store_root: Any, fmt: Any, source: str, teachers: dict[str, dict],
+def write_node_file(out: Any, store: Store, fmt: Any, source: str, teachers: dict[str, dict],
                     keys: Sequence[str]) -> None:
-    """teachers: role → {"identity", "path"}. Written once per extraction node."""
+    """teachers: role → {"identity", "path"}. Written once per extraction node, with each key's
+    segment, so that checking the node against its store later costs a stat per segment."""
     import json
     from pathlib import Path
 
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     (Path(out) / NODE_FILE).write_text(json.dumps(
-        {"store": str(store_root), "format": fmt.to_json(), "source": source, "teachers": teachers},
+        {"store": str(store.root), "format": fmt.to_json(), "source": source, "teachers": teachers},
         indent=2))
-    pq.write_table(pa.table({"key": sorted(set(keys))}), Path(out) / KEYS_FILE)
+    wanted = pa.array(sorted(set(keys)), pa.string())
+    index = store.index(columns=["key"])
+    index = index.filter(pc.is_in(index.column("key"), value_set=wanted))
+    where = dict(zip(index.column("key").to_pylist(), index.column("segment").to_pylist()))
+    pq.write_table(pa.table({"key": wanted, "segment": pa.array([where.get(k) for k in wanted.to_pylist()],
+                                                                 pa.string())}), Path(out) / KEYS_FILE)
+
+
+def node_segments_missing(folder: Any) -> tuple[int, int]:
+    """(segments gone, segments) of those that held the node's entries when it was published."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    try:
+        segments = pq.read_table(Path(folder) / KEYS_FILE, columns=["segment"]).column("segment").to_pylist()
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, written before segments were recorded
+        raise _node_damaged(folder, KEYS_FILE, exc) from None
+    root = Path(node_store(folder))
+    held = set(segments) - {None}  # None: an entry that was not in the store when published
+    gone = sum(not (root / "segments" / s / "index.parquet").exists() for s in held)
+    return gone + (None in segments), len(held) + (None in segments)
 
 
 def _node_damaged(folder: Any, name: str, exc: Exception) -> CacheError:

@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,43 @@ def entry_checksum(ids, logp_bits, lse, label) -> str:
     for a in (ids, logp_bits, lse, label):
         h.update(a.tobytes())
     return h.hexdigest()[:32]
+
+
+@contextmanager
+def writer_lock(tmp: Path):
+    """Hold an exclusive flock on `<tmp>.lock` while `tmp` is being written. `cache gc` takes the
+    same lock before it removes a write: held means the writer is alive, on this host or (on a
+    filesystem with working flock, e.g. NFSv4) another."""
+    import fcntl
+
+    lock = tmp.with_name(tmp.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock, "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fh.close()  # releases the flock
+
+
+def writer_alive(tmp: Path) -> bool | None:
+    """Is the write `tmp` still owned by a live process? None when it has no lock file (writes
+    of older versions, and folders set aside by `remove_segment`)."""
+    import fcntl
+
+    lock = tmp.with_name(tmp.name + ".lock")
+    try:
+        fh = open(lock, "r+")
+    except FileNotFoundError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
 
 def segment_format(attrs: dict) -> CacheFormat:
@@ -198,6 +236,16 @@ class Store:
     def publish(self, segment_id: str, data: SegmentData, manifest: dict) -> bool:
         """Write a segment under tmp/ and rename it into segments/. False if it already exists
         (another writer published the same unit first: content addressed, so identical)."""
+        final = self.root / "segments" / segment_id
+        if final.exists():
+            if self._readable(final):
+                return False
+            self.remove_segment(segment_id)  # incomplete or unreadable: its entries are written again
+        tmp = self.root / "tmp" / f"{segment_id}.{os.getpid()}.{time.time_ns()}"
+        with writer_lock(tmp):
+            return self._write(tmp, final, data, manifest)
+
+    def _write(self, tmp: Path, final: Path, data: SegmentData, manifest: dict) -> bool:
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -205,12 +253,6 @@ class Store:
         from zarr.codecs import BloscCodec, Crc32cCodec
         from zarr.codecs.numcodecs import Delta
 
-        final = self.root / "segments" / segment_id
-        if final.exists():
-            if self._readable(final):
-                return False
-            self.remove_segment(segment_id)  # incomplete or unreadable: its entries are written again
-        tmp = self.root / "tmp" / f"{segment_id}.{os.getpid()}.{time.time_ns()}"
         group = zarr.open_group(str(tmp), mode="w", attributes=manifest)
         zstd = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
         n = len(data.lse)

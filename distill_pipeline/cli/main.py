@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -74,6 +75,8 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
         ran = run_plan(plan, list(stages or ["all"]), force=force, use_ray=not no_ray, wait=wait)
     except _errors() as exc:
         fail(str(exc))
+    except OSError as exc:  # the run dir or a store: full disk, permissions, …
+        fail(f"cannot write {exc.filename or 'an output'}: {exc.strerror or exc}")
     except (Interrupted, KeyboardInterrupt):
         typer.secho(f"interrupted; partial outputs are kept in {cfg.run_dir}/.partial — rerun the same "
                     "command to resume", fg=typer.colors.YELLOW, err=True)
@@ -115,12 +118,18 @@ def compare(paths: List[str] = typer.Argument(..., help="run directories or conf
 
     try:
         rows = cmp.collect(paths)
-    except (FileNotFoundError, KeyError) as exc:
-        fail(str(exc))
+    except _errors() as exc:
+        fail(str(exc), 2)
+    except (OSError, KeyError, ValueError) as exc:  # unreadable or damaged evaluate outputs
+        fail(f"cannot read the evaluate results under {', '.join(paths)}: {type(exc).__name__}: {exc}; "
+             "rerun `distill-pipeline run evaluate -c <config> --force` for that run")
     typer.echo(cmp.table(rows))
     png = Path(out) if out else cmp._run_dir(paths[0]) / "compare.png"
-    cmp.plot(rows, png)
-    png.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    try:
+        cmp.plot(rows, png)
+        png.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    except OSError as exc:
+        fail(f"cannot write {png}: {exc.strerror or exc}; pass --out with a writable path")
     typer.echo(f"wrote {png} and {png.with_suffix('.json')}")
 
 
@@ -328,14 +337,18 @@ def cache_gc(store: Optional[str] = StoreOpt,
                        "entries again")
 
 
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C outside a running stage (loading a config, reading a big store): say so, exit 130."""
+    typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+    raise SystemExit(130)
+
+
 def main() -> None:
     """Entry point: known errors print one message (in the commands) and usage errors click's;
     anything else is a bug — one line on stderr, the traceback in a file (DISTILL_DEBUG=1 prints it)."""
+    signal.signal(signal.SIGINT, _interrupted)  # `run` installs its own while stages execute
     try:
         app()
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("DISTILL_DEBUG") == "1":
             raise

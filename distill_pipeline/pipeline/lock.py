@@ -18,7 +18,7 @@ from typing import Callable
 
 
 class RunDirBusy(RuntimeError):
-    """Another live process holds the run dir's lock."""
+    """Another live process holds the run dir's lock, or the lock cannot be taken at all."""
 
 
 class RunLock:
@@ -32,43 +32,57 @@ class RunLock:
         try:
             info = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
-            return "another process"
+            info = {}
+        if "pid" not in info:  # the holder has the lock but has not written its record yet
+            return "another process (starting)"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
         return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} (since {started}: "
                 f"{info.get('command', '?')})")
 
     def __enter__(self) -> "RunLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")
+        except OSError as exc:
+            raise RunDirBusy(f"cannot create the lock {self.path}: {exc.strerror or exc}; run_dir must be "
+                             "a writable directory") from None
+        try:
+            self._acquire(fh)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                 "command": " ".join(sys.argv)}))
+            fh.flush()
+        except BaseException:
+            fh.close()
+            raise
+        self._fh = fh
+        return self
+
+    def _acquire(self, fh) -> None:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
         told = False
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return
             except BlockingIOError:
                 if not self.wait:
-                    holder = self._holder()
-                    fh.close()
-                    raise RunDirBusy(f"run dir {self.path.parent} is in use by {holder}; wait for it "
-                                     "to finish, or rerun with --wait to queue behind it") from None
+                    raise RunDirBusy(f"run dir {self.path.parent} is in use by {self._holder()}; wait for "
+                                     "it to finish, or rerun with --wait to queue behind it") from None
                 if not told:
                     self.echo(f"waiting for {self._holder()} to release {self.path.parent} …")
                     told = True
                 time.sleep(self.poll_s)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                             "command": " ".join(sys.argv)}))
-        fh.flush()
-        self._fh = fh
-        return self
+            except OSError as exc:  # ENOLCK / EOPNOTSUPP: a filesystem without flock
+                raise RunDirBusy(f"cannot lock {self.path}: {exc.strerror or exc}; the run dir's "
+                                 "filesystem does not support flock — use a local or NFSv4 directory") from None
 
     def __exit__(self, *exc) -> None:
         import fcntl
 
-        if self._fh is not None:
+        if self._fh is not None:  # an empty record while free; a killed holder's record is stale
             self._fh.seek(0)
             self._fh.truncate()
             fcntl.flock(self._fh, fcntl.LOCK_UN)

@@ -35,13 +35,15 @@ def _probe(address: str) -> None:
             "--ray-address / RAY_ADDRESS to run on an embedded local Ray") from None
 
 
-def ensure_ray(cfg: Any) -> None:
+def ensure_ray(cfg: Any) -> bool:
+    """Start or attach Ray; True when this call started an embedded instance (its caller shuts
+    it down), False when Ray was already up or a cluster was attached."""
     import ray
 
     from distill_pipeline.progress import decide_for_workers
 
     if ray.is_initialized():
-        return
+        return False
     decide_for_workers()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no ~/.ray/auth_token for a local run
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -50,9 +52,11 @@ def ensure_ray(cfg: Any) -> None:
             if address != "auto":
                 _probe(address)
             ray.init(address=address, log_to_driver=True)
+            return False
         else:
             ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
                      log_to_driver=True, configure_logging=False)
+            return True
     except RayUnavailable:
         raise
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, …

@@ -1,8 +1,8 @@
 """Plan, status and execution of a run.
 
 Each node's output folder is `<run_dir>/<node>-<fingerprint[:12]>`, the fingerprint hashing
-(stage, stage version, the node's view, upstream fingerprints). A node is up to date when its
-folder holds a `manifest.json`. Work happens in `<run_dir>/.partial/<folder>` (a crashed stage
+(stage, stage version, the node's view, upstream content hashes). A node is up to date when its
+folder holds a `manifest.json` and the stage's `check_output` (if any) still accepts it. Work happens in `<run_dir>/.partial/<folder>` (a crashed stage
 resumes there) and is published by one atomic rename. `<run_dir>/.state/` remembers the last
 published view of each node lineage so `status` can say why a node will run. Stages that train or generate
 run as Ray tasks with resource requests; `status` and a no-op `run` never start Ray.
@@ -310,16 +310,23 @@ def interruptible(raise_now: bool = True):
 def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = True, wait: bool = False,
         echo: Callable[[str], None] = print) -> list[str]:
     """Bring the selected nodes up to date; returns the names of the nodes that executed.
-    Holds the run dir's lock while it works; `Interrupted` on SIGINT / SIGTERM."""
+    Holds the run dir's lock while anything executes; `Interrupted` on SIGINT / SIGTERM."""
     from distill_pipeline.pipeline.lock import RunLock
 
     selected = select(plan, targets)
-    with RunLock(plan.run_dir, wait=wait, echo=echo):
+    everything = targets in ([], ["all"])
+    forced = {n.name for n in plan.nodes if force and (everything or n.name in targets or n.stage in targets)}
+
+    def pending() -> list[str]:
+        return [n for n in selected if n in forced or not plan.done(n)]
+
+    if not pending():  # nothing to do: no lock needed (a read-only run dir is fine)
+        for n in selected:
+            echo(f"{n}: up to date")
+        return []
+    with interruptible(), RunLock(plan.run_dir, wait=wait, echo=echo):
         plan.broken.clear()  # another run may have changed things while we waited
-        everything = targets in ([], ["all"])
-        forced = {n.name for n in plan.nodes
-                  if force and (everything or n.name in targets or n.stage in targets)}
-        todo = [n for n in selected if n in forced or not plan.done(n)]
+        todo = pending()
         for n in selected:
             if n not in todo:
                 echo(f"{n}: up to date")
@@ -331,9 +338,8 @@ def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = 
         if use_ray:
             _run_ray(plan, todo, echo)
         else:
-            with interruptible():
-                for n in todo:
-                    _run_one_inline(plan, n, echo)
+            for n in todo:
+                _run_one_inline(plan, n, echo)
     return todo
 
 
@@ -357,9 +363,14 @@ def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
 
     from distill_pipeline.pipeline.raysetup import ensure_ray
 
-    ensure_ray(plan.cfg.ray)  # before `interruptible`: ray.init installs signal handlers of its own
-    with interruptible(raise_now=False) as stop:
-        _schedule(plan, todo, echo, stop)
+    embedded = ensure_ray(plan.cfg.ray)
+    try:
+        # installed after ray.init, which replaces the SIGTERM handler; polled, not raised inside Ray
+        with interruptible(raise_now=False) as stop:
+            _schedule(plan, todo, echo, stop)
+    finally:
+        if embedded:  # while the run dir's lock is still held: no task outlives the run
+            ray.shutdown()
 
 
 def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: threading.Event) -> None:
@@ -389,23 +400,24 @@ def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: th
             if not running:
                 break
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            if done:  # a finished node is published even when a signal arrived meanwhile
+                name = running.pop(done[0])
+                try:
+                    summary = ray.get(done[0])
+                except Exception as exc:
+                    cause = getattr(exc, "cause", None) or exc
+                    failures.append(f"{name} failed: {type(cause).__name__}: {cause}\n"
+                                    f"partial output kept in {plan.partial(name)}")
+                else:
+                    _publish(plan, name, summary, started[name])
+                    echo(_summary_line(plan, name, summary, time.time() - started[name]))
             if stop.is_set():
                 raise Interrupted("signal")
-            if not done:
-                continue
-            name = running.pop(done[0])
-            try:
-                summary = ray.get(done[0])
-            except Exception as exc:
-                cause = getattr(exc, "cause", None) or exc
-                failures.append(f"{name} failed: {type(cause).__name__}: {cause}\n"
-                                f"partial output kept in {plan.partial(name)}")
-                continue
-            _publish(plan, name, summary, started[name])
-            echo(_summary_line(plan, name, summary, time.time() - started[name]))
-    except Interrupted:
+    except BaseException:
         for ref in running:  # force: the task's worker and the actors it owns go with it
             ray.cancel(ref, force=True)
+        if running:  # bounded: let the cancellations land before the caller releases the lock
+            ray.wait(list(running), num_returns=len(running), timeout=10)
         raise
     if failures:
         raise PipelineError("\n".join(failures))

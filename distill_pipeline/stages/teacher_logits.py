@@ -71,26 +71,26 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
                     num_workers=cfg.num_workers, batch_tokens=cfg.batch_tokens,
                     unit_tokens=cfg.unit_tokens, threads_per_worker=cfg.threads_per_worker,
                     gpus_per_worker=gpus_per_worker())
-    write_node_file(out, store.root, fmt, view.source,
+    write_node_file(out, store, fmt, view.source,
                     {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles},
                     [r.key for r in requests])
     return {**stats, "store": str(store.root)}
 
 
 def check_output(folder: Path) -> str | None:
-    """Up to date only while every entry it stands for is still in its store."""
-    from distill_pipeline.cache.reader import node_keys, node_store
-    from distill_pipeline.cache.store import CacheError, Store
+    """Up to date only while the segments holding its entries are still in its store (a stat per
+    segment; `cache verify --run` checks entry by entry)."""
+    from distill_pipeline.cache.reader import node_segments_missing, node_store
+    from distill_pipeline.cache.store import CacheError
 
     try:
-        keys, root = node_keys(folder), node_store(folder)
-        store = Store(root, create=False)
-        missing = store.missing(keys)
-    except (CacheError, OSError, ValueError) as exc:
+        gone, total = node_segments_missing(folder)
+    except (CacheError, OSError) as exc:
         return f"its cache entries cannot be checked ({exc})"
-    if missing:
-        return (f"{len(missing)} of {len(keys)} of its cache entries are missing from {root} "
-                "(deleted or damaged segments); they will be extracted again")
+    if gone:
+        return (f"{gone} of the {total} cache segments holding its entries are gone from "
+                f"{node_store(folder)} (deleted or removed as damaged); the missing entries will be "
+                "extracted again")
     return None
 
 

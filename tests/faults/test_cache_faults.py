@@ -46,7 +46,7 @@ def make_run(base, tmp_path: Path, store: Path) -> Path:
     run = tmp_path / "run"
     node = run / "teacher_logits-0123abcd"
     node.mkdir(parents=True)
-    write_node_file(node, store, FMT, "pairs", {"teacher": {"identity": base["identity"],
+    write_node_file(node, Store(store), FMT, "pairs", {"teacher": {"identity": base["identity"],
                                                             "path": str(base["teacher"])}}, base["keys"])
     (node / "manifest.json").write_text(json.dumps({"node": "teacher_logits", "stage": "teacher_logits"}))
     other = run / "sft.student-4567ef01"
@@ -340,6 +340,28 @@ def test_gc_never_touches_a_live_writer(store):
     assert not tmp.exists()
 
 
+def test_gc_never_touches_a_live_writer_on_another_host(store):
+    """A write whose pid means nothing here (another host's process on a shared store) is kept
+    while its writer holds the write's flock — what `Store.publish` does — whatever its age."""
+    code_ = ("import sys, time; from pathlib import Path; from distill_pipeline.cache.store import writer_lock\n"
+             "tmp = Path(sys.argv[1]) / 'tmp' / 'abc123.999999999.1'\n"
+             "with writer_lock(tmp):\n    tmp.mkdir()\n    print(tmp, flush=True)\n    time.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code_, str(store)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        tmp = Path(child.stdout.readline().strip())
+        old = time.time() - 86400
+        os.utime(tmp, (old, old))
+        code, out = cache("gc", "--store", store, "--older-than", "0")
+        assert code == 0 and tmp.is_dir()
+        has(out, f"kept tmp/{tmp.name}", "being written by a running process", "0 item(s)")
+    finally:
+        child.kill()
+        child.wait()
+    code, out = cache("gc", "--store", store, "--older-than", "0")
+    has(out, f"removed tmp/{tmp.name} (abandoned write)")
+    assert not tmp.exists() and not tmp.with_name(tmp.name + ".lock").exists()
+
+
 def test_gc_keeps_a_dead_writers_recent_write_within_grace(store):
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True)
@@ -378,8 +400,8 @@ def test_gc_damaged_lists_then_removes(store, base, tmp_path):
 def test_gc_drop_teacher_with_a_damaged_manifest(store):
     seg = segments(store)[0]
     (seg / "zarr.json").write_text("{")
-    code, out = cache("gc", "--store", store, "--drop-teacher", "ffff", "--dry-run")
-    assert code == 0 and "0 item(s)" in out
+    code, out = cache("gc", "--store", store, "--drop-teacher", "ffff")
+    assert code == 0 and "0 item(s)" in out and seg.is_dir()  # damaged, but not this teacher's
 
 
 # ---------------------------------------------------------------------------- verify --run and lost entries
