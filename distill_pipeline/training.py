@@ -125,6 +125,9 @@ def train_loop(model: Any, *, hp: Any, examples: int,
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup),
                                                   last_epoch=step - 1)
         print(f"{desc}: resuming at step {step}/{steps}")
+        _truncate_log(log_path, step)  # a crash after logging a step but before its checkpoint
+        if on_checkpoint:  # … or after the checkpoint but before what is written at it
+            on_checkpoint(step)
     elif log_path.exists():
         log_path.unlink()
     model.train()
@@ -171,6 +174,17 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     model.eval()
     return {"steps": steps, "final_loss": round(last.get("loss", float("nan")), 6),
             "train_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the JSONL rows of steps ≤ `step` (the checkpoint being resumed): steps after it run
+    again and are logged again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def to_device(batch: Any, dev: Any) -> Any:

@@ -25,7 +25,7 @@ def damage_advice(root: Any, *, listed: bool = False) -> str:
     remove = (f"run `distill-pipeline cache gc --damaged --store {root}` to remove the damaged segment(s)"
               if listed else f"run `distill-pipeline cache verify --store {root}` to list the damage, then "
               f"`distill-pipeline cache gc --damaged --store {root}`")
-    return remove + " and rerun `distill-pipeline run teacher_logits` to extract the removed entries again"
+    return remove + " and rerun `distill-pipeline run teacher_logits -c <config>` to extract the removed entries again"
 
 
 class CacheReader:
@@ -142,7 +142,7 @@ class CacheReader:
                                  f"{len(self.damaged)} damaged segment(s) whose entries cannot be read "
                                  f"({names}); " + damage_advice(self.store.root))
             raise CacheError(f"cache entry {key[:16]}… is not in {self.store.root}; run "
-                             "`distill-pipeline run teacher_logits` for this data and teacher")
+                             "`distill-pipeline run teacher_logits -c <config>` for this data and teacher")
         segment, offset, n, prompt_len, checksum = self._where[key]
         if expect_tokens is not None:
             stored = self.token_ids(key)
@@ -242,7 +242,7 @@ def node_segments_missing(folder: Any) -> tuple[int, int]:
 
 def _node_damaged(folder: Any, name: str, exc: Exception) -> CacheError:
     return CacheError(f"extraction node {folder}: {name} cannot be read ({type(exc).__name__}: {exc}); "
-                      f"delete the folder {folder} and rerun `distill-pipeline run teacher_logits` to "
+                      f"delete the folder {folder} and rerun `distill-pipeline run teacher_logits -c <config>` to "
                       "write it again")
 
 

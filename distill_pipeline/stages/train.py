@@ -13,6 +13,7 @@ Run alone: `distill-pipeline run train -c …`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,8 +79,12 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
         r = evaluate_model(model, tok, validation, batch_size=64, max_new_tokens=view.max_new_tokens)
         model.train()
         row = {"step": step, **{f"val_{k}": v for k, v in r.items() if k != "n"}}
-        with open(out / "validation.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        path = out / "validation.jsonl"  # rewritten whole: a resumed run validates its checkpoint again
+        rows = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                if line.strip() and json.loads(line)["step"] < step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in [*rows, json.dumps(row)]))
+        os.replace(tmp, path)
 
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(spec, view.options), counts=stream.counts, work_dir=out,

@@ -106,6 +106,32 @@ def test_a_bad_eval_file_fails_before_any_stage_runs(tmp_path):
     assert not [p for p in (tmp_path / "run").glob("*-*") if (p / "manifest.json").exists()]
 
 
+@pytest.mark.parametrize("breakage, words", [
+    ("missing", ["no such local directory", "not a hub id", "Fix name_or_path"]),
+    ("no-tokenizer", ["no tokenizer files in", "tokenizer.json"]),
+    ("bad-config", ["config.json", "not valid JSON"]),
+])
+def test_a_bad_model_is_refused_by_the_preflight_through_the_cli(tmp_path, breakage, words):
+    """The model corpus (tests/faults/test_model_faults.py) runs in-process; this checks the same
+    errors reach a CLI user as one message, before any stage runs."""
+    from distill_pipeline.models import load_model, load_tokenizer, save_model
+    from distill_pipeline.pipeline.config import ModelSpec
+
+    model_dir = tmp_path / "student"
+    if breakage != "missing":
+        spec = ModelSpec(preset="tiny-student")
+        save_model(load_model(spec), load_tokenizer(spec), model_dir)
+        if breakage == "no-tokenizer":
+            (model_dir / "tokenizer.json").unlink()
+        else:
+            (model_dir / "config.json").write_text("{not json")
+    tree = tiny_tree(tmp_path / "run")
+    tree["models"]["student"] = {"name_or_path": str(model_dir)}
+    out = clean(cli("run", "-c", str(write_config(tmp_path / "c.yaml", tree)), "--no-ray",
+                    env={"HF_HUB_OFFLINE": "1"}), 1, *words)
+    assert ": done" not in out
+
+
 # ------------------------------------------------------------------ targets, run dirs, Ray addresses
 
 @pytest.mark.parametrize("args, code, words", [

@@ -48,9 +48,12 @@ def test_resume_matches_uninterrupted(tmp_path):
                    work_dir=tmp_path / "b", desc="b", on_checkpoint=crash)
     except Stop:
         pass
+    with open(tmp_path / "b/metrics.jsonl", "a") as fh:  # a step logged after the checkpoint, then kill -9
+        fh.write('{"step": 7, "loss": 123.0}\n')
     resumed, batches, loss_fn = _setup(seed=123)  # fresh weights: must come from the checkpoint
     train_loop(resumed, hp=hp, examples=15, batches=batches, counts=counts, loss_fn=loss_fn, work_dir=tmp_path / "b", desc="b")
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 10))
+    assert steps == list(range(1, 10))  # each step once: the crashed run's step 7 was dropped
+    assert (tmp_path / "a/metrics.jsonl").read_text() == (tmp_path / "b/metrics.jsonl").read_text()
