@@ -2,8 +2,8 @@
 
 `load_model(spec)` / `load_tokenizer(spec)` accept a `ModelSpec` (config tree). Tiny presets are
 random-initialised Llama configs sharing the tokenizer shipped in `assets/tokenizer.json`.
-`teacher_identity` hashes weights + tokenizer + chat template: the teacher part of every
-teacher-logit cache key.
+`teacher_identity` is the content identity (`identity.py`: weights, forward-relevant config,
+tokenizer, chat template): the teacher part of every teacher-logit cache key.
 
 Where a model comes from (`name_or_path`): an existing local directory; else a hub id (`name` or
 `owner/name`), read from the local Hugging Face cache when offline (`HF_HUB_OFFLINE=1`) and
@@ -542,30 +542,26 @@ def describe(model) -> str:
 
 
 def directory_digest(path: Path) -> str:
-    """sha256 over every file (name + bytes) in a model directory, in name order."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != ".identity"):
-        h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    """Content identity of a model directory, every input read afresh (no memo): weights by content,
+    the forward-relevant config.json fields, tokenizer and chat template (`identity.py`)."""
+    from distill_pipeline.identity import compute_identity
+
+    return compute_identity(Path(path))
 
 
 def teacher_identity(model_dir: Path) -> str:
-    """Teacher part of a cache key: weights + tokenizer + chat template of a saved checkpoint.
-    Stages write it beside the weights when they save (`save_model`); other directories are hashed."""
-    memo = Path(model_dir) / ".identity"
-    if memo.exists():
-        return memo.read_text().strip()
-    return directory_digest(model_dir)
+    """Teacher part of a cache key: the checkpoint's content identity (`identity.py`), memoised
+    in the directory against (size, mtime_ns, ctime_ns) of every input, re-validated every call."""
+    from distill_pipeline.identity import content_identity
+
+    return content_identity(Path(model_dir))
 
 
 def save_model(model, tok, folder: Path) -> None:
-    """save_pretrained for weights and tokenizer, plus the identity hash used by cache keys."""
+    """save_pretrained for weights and tokenizer, then the identity memo (teacher_identity)."""
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    (Path(folder) / ".identity").write_text(directory_digest(folder))
+    teacher_identity(folder)
 
 
 def main(argv: list[str] | None = None) -> int:

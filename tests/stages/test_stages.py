@@ -10,7 +10,7 @@ from distill_pipeline.pipeline import runner
 from distill_pipeline.pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 
-MODEL_FILES = {".identity", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+MODEL_FILES = {".distill-identity.json", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json"}
 
 
