@@ -82,7 +82,8 @@ _memory: dict[str, dict[str, dict]] = {}  # resolved dir → memo entries (all k
 _lock = threading.Lock()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (also the dataset-file digest of `data/`)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_BLOCK):
@@ -140,19 +141,19 @@ def _digest(path: Path, rel: str, kind: str) -> str:
         blob = _hub_blob(path)
         if blob is not None and _SHA256_NAME.fullmatch(blob.name):
             return blob.name  # LFS object: named by the sha256 of its content
-        return _sha256_file(path)
+        return sha256_file(path)
     if kind == "json":
         try:
             data = json.loads(path.read_bytes())
         except ValueError:  # unparsable: its bytes are its identity (loading fails loudly anyway)
-            return _sha256_file(path)
+            return sha256_file(path)
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k not in _JSON_INPUTS[rel]}
             if rel == "config.json" and "torch_dtype" in data:  # renamed `dtype` in 4.56
                 data.setdefault("dtype", data["torch_dtype"])
                 del data["torch_dtype"]
         return hashlib.sha256(_canonical(data)).hexdigest()
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
 def _stat_key(st: os.stat_result) -> list[int]:

@@ -541,14 +541,6 @@ def describe(model) -> str:
     return f"{type(model).__name__} {n / 1e6:.2f}M params"
 
 
-def directory_digest(path: Path) -> str:
-    """Content identity of a model directory, every input read afresh (no memo): weights by content,
-    the forward-relevant config.json fields, tokenizer and chat template (`identity.py`)."""
-    from distill_pipeline.identity import compute_identity
-
-    return compute_identity(Path(path))
-
-
 def teacher_identity(model_dir: Path) -> str:
     """Teacher part of a cache key: the checkpoint's content identity (`identity.py`), memoised
     in the directory against (size, mtime_ns, ctime_ns) of every input, re-validated every call."""

@@ -14,12 +14,12 @@ rather than after training. Every failure is a `DataError` naming the file, the 
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
 from distill_pipeline.data.readers import BadRows, DataError, check_readable, read_dataset
 from distill_pipeline.data.tokenize import encode_rows
+from distill_pipeline.identity import sha256_file
 from distill_pipeline.pipeline.config import DataSpec, Layout, NumbersTask
 from distill_pipeline.view import View
 
@@ -69,11 +69,7 @@ def file_digest(path: str, which: str = "") -> str:
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = sha256_file(p)
     return _DIGESTS[key]
 
 

@@ -174,10 +174,6 @@ def _messages_problem(x: Any, name: str) -> str | None:
     return None
 
 
-def _is_messages(x: Any) -> bool:
-    return _messages_problem(x, "") is None
-
-
 def _nonempty(x: Any) -> bool:
     return isinstance(x, str) and x.strip() != ""
 

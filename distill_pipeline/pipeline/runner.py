@@ -2,10 +2,11 @@
 
 Each node's output folder is `<run_dir>/<node>-<fingerprint[:12]>`, the fingerprint hashing
 (stage, stage version, the node's view, upstream content hashes). A node is up to date when its
-folder holds a `manifest.json` and the stage's `check_output` (if any) still accepts it. Work happens in `<run_dir>/.partial/<folder>` (a crashed stage
-resumes there) and is published by one atomic rename. `<run_dir>/.state/` remembers the last
-published view of each node lineage so `status` can say why a node will run. Stages that train or generate
-run as Ray tasks with resource requests; `status` and a no-op `run` never start Ray.
+folder holds a `manifest.json` and the stage's `check_output` (if any) still accepts it. Work
+happens in `<run_dir>/.partial/<folder>` (a crashed stage resumes there) and is published by one
+atomic rename. `<run_dir>/.state/` remembers the last published view of each node lineage so
+`status` can say why a node will run. Stages that train or generate run as Ray tasks with
+resource requests; `status` and a no-op `run` never start Ray.
 """
 from __future__ import annotations
 
@@ -251,31 +252,20 @@ def _summary_line(plan: Plan, name: str, summary: dict, seconds: float) -> str:
     return f"{line}\n{report(folder)}" if report else line
 
 
-def _data_views(view: Any) -> list[Any]:
-    """The dataset views inside a node's view (nested fields)."""
-    from distill_pipeline.data import DataView
-
-    found = []
-    for name in type(view).model_fields:
-        value = getattr(view, name)
-        if isinstance(value, DataView):
-            found.append(value)
-    return found
-
-
 def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print) -> None:
     """Checks that must pass before compute is spent: both models (files, tokenizer, chat template;
     no weights read), every dataset a node about to run reads (read and validated, not
     tokenised), and teacher/student tokenizer equality."""
-    from distill_pipeline.data import validate_dataset
+    from distill_pipeline.data import DataView, validate_dataset
     from distill_pipeline.models import check_model_spec, check_same_tokenizer, load_tokenizer
 
     for role in ("teacher", "student"):  # cheap file checks first: no weights, no hub retries
         echo(f"preflight: models.{role}: {check_model_spec(getattr(plan.cfg.models, role))}")
     seen: set[str] = set()
     for name in todo:
-        for view in _data_views(plan.node(name).view):
-            if view.which not in seen:
+        node_view = plan.node(name).view
+        for view in (getattr(node_view, f) for f in type(node_view).model_fields):
+            if isinstance(view, DataView) and view.which not in seen:
                 seen.add(view.which)
                 echo(f"preflight: {validate_dataset(view)}")
     models = plan.cfg.models

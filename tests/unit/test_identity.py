@@ -16,7 +16,7 @@ import pytest
 
 from distill_pipeline import identity
 from distill_pipeline.identity import MEMO_NAME, compute_identity, content_identity, forget
-from distill_pipeline.models import directory_digest, teacher_identity
+from distill_pipeline.models import teacher_identity
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def _flip_one_weight(f: Path) -> None:
 def test_saved_model_has_a_valid_memo_and_identity_is_deterministic(saved, model):
     ident = teacher_identity(model)
     assert len(ident) == 64 and int(ident, 16) >= 0
-    assert ident == teacher_identity(model) == fresh(model) == directory_digest(model)
+    assert ident == teacher_identity(model) == fresh(model) == compute_identity(model)
     assert (saved / MEMO_NAME).is_file() and not (saved / ".identity").exists()
     assert teacher_identity(saved) == ident  # same content, other path
 
@@ -92,7 +92,7 @@ def test_readme_generation_config_original_and_memo_do_not_count(model):
     shutil.copy(model / "model.safetensors", model / "original" / "consolidated.safetensors")
     shutil.copy(model / "model.safetensors", model / "consolidated.safetensors")
     (model / "notes.txt").write_text("x")
-    assert teacher_identity(model) == ident == fresh(model) == directory_digest(model)
+    assert teacher_identity(model) == ident == fresh(model) == compute_identity(model)
     (model / MEMO_NAME).unlink()
     assert fresh(model) == ident
 
@@ -115,7 +115,7 @@ def test_one_weight_changed_in_place_changes_identity(model, restore_mtime, in_p
     assert (model / MEMO_NAME).is_file()  # an old memo is present
     new = teacher_identity(model) if in_process else fresh(model)
     assert new != ident
-    assert new == directory_digest(model) == teacher_identity(model) == fresh(model)
+    assert new == compute_identity(model) == teacher_identity(model) == fresh(model)
 
 
 def test_chat_template_counts(model):
@@ -123,7 +123,7 @@ def test_chat_template_counts(model):
     t = model / "chat_template.jinja"
     t.write_text(t.read_text().replace("<|end|>", "<|end|>\n"))
     assert teacher_identity(model) != ident
-    assert teacher_identity(model) == directory_digest(model)
+    assert teacher_identity(model) == compute_identity(model)
 
 
 def test_template_in_tokenizer_config_counts(model):
@@ -291,8 +291,8 @@ def test_read_only_directory_keeps_the_memo_in_memory(model, monkeypatch):
     monkeypatch.setattr(identity, "_write_memo", lambda memo, files: False)  # as if read-only
     time.sleep(0.06)
     calls = []
-    real = identity._sha256_file
-    monkeypatch.setattr(identity, "_sha256_file", lambda p: calls.append(p) or real(p))
+    real = identity.sha256_file
+    monkeypatch.setattr(identity, "sha256_file", lambda p: calls.append(p) or real(p))
     assert teacher_identity(model) == ident
     hashed = len(calls)
     assert hashed >= 1 and not (model / MEMO_NAME).exists()
