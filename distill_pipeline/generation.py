@@ -76,11 +76,11 @@ def generate_hf(model: Any, tok: Any, prompts: Sequence[Sequence[int]], *, max_n
 
 
 def generate_vllm(model_dir: str, tok: Any, prompts: Sequence[Sequence[int]], *,
-                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                  dtype: str = "auto", max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int = 0) -> list[list[int]]:  # pragma: no cover - needs a GPU
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, seed=seed, dtype="auto")
+    llm = LLM(model=model_dir, seed=seed, dtype=dtype)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, stop_token_ids=[tok.eos_token_id])
     results = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)

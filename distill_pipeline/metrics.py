@@ -3,6 +3,9 @@ held-out metrics (task accuracy, reward accuracy, mean generated length) and the
 from __future__ import annotations
 
 METRICS = ("task_accuracy", "reward_accuracy", "mean_length")
+# With a reward model (`rm_*`) and the teacher judge (`judge_*`): mean score of the greedy
+# responses, and win rate vs the SFT student (evaluate stage).
+SCORES = ("rm_reward", "rm_win_rate", "judge_reward", "judge_win_rate")
 
 
 def sequence_logps(model, ids, mask, labels):
@@ -35,21 +38,24 @@ def pair_logps(model, examples, pad_id, batch_size=64):
     return sw, nw, sl, nl
 
 
-def attach_policy_ref(examples: list[dict], model_dir, pad_id: int) -> None:
+def attach_policy_ref(examples: list[dict], ref, pad_id: int) -> None:
     """Store the reference model's summed log-probs of chosen and rejected on every pair, as
-    `policy_ref_logp_w` / `policy_ref_logp_l` (the DPO-style losses' inputs of those names)."""
+    `policy_ref_logp_w` / `policy_ref_logp_l` (the DPO-style losses' inputs of those names).
+    `ref` is the reference's `models.ModelRef`."""
     from distill_pipeline.losses import POLICY_REF
-    from distill_pipeline.models import load_checkpoint
+    from distill_pipeline.models import load_ref
 
-    reference, _ = load_checkpoint(model_dir)
+    reference, _ = load_ref(ref)
     sw, _, sl, _ = pair_logps(reference, examples, pad_id)
     for e, w, l in zip(examples, sw.tolist(), sl.tolist()):
         e[f"{POLICY_REF}_w"], e[f"{POLICY_REF}_l"] = w, l
 
 
-def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int, desc: str = "evaluate") -> dict:
+def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int, desc: str = "evaluate",
+                   with_responses: bool = False):
     """task_accuracy (rows with `answer`: greedy output == answer), reward_accuracy (chosen gets the
-    higher mean log-prob), mean_length (generated tokens, EOS included)."""
+    higher mean log-prob), mean_length (generated tokens, EOS included). With `with_responses`,
+    (that dict, the greedy responses' token ids)."""
     from distill_pipeline.data.tokenize import decode_response
     from distill_pipeline.generation import generate_hf
 
@@ -62,14 +68,16 @@ def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int
     if all("answer" in e for e in examples):
         correct = sum(decode_response(tok, r).strip() == e["answer"] for e, r in zip(examples, responses))
         result["task_accuracy"] = correct / len(examples)
-    return result
+    return (result, responses) if with_responses else result
 
 
 def results_table(rows: dict[str, dict], first: str = "model") -> str:
-    """Fixed-width table: one row per model/method, one column per metric ('-' when absent)."""
+    """Fixed-width table: one row per model/method, one column per metric ('-' when absent); the
+    reward-model and judge columns only when some row has them."""
     width = max(len(k) for k in [first, *rows]) + 2
-    out = [first.ljust(width) + "".join(m.rjust(17) for m in METRICS)]
+    columns = [*METRICS, *(m for m in SCORES if any(m in r for r in rows.values()))]
+    out = [first.ljust(width) + "".join(m.rjust(17) for m in columns)]
     for label, r in rows.items():
         out.append(label.ljust(width) + "".join(
-            (f"{r[m]:.3f}" if isinstance(r.get(m), (int, float)) else "-").rjust(17) for m in METRICS))
+            (f"{r[m]:.3f}" if isinstance(r.get(m), (int, float)) else "-").rjust(17) for m in columns))
     return "\n".join(out)

@@ -297,7 +297,8 @@ def _dir_problems(d: Path, *, model: bool, tokenizer: bool, template: bool = Tru
 
 
 _TEMPLATE_TODO = ("The pipeline formats every prompt with the chat template: use a chat/instruct "
-                  "model, or add a template as chat_template.jinja in that directory.")
+                  "model, add a template as chat_template.jinja in that directory, or give one "
+                  "for every model of the run as data.chat_template (Jinja text or a file).")
 
 
 def _error(prefix: str, problems: list[str], todo: str) -> ModelError:
@@ -340,10 +341,14 @@ def _check_stage_dir(path: Path, *, model: bool, tokenizer: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(spec: Any):
-    """Tokenizer for a ModelSpec (preset, local directory or hub id), with pad and chat template."""
+def load_tokenizer(spec: Any, chat_template: str | None = None):
+    """Tokenizer for a ModelSpec (preset, local directory or hub id), with pad and chat template
+    (`chat_template`, the text of `data.chat_template`, replaces the model's own)."""
     if spec.preset:
-        return _tiny_tokenizer()
+        tok = _tiny_tokenizer()
+        if chat_template is not None:
+            tok.chat_template = chat_template
+        return tok
     from transformers import AutoTokenizer
 
     prefix = f"cannot load tokenizer from {spec.name_or_path!r}"
@@ -358,6 +363,8 @@ def load_tokenizer(spec: Any):
         raise _load_failed(src, prefix, exc, model=False) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        tok.chat_template = chat_template
     if not tok.chat_template:
         where = f" in {src.local}" if src.local is not None else ""
         raise ModelError(f"{prefix}: {_NO_TEMPLATE}{where} (its tokenizer_config.json has no "
@@ -372,7 +379,10 @@ def load_model(spec: Any, *, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     _quiet_transformers()
-    dtype = getattr(torch, spec.dtype)
+    if spec.dtype == "auto":
+        dtype = torch.float32 if spec.preset else "auto"
+    else:
+        dtype = getattr(torch, spec.dtype)
     if spec.preset:
         tok = _tiny_tokenizer()
         config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=256,
@@ -434,6 +444,131 @@ def load_tokenizer_dir(path: Path):
         raise _stage_error(path, problems or [f"{type(exc).__name__}: {exc}"]) from exc
 
 
+# ---------------------------------------------------------------------------------------------
+# A node's model: what a stage reads from an upstream node's folder. A trained node publishes
+# `model/`; an import node publishes `imported.json`, naming a checkpoint outside the run dir.
+
+IMPORTED = "imported.json"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to load: its directory, the dtype to load it in ("auto": the dtype in its
+    config.json), a chat template that replaces its own, and — for imports — the identity it had
+    when imported (checked again on every load)."""
+    path: str
+    dtype: str = "auto"
+    chat_template: str | None = None
+    identity: str | None = None
+    label: str = ""
+
+
+def model_ref(folder: Path) -> ModelRef:
+    """The model an upstream node's output folder provides."""
+    folder = Path(folder)
+    record = folder / IMPORTED
+    if not record.is_file():
+        return ModelRef(str(folder / "model"), label=str(folder / "model"))
+    info = json.loads(record.read_text())
+    path = Path(info["path"])  # absolute, as resolved when imported; else resolve again (another
+    if not path.is_dir():      # machine of the cluster: its own Hugging Face cache)
+        path = import_path(info["name_or_path"], f"imported model {info['name_or_path']!r}")
+    return ModelRef(str(path), info["dtype"], info.get("chat_template"), info["identity"],
+                    label=info["name_or_path"])
+
+
+def import_path(name_or_path: str, prefix: str) -> Path:
+    """The local directory of an import: the directory itself, or the hub id's snapshot in the
+    local Hugging Face cache (never downloaded here: the identity must be computable offline)."""
+    src = _resolve(name_or_path, prefix)
+    local = src.local if src.local is not None else _cached_snapshot(name_or_path)
+    if local is None:
+        raise ModelError(
+            f"{prefix}: hub model {name_or_path!r} is not in the local Hugging Face cache. An "
+            "import is identified by its files (its identity is the teacher part of every cache "
+            f"key), so it must be downloaded first: {_download_hint(name_or_path, 'run')} — or "
+            "`distill-pipeline run`, which downloads imports when the hub is reachable — or point "
+            "name_or_path at a local directory.")
+    problems = _dir_problems(local, model=True, tokenizer=True, template=False, deep=False)
+    if problems:
+        raise _error(prefix, problems, src.todo())
+    return local
+
+
+def fetch_imports(specs: dict[str, Any], echo=print) -> None:
+    """Download the imports that are hub ids missing from the local cache (`run` only; `status`
+    never downloads). Weights as safetensors, plus config, tokenizer and chat template files;
+    `original/` duplicates skipped."""
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        hub_id = spec.name_or_path
+        if (Path(hub_id).expanduser().exists() or not _is_hub_id(hub_id) or _hub_offline()
+                or _cached_snapshot(hub_id) is not None):
+            continue
+        from huggingface_hub import snapshot_download
+
+        echo(f"{name}: downloading {hub_id} from the Hugging Face hub")
+        try:
+            snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                      "*.jinja", "*.tiktoken"],
+                              ignore_patterns=["original/*"])
+        except Exception as exc:
+            raise ModelError(f"{name}: cannot download {hub_id!r} ({type(exc).__name__}: "
+                             f"{exc}). {_download_hint(hub_id)}, or point name_or_path at a local "
+                             "directory.") from exc
+
+
+def import_identity(path: Path, dtype: str, chat_template: str | None) -> str:
+    """An import's identity: its content identity (`identity.py`) when it is loaded as saved;
+    loaded in another dtype than its config's, or with `data.chat_template` replacing its own,
+    a hash of the content identity and those choices (other log-probs, another identity)."""
+    from distill_pipeline.identity import content_identity
+
+    content = content_identity(Path(path))
+    config = _read_json(Path(path) / "config.json")[0] or {}
+    saved = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if dtype in ("auto", saved) and chat_template is None:
+        return content
+    payload = json.dumps({"content": content, "dtype": dtype, "chat_template": chat_template},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def ref_identity(ref: ModelRef) -> str:
+    """The teacher part of a cache key for a node's model. An import must still have the identity
+    it was imported with: changed files (or another dtype/template) are refused, not used."""
+    now = import_identity(Path(ref.path), ref.dtype, ref.chat_template)
+    if ref.identity is not None and now != ref.identity:
+        raise ModelError(f"imported model {ref.label!r} ({ref.path}) changed after it was imported "
+                         f"(identity {ref.identity[:12]} → {now[:12]}); run the pipeline again: the "
+                         "import and everything computed from it will be redone")
+    return now
+
+
+def load_ref(ref: ModelRef):
+    """(model, tokenizer) of a node's model, on `device()`; imports are identity-checked first."""
+    if ref.identity is None:
+        model, tok = load_checkpoint(Path(ref.path), dtype=ref.dtype)
+    else:
+        ref_identity(ref)
+        model = load_model(_spec(ref))
+        tok = load_tokenizer(_spec(ref), ref.chat_template)
+    return model, tok
+
+
+def load_ref_tokenizer(ref: ModelRef):
+    if ref.identity is None:
+        return load_tokenizer_dir(Path(ref.path))
+    return load_tokenizer(_spec(ref), ref.chat_template)
+
+
+def _spec(ref: ModelRef) -> Any:
+    from distill_pipeline.pipeline.config import ModelSpec
+
+    return ModelSpec(name_or_path=ref.path, dtype=ref.dtype)
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
@@ -487,7 +622,7 @@ def _check_hub_online(hub_id: str, prefix: str) -> str:
     return f"hub model {hub_id} ({info.pipeline_tag or 'no pipeline tag'}; downloaded on first use)"
 
 
-def check_model_spec(spec: Any) -> str:
+def check_model_spec(spec: Any, *, template_given: bool = False) -> str:
     """Cheap preflight for a ModelSpec: resolve the local directory or hub id and check its files
     (config.json + weights with sound safetensors headers, tokenizer files, a chat template; JSON
     files parse) without loading weights. Returns a one-line description; raises ModelError (what,
@@ -505,7 +640,8 @@ def check_model_spec(spec: Any) -> str:
     src = _resolve(label, prefix)
     if src.local is None:
         return _check_hub_online(label, prefix)
-    problems = _dir_problems(src.local, model=True, tokenizer=True, deep=True)
+    problems = _dir_problems(src.local, model=True, tokenizer=True, template=not template_given,
+                             deep=True)
     if problems:
         raise _error(prefix, problems, src.todo())
     where = (f"hub model {src.hub_id} (cached at {src.local})" if src.hub_id
@@ -522,16 +658,16 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str, student: str) -> None:
-    """Refuse a teacher/student pair whose token ids mean different things."""
-    if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(student_tok):
+def check_same_tokenizer(first_tok, second_tok, *, first: str, second: str) -> None:
+    """Refuse two models of one run whose token ids mean different things."""
+    if tokenizer_fingerprint(first_tok) == tokenizer_fingerprint(second_tok):
         return
-    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    tv, sv = first_tok.get_vocab(), second_tok.get_vocab()
     differing = sorted(k for k in set(tv) | set(sv) if tv.get(k) != sv.get(k))[:5]
     why = (f"vocabularies differ ({len(tv)} vs {len(sv)} entries; e.g. {differing})" if differing
            else "special tokens or chat templates differ")
     raise ModelError(
-        f"teacher {teacher!r} and student {student!r} use different tokenizers: {why}. "
+        f"{first} and {second} use different tokenizers: {why}. "
         "Cached teacher token ids must mean the same thing to the student; pick models that "
         "share a tokenizer (e.g. one model family).")
 

@@ -140,7 +140,7 @@ class Extractor:
     """Holds teacher models (loaded on first use) and turns units into published segments.
     Used in-process, or as the body of a Ray actor (one per worker)."""
 
-    def __init__(self, store_root: str, teacher_dirs: dict[str, str], *, fmt: CacheFormat,
+    def __init__(self, store_root: str, teacher_dirs: dict[str, Any], *, fmt: CacheFormat,
                  batch_tokens: int, threads: int | None = None):
         if threads:
             import torch
@@ -154,9 +154,10 @@ class Extractor:
 
     def _model(self, teacher: str):
         if teacher not in self.models:
-            from distill_pipeline.models import load_checkpoint
+            from distill_pipeline.models import ModelRef, load_ref
 
-            model, tok = load_checkpoint(self.teacher_dirs[teacher])
+            ref = self.teacher_dirs[teacher]  # a models.ModelRef, or a stage's model directory
+            model, tok = load_ref(ref if isinstance(ref, ModelRef) else ModelRef(str(ref)))
             model.eval()
             self.models[teacher] = (model, tok.pad_token_id)
         return self.models[teacher]
@@ -190,10 +191,11 @@ class Extractor:
         return unit.id, offset, published
 
 
-def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, str], fmt: CacheFormat, *,
+def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, Any], fmt: CacheFormat, *,
             num_workers: int = 1, batch_tokens: int = 4096, unit_tokens: int = 16384,
             threads_per_worker: int = 1, gpus_per_worker: float = 0) -> dict:
     """Extract every missing entry of `requests` (built with `make_request(…, fmt)`) into `store`.
+    `teacher_dirs`: teacher identity → its `models.ModelRef` (or a saved model's directory).
     Returns counts and throughput."""
     t0 = time.perf_counter()
     for r in requests:  # entries are published under these keys: they must be keys of `fmt`

@@ -69,8 +69,15 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
     stops the running stages and keeps their partial output: rerun the same command to resume."""
     from distill_pipeline.pipeline.runner import Interrupted, make_plan, run as run_plan
 
+    from distill_pipeline.models import fetch_imports
+    from distill_pipeline.pipeline.config import IMPORTS, unused_models
+
     cfg = _load(config, sets, ray_address)
+    for line in unused_models(cfg):
+        typer.echo(line)
     try:
+        fetch_imports({**{f"models.{r}": getattr(cfg.models, r) for r in IMPORTS},
+                       "evaluate.reward_model": cfg.evaluate.reward_model})
         plan = make_plan(cfg)
         ran = run_plan(plan, list(stages or ["all"]), force=force, use_ray=not no_ray, wait=wait)
     except _errors() as exc:
@@ -88,9 +95,12 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
 @app.command()
 def status(config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt):
     """Every node of the run: up to date, or will run and why."""
+    from distill_pipeline.pipeline.config import unused_models
     from distill_pipeline.pipeline.runner import make_plan, status as plan_status
 
     cfg = _load(config, sets)
+    for line in unused_models(cfg):
+        typer.echo(line)
     try:
         rows = plan_status(make_plan(cfg))
     except _errors() as exc:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distill_pipeline.metrics import METRICS, results_table
+from distill_pipeline.metrics import METRICS, SCORES, results_table
 
 
 def _run_dir(path: str) -> Path:
@@ -55,7 +55,8 @@ def collect(paths: list[str]) -> dict[str, dict[str, Any]]:
             curve = []
             if (folder / "metrics.jsonl").exists() and role.startswith("train"):
                 curve = [(d["step"], d["loss"]) for d in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
-            rows[label] = {**{k: res.get(k) for k in METRICS}, "curve": curve, "run": str(run)}
+            rows[label] = {**{k: res.get(k) for k in METRICS},
+                           **{k: res[k] for k in SCORES if k in res}, "curve": curve, "run": str(run)}
     order = ["sft.student", "sft.teacher", "teacher_dpo"]
     rows = {k: rows[k] for k in order if k in rows} | {k: v for k, v in sorted(rows.items()) if k not in order}
     if not rows:
@@ -75,9 +76,12 @@ def plot(rows: dict[str, dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, metric in zip(axes[:2], METRICS[:2]):
-        values = [rows[k][metric] or 0 for k in labels]
+    # rates in [0, 1]: the accuracies, and the win rates vs the SFT student when evaluated
+    bars = [*METRICS[:2], *(m for m in SCORES if m.endswith("win_rate")
+                            and any(r.get(m) is not None for r in rows.values()))]
+    fig, axes = plt.subplots(1, len(bars) + 1, figsize=(5 * (len(bars) + 1), 4.5))
+    for ax, metric in zip(axes[:-1], bars):
+        values = [rows[k].get(metric) or 0 for k in labels]
         ax.bar(range(len(labels)), values, color=["#888" if not rows[k]["curve"] else "#3a7" for k in labels])
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
         ax.set_ylim(0, 1)
@@ -87,10 +91,10 @@ def plot(rows: dict[str, dict], out: Path) -> None:
     for k in labels:
         if rows[k]["curve"]:
             steps, losses = zip(*rows[k]["curve"])
-            axes[2].plot(steps, losses, label=k)
-    axes[2].set_title("training loss")
-    axes[2].set_xlabel("step")
-    axes[2].legend(fontsize=8)
+            axes[-1].plot(steps, losses, label=k)
+    axes[-1].set_title("training loss")
+    axes[-1].set_xlabel("step")
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -41,7 +41,8 @@ class ModelSpec(Node):
     """A causal LM: a tiny offline preset, a local checkpoint directory, or a hub id."""
     preset: Literal["tiny-teacher", "tiny-student"] | None = None
     name_or_path: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="auto: the dtype in the checkpoint's config.json (presets: float32)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -52,8 +53,30 @@ class ModelSpec(Node):
 
 
 class Models(Node):
-    teacher: ModelSpec
-    student: ModelSpec
+    """The models a run trains from, and the ones it imports instead of training.
+
+    `teacher` / `student` are the starting points of `sft.teacher` / `sft.student`. An import
+    replaces a trained node: `teacher_dpo` (an aligned teacher) replaces the teacher DPO,
+    `reference` (the model it was DPO-trained from) replaces `sft.teacher`, `student_init` (an SFT'd
+    student) replaces `sft.student`."""
+    teacher: ModelSpec | None = None
+    student: ModelSpec | None = None
+    teacher_dpo: ModelSpec | None = Field(None, description="import an aligned (DPO) teacher")
+    reference: ModelSpec | None = Field(None, description="import the teacher's pre-DPO (SFT) model")
+    student_init: ModelSpec | None = Field(None, description="import an SFT'd student")
+
+    @model_validator(mode="after")
+    def _imports_are_checkpoints(self):
+        for name in IMPORTS:
+            spec = getattr(self, name)
+            if spec is not None and spec.preset is not None:
+                raise ValueError(f"models.{name}: an import is a checkpoint (name_or_path: a local "
+                                 "directory or hub id), not a random preset")
+        return self
+
+
+# The import that replaces each trained node (models.<import> → node).
+IMPORTS = {"teacher_dpo": "teacher_dpo", "reference": "sft.teacher", "student_init": "sft.student"}
 
 
 class NumbersTask(Node):
@@ -102,6 +125,36 @@ class Data(Node):
     max_length: int = Field(256, ge=8, description="prompt + response tokens; longer rows are skipped")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0,
                                     description="refuse a dataset with more bad rows than this")
+    chat_template: str | None = Field(None, description="a Jinja chat template (text, or a file "
+                                      "path) that replaces every model's own; needed for models "
+                                      "without one")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            chat_template_text(value)
+        return value
+
+    def template(self) -> str | None:
+        """The chat template's text (read from its file when a path was given), or None."""
+        return None if self.chat_template is None else chat_template_text(self.chat_template)
+
+
+def chat_template_text(value: str) -> str:
+    """`data.chat_template` as Jinja text: a template given inline (it holds `{{` or `{%`), else
+    the content of the file it names."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{value!r} is neither a Jinja template (no {{{{ … }}}} or {{% … %}}) nor "
+                         "an existing file; give the template text or the path of a .jinja file")
+    text = path.read_text(encoding="utf-8")
+    if "{{" not in text and "{%" not in text:
+        raise ValueError(f"{value}: the file holds no Jinja expression ({{{{ … }}}} or {{% … %}}); "
+                         "is it a chat template?")
+    return text
 
 
 class TrainHP(Node):
@@ -171,9 +224,21 @@ class Train(TrainHP):
                                       description="adpa+ only: loss options of its DCKD phase")
 
 
+class RewardModel(Node):
+    """A Hugging Face sequence-classification reward model (one output), with its own tokenizer
+    and chat template: a local directory or a hub id."""
+    name_or_path: str = Field(..., min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    batch_size: int = Field(16, ge=1)
+
+
 class Evaluate(Node):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(16, ge=1)
+    reward_model: RewardModel | None = Field(None, description="score every model's greedy "
+                                             "responses; win rate vs the SFT student")
+    teacher_judge: bool = Field(True, description="win rate vs the SFT student by the DPO "
+                                "teacher's implicit reward log π_dpo(y|x) − log π_ref(y|x)")
 
 
 class Resources(Node):
@@ -201,6 +266,55 @@ class Config(Node):
     evaluate: Evaluate = Evaluate()
     resources: Resources = Resources()
     ray: RayCfg = RayCfg()
+
+    @model_validator(mode="after")
+    def _models_needed(self):
+        m = self.models
+        if m.teacher_dpo is not None and m.reference is None and needs_reference(self.method):
+            raise ValueError(
+                f"models.reference: method {self.method} needs the imported teacher's reference "
+                "model: its loss scores the student's rollouts with log π_dpo − log π_ref (the "
+                "teacher's advantage), so both the DPO teacher and the model it was DPO-trained "
+                "from are read. Add models.reference (e.g. the SFT model the teacher_dpo started "
+                "from), or pick a method that reads only the DPO teacher ("
+                + ", ".join(m for m in METHODS if LOSSES.get(m) and LOSSES[m].cache == "pairs") + ")")
+        for node, model in (("sft.teacher", "teacher"), ("sft.student", "student")):
+            if getattr(m, model) is None and node in trained_nodes(self):
+                why = ("the teacher DPO trains from it" if model == "teacher" and m.reference is None
+                       and m.teacher_dpo is None else f"node {node} trains from it")
+                alt = {"teacher": "models.teacher_dpo (+ models.reference where the method needs it)",
+                       "student": "models.student_init"}[model]
+                raise ValueError(f"models.{model} is required: {why}; give it, or import instead "
+                                 f"with {alt}")
+        return self
+
+
+def needs_reference(method: str) -> bool:
+    """Does some loss of the method read the reference teacher (ADPA's rollout extraction)?"""
+    return any(LOSSES[loss].cache == "rollouts" for loss in TWO_PHASE.get(method, (method,)))
+
+
+def trained_nodes(cfg: "Config") -> set[str]:
+    """The SFT nodes that train (not imported, and needed): `sft.teacher` is needed by a teacher
+    DPO that trains, or as the reference of a method that reads one."""
+    m, nodes = cfg.models, set()
+    if m.student_init is None:
+        nodes.add("sft.student")
+    if m.reference is None and (m.teacher_dpo is None or needs_reference(cfg.method)):
+        nodes.add("sft.teacher")
+    return nodes
+
+
+def unused_models(cfg: "Config") -> list[str]:
+    """One line per model given but read by no node (an import replaced what trains from it)."""
+    trained = trained_nodes(cfg)
+    return [f"note: models.{model} is not used: {node} is imported from models.{imp}"
+            if getattr(cfg.models, imp) is not None else
+            f"note: models.{model} is not used: method {cfg.method} with an imported teacher_dpo "
+            "reads no reference teacher"
+            for model, node, imp in (("teacher", "sft.teacher", "reference"),
+                                     ("student", "sft.student", "student_init"))
+            if getattr(cfg.models, model) is not None and node not in trained]
 
 
 def _unalias(node: Any) -> Any:
@@ -274,7 +388,7 @@ def _format(err: ValidationError, source: str) -> str:
             msg = "required key is missing"
         elif "input" in e and not isinstance(e["input"], dict) and "got" not in msg:
             msg += f" (got {e['input']!r})"
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {path}: {msg}" if loc else f"  {msg}")
     return "\n".join(lines)
 
 

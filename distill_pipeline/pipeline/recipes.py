@@ -1,7 +1,9 @@
 """Recipes: the stage graph a method expands into — nodes, their views and their edges.
 
-Every method shares `sft.teacher`, `sft.student`, `teacher_dpo` and `evaluate`; the method adds
-its own nodes (rollouts, teacher-logit extractions, student training), decided by what its loss
+Every method shares `sft.student`, `teacher_dpo` and `evaluate`, and `sft.teacher` where the
+teacher DPO trains from it or the loss reads a reference teacher; each of those three is an
+`import_model` node instead when the config imports it (`models.student_init`,
+`models.teacher_dpo`, `models.reference`; config.IMPORTS). The method adds its own nodes (rollouts, teacher-logit extractions, student training), decided by what its loss
 reads (`LossSpec.cache`, `.responses`, `.policy_ref`). A node is one stage instance: its name
 (`<stage>` or `<stage>.<variant>`), the upstream nodes it reads by role, and its view, built by
 the stage's own `view_for` — this module only wires views and edges.
@@ -25,13 +27,23 @@ class NodeSpec:
 
 def build_graph(cfg: Any) -> list[NodeSpec]:
     """The nodes of `cfg.method`, in a valid execution order."""
-    from distill_pipeline.stages import evaluate, rollouts, sft, teacher_dpo, teacher_logits, train
+    from distill_pipeline.pipeline.config import IMPORTS, trained_nodes
+    from distill_pipeline.stages import (evaluate, import_model, rollouts, sft, teacher_dpo,
+                                         teacher_logits, train)
 
-    nodes = [
-        NodeSpec("sft.teacher", "sft", {}, sft.view_for(cfg, "teacher")),
-        NodeSpec("sft.student", "sft", {}, sft.view_for(cfg, "student")),
-        NodeSpec("teacher_dpo", "teacher_dpo", {"reference": "sft.teacher"}, teacher_dpo.view_for(cfg)),
-    ]
+    imported = {node: role for role, node in IMPORTS.items() if getattr(cfg.models, role) is not None}
+    trained = trained_nodes(cfg)
+
+    def model_node(name: str, stage: str, make_view, needs: dict | None = None) -> None:
+        if name in imported:
+            nodes.append(NodeSpec(name, "import_model", {}, import_model.view_for(cfg, imported[name])))
+        elif name in trained or stage != "sft":
+            nodes.append(NodeSpec(name, stage, needs or {}, make_view()))
+
+    nodes: list[NodeSpec] = []
+    model_node("sft.teacher", "sft", lambda: sft.view_for(cfg, "teacher"))
+    model_node("sft.student", "sft", lambda: sft.view_for(cfg, "student"))
+    model_node("teacher_dpo", "teacher_dpo", lambda: teacher_dpo.view_for(cfg), {"reference": "sft.teacher"})
 
     def extraction(source: str, **needs: str) -> str:
         name = "teacher_logits" if source == "pairs" else "teacher_logits.rollouts"
@@ -55,7 +67,7 @@ def build_graph(cfg: Any) -> list[NodeSpec]:
         nodes.append(NodeSpec(name, "train", needs, train.view_for(cfg, loss, options_key)))
         return name
 
-    models = ["sft.student", "sft.teacher", "teacher_dpo"]
+    models = [m for m in ("sft.student", "sft.teacher", "teacher_dpo") if any(n.name == m for n in nodes)]
     init = "sft.student"
     if cfg.method in TWO_PHASE:
         init = student("train.dckd", TWO_PHASE[cfg.method][0], init, "dckd_loss")

@@ -185,8 +185,10 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
     """(node, up to date, explanation) for every node, in execution order."""
     rows = []
     for n in plan.nodes:
+        describe = get_stage(n.stage).describe
         if plan.done(n.name):
-            rows.append((n.name, True, f"up to date ({plan.folder(n.name)})"))
+            what = describe(n.view) if describe else "up to date"
+            rows.append((n.name, True, f"{what} ({plan.folder(n.name)})"))
         else:
             rows.append((n.name, False, f"will run: {why(plan, n.name)}"))
     return rows
@@ -253,14 +255,17 @@ def _summary_line(plan: Plan, name: str, summary: dict, seconds: float) -> str:
 
 
 def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print) -> None:
-    """Checks that must pass before compute is spent: both models (files, tokenizer, chat template;
-    no weights read), every dataset a node about to run reads (read and validated, not
-    tokenised), and teacher/student tokenizer equality."""
+    """Checks that must pass before compute is spent: every model the run trains from or imports
+    (files, tokenizer, chat template; no weights read), every dataset a node about to run reads
+    (read and validated, not tokenised), and tokenizer equality across all those models."""
     from distill_pipeline.data import DataView, validate_dataset
     from distill_pipeline.models import check_model_spec, check_same_tokenizer, load_tokenizer
 
-    for role in ("teacher", "student"):  # cheap file checks first: no weights, no hub retries
-        echo(f"preflight: models.{role}: {check_model_spec(getattr(plan.cfg.models, role))}")
+    template = plan.cfg.data.template()
+    models = {f"models.{n.view.role}": n.view.model for n in plan.nodes  # sft and import nodes
+              if n.stage in ("sft", "import_model")}
+    for name, spec in models.items():  # cheap file checks first: no weights, no hub retries
+        echo(f"preflight: {name}: {check_model_spec(spec, template_given=template is not None)}")
     seen: set[str] = set()
     for name in todo:
         node_view = plan.node(name).view
@@ -268,10 +273,15 @@ def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print) 
             if isinstance(view, DataView) and view.which not in seen:
                 seen.add(view.which)
                 echo(f"preflight: {validate_dataset(view)}")
-    models = plan.cfg.models
-    check_same_tokenizer(load_tokenizer(models.teacher), load_tokenizer(models.student),
-                         teacher=models.teacher.preset or models.teacher.name_or_path,
-                         student=models.student.preset or models.student.name_or_path)
+    toks = {name: load_tokenizer(spec, template) for name, spec in models.items()}
+    (first, first_tok), *others = toks.items()
+    for name, tok in others:
+        check_same_tokenizer(first_tok, tok, first=f"{first} ({_label(models[first])})",
+                             second=f"{name} ({_label(models[name])})")
+
+
+def _label(spec: Any) -> str:
+    return spec.preset or spec.name_or_path
 
 
 @contextmanager

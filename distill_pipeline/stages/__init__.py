@@ -12,7 +12,8 @@ A stage owns
   publishes in its folder (the runner refuses to publish a folder that lacks one);
 - `run(view, inputs, out) -> summary`, and optionally `report(folder) -> str` (printed after it)
   and `check_output(folder) -> reason | None` (a published output that is no longer usable — an
-  extraction whose entries left the store — makes the node run again).
+  extraction whose entries left the store — makes the node run again), and `describe(view)`
+  (what `status` says of a published node, e.g. an import's identity and path).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 from distill_pipeline.view import View, flatten  # noqa: F401 (re-exported for stages)
 
-STAGE_NAMES = ("sft", "teacher_dpo", "rollouts", "teacher_logits", "train", "evaluate")
+STAGE_NAMES = ("import_model", "sft", "teacher_dpo", "rollouts", "teacher_logits", "train", "evaluate")
 ANY_ROLE = "*"  # a stage that reads any number of upstream nodes (evaluate: every model)
 
 
@@ -38,6 +39,8 @@ class Stage:
     report: Callable[[Path], str] | None = None
     # Is a published folder still usable? None if so, else why not (then the node reruns).
     check_output: Callable[[Path], str | None] | None = None
+    # What `status` says of a published node instead of "up to date (<folder>)".
+    describe: Callable[[Any], str] | None = None
 
 
 def get_stage(name: str) -> Stage:

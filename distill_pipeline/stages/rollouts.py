@@ -44,17 +44,18 @@ def run(view: RolloutsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.data.tokenize import decode_response
     from distill_pipeline.generation import generate_hf, generate_vllm, pick_backend
-    from distill_pipeline.models import load_checkpoint
+    from distill_pipeline.models import load_ref, model_ref
 
     backend = pick_backend(view.backend)
     top_p, seed = view.top_p or 1.0, view.seed or 0  # unread by greedy decoding
-    policy_dir = inputs["policy"] / "model"
-    model, tok = load_checkpoint(policy_dir)
+    policy = model_ref(inputs["policy"])
+    model, tok = load_ref(policy)
     examples = pair_examples(view.data, tok)
     prompts = [e["prompt_ids"] for e in examples]
     if backend == "vllm":  # pragma: no cover - GPU only
         del model
-        responses = generate_vllm(str(policy_dir), tok, prompts, max_new_tokens=view.max_new_tokens,
+        responses = generate_vllm(policy.path, tok, prompts, dtype=policy.dtype,
+                                  max_new_tokens=view.max_new_tokens,
                                   temperature=view.temperature, top_p=top_p, seed=seed)
     else:
         responses = generate_hf(model, tok, prompts, max_new_tokens=view.max_new_tokens,

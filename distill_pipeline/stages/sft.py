@@ -17,18 +17,20 @@ class SftView(View):
     model: ModelSpec
     hp: TrainHP
     data: DataView
+    chat_template: str | None = None  # data.chat_template's text: replaces the model's own
 
     # Checkpoints only: a resumed run is bit-identical (tests/stages/test_training_resume.py), and
     # these stages write nothing per checkpoint (train does: its validation rows).
     NEUTRAL = frozenset({"hp.checkpoint_every"})
 
     def origins(self) -> dict[str, str | None]:
-        return {"role": None, "model": f"models.{self.role}", "hp": f"sft.{self.role}", "data": None}
+        return {"role": None, "model": f"models.{self.role}", "hp": f"sft.{self.role}", "data": None,
+                "chat_template": "data.chat_template"}
 
 
 def view_for(cfg, role: str) -> SftView:
     return SftView(role=role, model=getattr(cfg.models, role), hp=getattr(cfg.sft, role),
-                   data=data_view(cfg, "sft"))
+                   data=data_view(cfg, "sft"), chat_template=cfg.data.template())
 
 
 def run(view: SftView, inputs: dict, out: Path) -> dict:
@@ -39,7 +41,7 @@ def run(view: SftView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.training import finish, train_loop
 
     hp = view.hp
-    tok = load_tokenizer(view.model)
+    tok = load_tokenizer(view.model, view.chat_template)
     model = load_model(view.model, seed=hp.seed)
     examples = sft_examples(view.data, tok)
     print(f"sft: {describe(model)}, {len(examples)} examples")

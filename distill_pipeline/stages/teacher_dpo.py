@@ -32,13 +32,14 @@ def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.losses import LOSSES, POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref
-    from distill_pipeline.models import load_checkpoint, save_model
+    from distill_pipeline.models import load_ref, model_ref, save_model
     from distill_pipeline.training import finish, train_loop
 
     hp, spec = view.hp, LOSSES["dpo"]
-    policy, tok = load_checkpoint(inputs["reference"] / "model")
+    reference = model_ref(inputs["reference"])
+    policy, tok = load_ref(reference)
     examples = pair_examples(view.data, tok)
-    attach_policy_ref(examples, inputs["reference"] / "model", tok.pad_token_id)
+    attach_policy_ref(examples, reference, tok.pad_token_id)
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, extras=(f"{POLICY_REF}_w", f"{POLICY_REF}_l"))
     summary = train_loop(policy, hp=hp, examples=len(examples), batches=stream.epoch,
@@ -50,5 +51,6 @@ def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
 
 
 STAGE = Stage(version=1, kind="train", view=TeacherDpoView,
-              inputs={"reference": "the SFT teacher: the policy's start and its DPO reference"},
+              inputs={"reference": "the SFT teacher (trained or imported): the policy's start and "
+                                   "its DPO reference"},
               outputs=("model", "metrics.jsonl"), run=run)

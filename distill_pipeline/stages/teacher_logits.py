@@ -57,22 +57,22 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
     from distill_pipeline.cache.reader import write_node_file
     from distill_pipeline.cache.store import Store
-    from distill_pipeline.models import load_tokenizer_dir, teacher_identity
+    from distill_pipeline.models import load_ref_tokenizer, model_ref, ref_identity
 
     cfg, fmt = view.extraction, view.extraction.format
     roles = ["teacher", "reference"] if view.source == "rollouts" else ["teacher"]
-    dirs = {role: inputs[role] / "model" for role in roles}
-    identities = {role: teacher_identity(d) for role, d in dirs.items()}
-    tok = load_tokenizer_dir(dirs["teacher"])
+    refs = {role: model_ref(inputs[role]) for role in roles}
+    identities = {role: ref_identity(ref) for role, ref in refs.items()}
+    tok = load_ref_tokenizer(refs["teacher"])
     seqs = sequences(view, inputs, tok)
     store = Store(cfg.store)
     requests = [make_request(identities[role], p, r, fmt) for role in roles for p, r in seqs]
-    stats = extract(requests, store, {identities[r]: str(d) for r, d in dirs.items()}, fmt,
+    stats = extract(requests, store, {identities[r]: ref for r, ref in refs.items()}, fmt,
                     num_workers=cfg.num_workers, batch_tokens=cfg.batch_tokens,
                     unit_tokens=cfg.unit_tokens, threads_per_worker=cfg.threads_per_worker,
                     gpus_per_worker=gpus_per_worker())
     write_node_file(out, store, fmt, view.source,
-                    {role: {"identity": identities[role], "path": str(dirs[role])} for role in roles},
+                    {role: {"identity": identities[role], "path": refs[role].path} for role in roles},
                     [r.key for r in requests])
     return {**stats, "store": str(store.root)}
 

@@ -56,17 +56,17 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples, rollout_examples
     from distill_pipeline.losses import POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref, evaluate_model
-    from distill_pipeline.models import load_checkpoint, save_model
+    from distill_pipeline.models import load_ref, model_ref, save_model
     from distill_pipeline.training import finish, train_loop
 
     spec, hp = LOSSES[view.loss], view.hp
-    model, tok = load_checkpoint(inputs["init"] / "model")
+    model, tok = load_ref(model_ref(inputs["init"]))
     examples = (rollout_examples(inputs["rollouts"]) if "r" in spec.responses
                 else pair_examples(view.data, tok))
     cache = TeacherSource(*open_node(inputs["cache"])) if spec.cache else None
     extras = ()
     if spec.policy_ref:
-        attach_policy_ref(examples, inputs["reference"] / "model", tok.pad_token_id)
+        attach_policy_ref(examples, model_ref(inputs["reference"]), tok.pad_token_id)
         extras = (f"{POLICY_REF}_w", f"{POLICY_REF}_l")
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, cache=cache, extras=extras)

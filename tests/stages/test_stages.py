@@ -79,8 +79,9 @@ def test_train_logs_components_and_validation(done_plan):
 
 def test_evaluate_outputs(done_plan):
     folder = done_plan.folder("evaluate")
-    assert files(folder) == {"manifest.json", "results.json", "table.txt"}
+    assert files(folder) == {"manifest.json", "results.json", "responses.jsonl", "table.txt"}
     results = json.loads((folder / "results.json").read_text())
+    assert all(0 <= r["judge_win_rate"] <= 1 for r in results.values())  # adpa: both teachers
     assert set(results) == set(done_plan.node("evaluate").needs) >= {"sft.student", "sft.teacher", "teacher_dpo"}
     for r in results.values():
         assert 0 <= r["task_accuracy"] <= 1 and 0 <= r["reward_accuracy"] <= 1 and r["n"] == 12

@@ -49,6 +49,9 @@ NOT_PERTURBED = {
     "method": "changes the graph itself (tests/pipeline/test_methods.py)",
     "models.teacher.name_or_path": "exclusive with preset, which is perturbed",
     "models.student.name_or_path": "exclusive with preset, which is perturbed",
+    "models.teacher_dpo": "an import changes the graph itself (tests/unit/test_imports.py)",
+    "models.reference": "an import changes the graph itself (tests/unit/test_imports.py)",
+    "models.student_init": "an import changes the graph itself (tests/unit/test_imports.py)",
 }
 
 
@@ -58,6 +61,7 @@ def perturb(path: str, value: Any, method: str, tmp) -> Any:
         "models.teacher.preset": "tiny-student", "models.student.preset": "tiny-teacher",
         "teacher_logits.logp_keep_bits": 4, "ray.address": "127.0.0.1:1",
         "run_dir": str(tmp / "other-run"), "teacher_logits.store": str(tmp / "other-store"),
+        "data.chat_template": "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}",
     }
     if path in special:
         return special[path]

@@ -17,7 +17,7 @@ def test_shipped_tokenizer_is_the_deterministic_build():
 
 def test_presets_share_tokenizer_and_teacher_is_several_times_larger():
     t, s = ModelSpec(preset="tiny-teacher"), ModelSpec(preset="tiny-student")
-    check_same_tokenizer(load_tokenizer(t), load_tokenizer(s), teacher="t", student="s")
+    check_same_tokenizer(load_tokenizer(t), load_tokenizer(s), first="t", second="s")
     nt = sum(p.numel() for p in load_model(t).parameters())
     ns = sum(p.numel() for p in load_model(s).parameters())
     assert nt >= 5 * ns
@@ -38,7 +38,7 @@ def test_local_checkpoint_loads_by_path(tmp_path):
     local = ModelSpec(name_or_path=str(tmp_path / "ckpt"))
     again = load_model(local)
     assert all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))
-    check_same_tokenizer(tok, load_tokenizer(local), teacher="a", student="b")
+    check_same_tokenizer(tok, load_tokenizer(local), first="a", second="b")
     ident = teacher_identity(tmp_path / "ckpt")
     assert len(ident) == 64 and teacher_identity(tmp_path / "ckpt") == ident
 
@@ -55,7 +55,7 @@ def test_tokenizer_mismatch_refused(tmp_path):
     (tmp_path / "other/tokenizer.json").write_text(json.dumps(data))
     other = load_tokenizer(ModelSpec(name_or_path=str(tmp_path / "other")))
     with pytest.raises(ModelError, match="different tokenizers: vocabularies differ"):
-        check_same_tokenizer(tok, other, teacher="teacher-x", student="student-y")
+        check_same_tokenizer(tok, other, first="teacher-x", second="student-y")
 
 
 def test_missing_local_model_is_clear(tmp_path):
