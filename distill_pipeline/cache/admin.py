@@ -19,10 +19,25 @@ from distill_pipeline.cache.format import SCHEMA_VERSION
 from distill_pipeline.cache.reader import damage_advice, node_keys, node_store  # noqa: F401 (CLI)
 from distill_pipeline.cache.store import (CHUNK_ROWS, FIELDS, INDEX_COLUMNS, CacheError, Store,
                                           entry_checksum, segment_format, writer_alive)
+from distill_pipeline.identity import IDENTITY_VERSION
 
 
 def _manifest(store: Store, seg: Path) -> dict:
     return json.loads((seg / "zarr.json").read_text()).get("attributes", {})
+
+
+def stale_reason(manifest: dict) -> str | None:
+    """Why a segment's entries can never be looked up again, or None. Keys hold the teacher's
+    identity; a segment written under another identity scheme (`identity.IDENTITY_VERSION`; none
+    recorded: written before content identities, when a teacher was a hash of every file in its
+    directory) holds keys no run computes any more. Its values are still sound — the format and
+    the key recipe are unchanged, so SCHEMA_VERSION is too — they are just unreachable."""
+    version = manifest.get("identity_version")
+    if version == IDENTITY_VERSION:
+        return None
+    was = f"identity version {version}" if version is not None else "no identity version (before content identities)"
+    return (f"keyed by an older teacher identity scheme ({was}; this version computes identity "
+            f"version {IDENTITY_VERSION}): no run looks these keys up again")
 
 
 def _why(exc: Exception, limit: int = 160) -> str:
@@ -177,6 +192,7 @@ def info(store: Store) -> dict:
     teachers: dict[str, dict] = {}
     ks, dtypes = set(), set()
     damaged: dict[str, list[str]] = {}
+    stale: dict[str, int] = {}  # segment → entries
     healthy = 0
     for seg in segment_dirs(store):
         check = check_segment(store, seg, deep=False)
@@ -188,6 +204,8 @@ def info(store: Store) -> dict:
             continue
         healthy += 1
         m, fmt = check.manifest, check.fmt
+        if stale_reason(m):
+            stale[seg.name] = int(m["n_entries"])
         ks.add(fmt.top_k)
         dtypes.add(fmt.storage)
         n = int(m["n_tokens"])
@@ -207,7 +225,7 @@ def info(store: Store) -> dict:
             "teachers": {k[:16]: v for k, v in teachers.items()},
             "mean_topk_mass": round(mass_sum / tokens, 6) if tokens else None,
             "reconstruction_kl": float(f"{kl_sum / tokens:.3g}") if tokens else None,
-            "damaged": damaged}
+            "stale_segments": len(stale), "stale_entries": sum(stale.values()), "damaged": damaged}
 
 
 def check_segments(store: Store, *, deep: bool = True) -> list[SegmentCheck]:
@@ -326,10 +344,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = None,
-       damaged: bool = False, dry_run: bool = False) -> GcReport:
+       damaged: bool = False, stale: bool = False, dry_run: bool = False) -> GcReport:
     """Remove abandoned in-flight writes (tmp/ entries older than `older_than_s` whose writing
     process is gone — a live writer's are never touched), incomplete segments, and, if asked,
-    every segment of one teacher and every segment `verify` flags (`damaged`)."""
+    every segment of one teacher, every segment `verify` flags (`damaged`) and every segment
+    keyed under an older teacher identity scheme (`stale`, see `stale_reason`)."""
     report = GcReport()
     now = time.time()
     tmp = store.root / "tmp"
@@ -360,12 +379,15 @@ def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = N
         why = None
         if not (seg / "index.parquet").exists():
             why = "incomplete segment"
-        elif drop_teacher:
+        elif drop_teacher or stale:
             try:
-                if str(_manifest(store, seg).get("teacher", "")).startswith(drop_teacher):
-                    why = f"teacher {drop_teacher}"
+                manifest = _manifest(store, seg)
             except Exception:  # noqa: BLE001 - unreadable manifest: a damaged segment, not this teacher's
-                pass
+                manifest = None
+            if manifest is not None and drop_teacher and str(manifest.get("teacher", "")).startswith(drop_teacher):
+                why = f"teacher {drop_teacher}"
+            elif manifest is not None and stale and stale_reason(manifest):
+                why = f"stale: {stale_reason(manifest)}"
         if why is None and damaged:
             check = check_segment(store, seg, deep=True)
             if check.damaged:

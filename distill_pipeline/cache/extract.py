@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, reconstruction_kl
 from distill_pipeline.cache.store import SegmentData, Store
+from distill_pipeline.identity import IDENTITY_VERSION
 from distill_pipeline.progress import progress
 from distill_pipeline.provenance import package_versions
 
@@ -181,7 +182,8 @@ class Extractor:
         data = SegmentData(ids=cat("ids").astype(np.int32), logp_bits=bits,
                            lse=cat("lse").astype(np.float32), label_logp=cat("label_logp").astype(np.float32),
                            entries=entries)
-        manifest = {"schema_version": SCHEMA_VERSION, "teacher": unit.teacher, "format": self.fmt.to_json(),
+        manifest = {"schema_version": SCHEMA_VERSION, "identity_version": IDENTITY_VERSION,
+                    "teacher": unit.teacher, "format": self.fmt.to_json(),
                     "n_entries": len(entries), "n_tokens": offset,
                     "reconstruction_kl": reconstruction_kl(logp, self.fmt.decode(bits)),
                     "versions": package_versions()}

@@ -227,6 +227,11 @@ def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
         typer.echo(f"storage KL       {r['reconstruction_kl']} (mean K+1-bin KL, float32 logits → stored values)")
         for t, v in r["teachers"].items():
             typer.echo(f"teacher          {t}…  {v['entries']} entries, {v['tokens']} tokens")
+        if r["stale_segments"]:
+            typer.secho(f"stale            {r['stale_segments']} segment(s), {r['stale_entries']} entries "
+                        "keyed by an older teacher identity scheme (written before content identities): "
+                        "no run looks them up again; `cache gc --stale` removes them",
+                        fg=typer.colors.YELLOW)
         for problems in r["damaged"].values():
             for p in problems:
                 typer.secho(f"damaged          {p}", fg=typer.colors.RED)
@@ -321,14 +326,18 @@ def cache_gc(store: Optional[str] = StoreOpt,
              drop_teacher: Optional[str] = typer.Option(None, help="remove every segment of this teacher (id prefix)"),
              damaged: bool = typer.Option(False, "--damaged", help="also remove every segment `cache verify` "
                                           "flags (decodes every chunk), so its entries can be extracted again"),
+             stale: bool = typer.Option(False, "--stale", help="also remove segments keyed under an "
+                                        "older teacher identity scheme (`cache info` counts them): "
+                                        "no run looks their keys up again"),
              dry_run: bool = typer.Option(False, "--dry-run")):
-    """Remove abandoned writes, incomplete segments, and optionally one teacher's or damaged segments."""
+    """Remove abandoned writes, incomplete segments, and optionally one teacher's, damaged or
+    stale segments."""
     from distill_pipeline.cache.admin import gc
 
     s = _store(store)
     _segments_note(s)
     report = _cache_call(gc, s, older_than_s=older_than * 60, drop_teacher=drop_teacher, damaged=damaged,
-                         dry_run=dry_run)
+                         stale=stale, dry_run=dry_run)
     for name, problems in report.damaged.items():
         typer.secho(f"damaged segment {name}:", fg=typer.colors.RED)
         for p in problems:

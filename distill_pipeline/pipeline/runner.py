@@ -190,7 +190,8 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
             what = describe(n.view) if describe else "up to date"
             rows.append((n.name, True, f"{what} ({plan.folder(n.name)})"))
         else:
-            rows.append((n.name, False, f"will run: {why(plan, n.name)}"))
+            what = f" ({describe(n.view)})" if describe else ""
+            rows.append((n.name, False, f"will run: {why(plan, n.name)}{what}"))
     return rows
 
 

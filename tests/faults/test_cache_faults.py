@@ -474,3 +474,29 @@ def test_rerun_replaces_a_segment_with_an_unreadable_index(store, base):
     assert Store(store).missing(base["keys"]) == set()
     code, out = cache("verify", "--store", store)
     assert code == 0 and f"ok: {N_SEQ} entries verified" in out
+
+
+# ---------------------------------------------------------------------------- stale identities
+
+
+def test_segments_of_an_older_identity_scheme_are_counted_and_collected(store):
+    """A segment without `identity_version` (written before content identities) holds keys no run
+    computes any more: `cache info` counts it as stale, `gc --stale` removes only it."""
+    assert all(manifest(s)["identity_version"] == 1 for s in segments(store))
+    old = segments(store)[0]
+    meta = json.loads((old / "zarr.json").read_text())
+    del meta["attributes"]["identity_version"]
+    (old / "zarr.json").write_text(json.dumps(meta))
+    n_old = manifest(old)["n_entries"]
+    code, out = cache("info", "--store", store)
+    assert code == 0
+    has(out, f"stale            1 segment(s), {n_old} entries", "cache gc --stale")
+    code, out = cache("gc", "--store", store)  # not without --stale
+    assert code == 0 and old.exists() and "0 item(s)" in out
+    code, out = cache("gc", "--store", store, "--stale", "--dry-run")
+    has(out, f"would remove segments/{old.name} (stale: keyed by an older teacher identity scheme "
+             "(no identity version (before content identities)")
+    code, out = cache("gc", "--store", store, "--stale")
+    assert code == 0 and not old.exists() and len(segments(store)) == 3
+    code, out = cache("info", "--store", store)
+    assert "stale" not in out
