@@ -29,11 +29,15 @@ class RunLock:
         self._fh = None
 
     def _holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        if "pid" not in info:  # the holder has the lock but has not written its record yet
+        for _ in range(20):  # the holder writes its record just after taking the lock: wait ≤ 1 s
+            try:
+                info = json.loads(self.path.read_text() or "{}")
+            except (OSError, ValueError):
+                info = {}
+            if "pid" in info:
+                break
+            time.sleep(0.05)
+        else:
             return "another process (starting)"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
         return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} (since {started}: "

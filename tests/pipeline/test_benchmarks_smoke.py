@@ -27,6 +27,13 @@ def test_replication_smoke(tmp_path):
     assert "| adpa+ |" in (tmp_path / "replication.md").read_text()
 
 
+def test_identity_bench_smoke():
+    out = subprocess.run([sys.executable, "benchmarks/identity_bench.py", "--shards", "2", "--shard-mb", "8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("0.02 GB in 2 shard(s): first hash") and "new process (memo file)" in out.stdout
+
+
 def test_readme_methods_table_is_generated_from_losses():
     assert methods_table() in (ROOT / "README.md").read_text()
 

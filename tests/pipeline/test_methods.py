@@ -91,10 +91,12 @@ def test_compare_table_and_plot(shared, tmp_path):
                           "--out", str(tmp_path / "c.png")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["method", "task_accuracy", "reward_accuracy", "mean_length"]
+    assert lines[0].split() == ["method", "task_accuracy", "reward_accuracy", "mean_length",
+                                "judge_reward", "judge_win_rate"]
     labels = {l.split()[0] for l in lines[1:] if l and not l.startswith("wrote")}
     assert {"sft.student", "sft.teacher", "teacher_dpo", "dckd", "adpa+"} <= labels
     png = (tmp_path / "c.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     data = json.loads((tmp_path / "c.json").read_text())
+    assert data["sft.student"]["judge_win_rate"] == 0.5 and 0 <= data["adpa+"]["judge_win_rate"] <= 1
     assert data["adpa+"]["curve"] and data["dckd"]["curve"]

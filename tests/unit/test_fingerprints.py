@@ -65,6 +65,13 @@ def perturb(path: str, value: Any, method: str, tmp) -> Any:
     }
     if path in special:
         return special[path]
+    if path == "evaluate.reward_model":
+        from tests.unit.test_reward import _save_reward_dir
+
+        rm = tmp / "reward-model"
+        if not rm.exists():
+            _save_reward_dir(rm)
+        return {"name_or_path": str(rm)}
     leaf = path.rsplit(".", 1)[-1]
     if leaf == "source":
         data = tmp / "rows.jsonl"
