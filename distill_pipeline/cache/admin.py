@@ -22,7 +22,7 @@ from distill_pipeline.cache.store import (CHUNK_ROWS, FIELDS, INDEX_COLUMNS, Cac
 from distill_pipeline.identity import IDENTITY_VERSION
 
 
-def _manifest(store: Store, seg: Path) -> dict:
+def _manifest(seg: Path) -> dict:
     return json.loads((seg / "zarr.json").read_text()).get("attributes", {})
 
 
@@ -92,7 +92,7 @@ def read_array(check: SegmentCheck, group: Any, name: str):
     return np.concatenate(parts) if parts else np.zeros((0,) + tuple(arr.shape[1:]), arr.dtype)
 
 
-def check_segment(store: Store, seg: Path, *, deep: bool = True) -> SegmentCheck:
+def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
     """Cheap checks (always): manifest readable with a format and counts, index readable with its
     columns, entries tiling the arrays, array shapes as the manifest says. Deep (verify): also
     decode every chunk (CRC32C) and check every key and per-entry checksum."""
@@ -104,7 +104,7 @@ def check_segment(store: Store, seg: Path, *, deep: bool = True) -> SegmentCheck
         check.problem("no index.parquet (incomplete segment; `cache gc` removes it)")
         return check
     try:
-        check.manifest = _manifest(store, seg)
+        check.manifest = _manifest(seg)
         check.fmt = segment_format(check.manifest)
         n_tokens, n_entries = int(check.manifest["n_tokens"]), int(check.manifest["n_entries"])
     except FileNotFoundError:
@@ -134,7 +134,9 @@ def check_segment(store: Store, seg: Path, *, deep: bool = True) -> SegmentCheck
     if expected_offset != n_tokens:
         check.problem(f"entries cover {expected_offset} rows of {n_tokens}")
     try:
-        group = store.open_segment(seg.name)
+        import zarr
+
+        group = zarr.open_group(str(seg), mode="r")
     except Exception as exc:  # noqa: BLE001
         check.problem(f"zarr group cannot be opened: {_why(exc)}")
         return check
@@ -170,7 +172,7 @@ def ls(store: Store) -> list[dict]:
     """One row per segment folder; damaged ones (cheap checks) have `damaged` set to the reason."""
     rows = []
     for seg in segment_dirs(store):
-        check = check_segment(store, seg, deep=False)
+        check = check_segment(seg, deep=False)
         m = check.manifest or {}
         fmt = check.fmt
         size = sum(f.stat().st_size for f in seg.rglob("*") if f.is_file())
@@ -195,7 +197,7 @@ def info(store: Store) -> dict:
     stale: dict[str, int] = {}  # segment → entries
     healthy = 0
     for seg in segment_dirs(store):
-        check = check_segment(store, seg, deep=False)
+        check = check_segment(seg, deep=False)
         lp = None
         if not check.damaged:
             lp = read_array(check, store.open_segment(seg.name), "logp")
@@ -218,7 +220,7 @@ def info(store: Store) -> dict:
         for start in range(0, n, CHUNK_ROWS):
             mass_sum += float(np.exp(fmt.decode(lp[start:start + CHUNK_ROWS]).astype(np.float64)).sum())
     disk = store.disk_bytes()
-    return {"root": str(store.root), "schema_version": SCHEMA_VERSION, "segments": healthy,
+    return {"root": store.display, "schema_version": SCHEMA_VERSION, "segments": healthy,
             "entries": entries, "tokens": tokens, "bytes_on_disk": disk,
             "bytes_per_token": round(disk / tokens, 2) if tokens else None,
             "top_k": sorted(ks), "dtype": sorted(dtypes),
@@ -229,7 +231,7 @@ def info(store: Store) -> dict:
 
 
 def check_segments(store: Store, *, deep: bool = True) -> list[SegmentCheck]:
-    return [check_segment(store, seg, deep=deep) for seg in segment_dirs(store)]
+    return [check_segment(seg, deep=deep) for seg in segment_dirs(store)]
 
 
 def verify(store: Store) -> tuple[int, list[str]]:
@@ -244,7 +246,8 @@ def verify(store: Store) -> tuple[int, list[str]]:
 
 def store_id(root: Any) -> str:
     """One spelling of a store root, to match the store a node names with the one verified."""
-    return str(Path(root).expanduser().resolve())
+    text = str(root)
+    return text.rstrip("/") if "://" in text else str(Path(root).expanduser().resolve())
 
 
 def damaged_keys(checks: list[SegmentCheck]) -> set[str]:
@@ -302,7 +305,9 @@ def check_nodes(run_dir: Path, damaged_keys: dict[str, set[str]] | None = None) 
             nc.store = node_store(folder)
             keys = set(node_keys(folder))
             nc.expected = len(keys)
-            missing = Store(nc.store, create=False).missing(keys)
+            from distill_pipeline.cache.remote import open_store
+
+            missing = open_store(nc.store, create=False).missing(keys)
         except CacheError as exc:
             nc.error = str(exc)
             out.append(nc)
@@ -381,7 +386,7 @@ def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = N
             why = "incomplete segment"
         elif drop_teacher or stale:
             try:
-                manifest = _manifest(store, seg)
+                manifest = _manifest(seg)
             except Exception:  # noqa: BLE001 - unreadable manifest: a damaged segment, not this teacher's
                 manifest = None
             if manifest is not None and drop_teacher and str(manifest.get("teacher", "")).startswith(drop_teacher):
@@ -389,7 +394,7 @@ def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = N
             elif manifest is not None and stale and stale_reason(manifest):
                 why = f"stale: {stale_reason(manifest)}"
         if why is None and damaged:
-            check = check_segment(store, seg, deep=True)
+            check = check_segment(seg, deep=True)
             if check.damaged:
                 report.damaged[seg.name] = check.problems
                 why = "damaged"
@@ -412,3 +417,44 @@ def human_bytes(n: Any) -> str:
             break
     return f"{n:.1f} {unit}"
 
+
+
+def gc_remote(store: Any, *, older_than_s: float = 3600, drop_teacher: str | None = None,
+              damaged: bool = False, stale: bool = False, dry_run: bool = False) -> GcReport:
+    """`gc` for a remote store (`remote.MirroredStore`): the files of segments that were never
+    committed (a writer died mid-upload) once older than `older_than_s`, and, if asked, one
+    teacher's, stale or damaged segments (damaged: fetched and verified in full through the mirror;
+    a segment that fails is removed from the remote)."""
+    report = GcReport()
+    remote = store.remote
+    uncommitted = getattr(remote, "uncommitted", None)
+    if uncommitted is None:
+        report.kept.append(f"uncommitted uploads: collected by the service itself (run `cache gc` "
+                           f"on the server's store)")
+    else:
+        for name, age in sorted(uncommitted().items()):
+            if age > older_than_s:
+                report.removed.append(f"segments/{name} (never committed, {age / 60:.0f} min old)")
+                if not dry_run:
+                    remote.remove_segment(name)
+            else:
+                report.kept.append(f"segments/{name} (uncommitted, {age:.0f} s old: may be an upload "
+                                   "in progress)")
+    if drop_teacher or stale or damaged:
+        failed = store.sync() if damaged else {}
+        for name in remote.segment_names():
+            why = None
+            if name in failed:
+                report.damaged[name] = [f"{name}: {failed[name]}"]
+                why = "damaged"
+            elif drop_teacher or stale:
+                manifest = remote.commit_record(name).get("manifest", {})
+                if drop_teacher and str(manifest.get("teacher", "")).startswith(drop_teacher):
+                    why = f"teacher {drop_teacher}"
+                elif stale and stale_reason(manifest):
+                    why = f"stale: {stale_reason(manifest)}"
+            if why:
+                report.removed.append(f"segments/{name} ({why})")
+                if not dry_run:
+                    store.remove_segment(name)
+    return report

@@ -147,7 +147,9 @@ class Extractor:
             import torch
 
             torch.set_num_threads(threads)
-        self.store = Store(store_root)
+        from distill_pipeline.cache.remote import open_store
+
+        self.store = open_store(store_root)
         self.teacher_dirs = teacher_dirs
         self.fmt, self.batch_tokens = fmt, batch_tokens
         self.models: dict[str, tuple] = {}
@@ -205,7 +207,7 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, A
             raise ValueError(f"request {r.key[:12]}… was keyed in another cache format than this "
                              f"extraction's ({fmt}); build requests with make_request(…, fmt)")
     keys = {r.key for r in requests}
-    existing = store.existing_keys()
+    existing = keys - store.missing(keys)
     units = plan_units(requests, existing, unit_tokens)
     todo_tokens = sum(u.n_tokens for u in units)
     stats = {"entries": len(keys), "cached": len(keys & existing),
@@ -216,7 +218,7 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, A
         if units and _use_ray():
             _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus_per_worker, bar)
         else:
-            worker = Extractor(str(store.root), teacher_dirs, **kw)
+            worker = Extractor(store.url, teacher_dirs, **kw)
             for unit in units:
                 bar.update(worker.run(unit)[1])
     seconds = time.perf_counter() - t0
@@ -254,7 +256,7 @@ def _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus, bar) -> None
     free = ray.available_resources().get("CPU", 1.0)
     cpus = 1.0 if gpus else max(0.01, min(1.0, free / n))
     actor = ray.remote(Extractor).options(num_cpus=cpus, num_gpus=gpus)
-    workers = [actor.remote(str(store.root), teacher_dirs, **kw) for _ in range(n)]
+    workers = [actor.remote(store.url, teacher_dirs, **kw) for _ in range(n)]
     queue = list(units)
     running = {}
     for w in workers:

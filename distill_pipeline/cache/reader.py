@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
-from distill_pipeline.cache.store import FIELDS, CacheError, Store, entry_checksum, segment_format
+from distill_pipeline.cache.store import FIELDS, CacheError, entry_checksum, segment_format
 
 
 class TokenMismatch(CacheError):
@@ -34,7 +34,9 @@ class CacheReader:
     any failure to read raises `CacheError` naming the segment, the entry and the fix."""
 
     def __init__(self, root: Any, *, max_cached_bytes: int = 256 << 20):
-        self.store = Store(root, create=False)
+        from distill_pipeline.cache.remote import open_store
+
+        self.store = root if hasattr(root, "index_table") else open_store(root, create=False)
         self.damaged: dict[str, str] = {}  # segments left out: their index cannot be read
         idx = self.store.index(columns=["key", "offset", "n_tokens", "prompt_len", "checksum"],
                                damaged=self.damaged).to_pydict()
@@ -57,8 +59,8 @@ class CacheReader:
 
     def _damage(self, segment: str, key: str | None, what: str) -> CacheError:
         entry = f", entry {key[:16]}…," if key else ""
-        return CacheError(f"cache segment {segment}{entry} in {self.store.root} is damaged: {what}; "
-                          + damage_advice(self.store.root))
+        return CacheError(f"cache segment {segment}{entry} in {self.store.url} is damaged: {what}; "
+                          + damage_advice(self.store.url))
 
     def _group(self, segment: str):
         if segment not in self._groups:
@@ -119,7 +121,7 @@ class CacheReader:
             import pyarrow.parquet as pq
 
             try:
-                t = pq.read_table(self.store.root / "segments" / segment / "index.parquet",
+                t = pq.read_table(self.store.segment_path(segment) / "index.parquet",
                                   columns=["key", "token_ids"]).to_pydict()
             except Exception as exc:  # noqa: BLE001 - truncated, deleted, corrupt
                 raise self._damage(segment, key, f"its index.parquet cannot be read "
@@ -138,10 +140,10 @@ class CacheReader:
         if key not in self._where:
             if self.damaged:
                 names = ", ".join(sorted(self.damaged)[:3]) + (" …" if len(self.damaged) > 3 else "")
-                raise CacheError(f"cache entry {key[:16]}… is not in {self.store.root}, which has "
+                raise CacheError(f"cache entry {key[:16]}… is not in {self.store.url}, which has "
                                  f"{len(self.damaged)} damaged segment(s) whose entries cannot be read "
-                                 f"({names}); " + damage_advice(self.store.root))
-            raise CacheError(f"cache entry {key[:16]}… is not in {self.store.root}; run "
+                                 f"({names}); " + damage_advice(self.store.url))
+            raise CacheError(f"cache entry {key[:16]}… is not in {self.store.url}; run "
                              "`distill-pipeline run teacher_logits -c <config>` for this data and teacher")
         segment, offset, n, prompt_len, checksum = self._where[key]
         if expect_tokens is not None:
@@ -202,7 +204,7 @@ NODE_FILE = "teachers.json"
 KEYS_FILE = "keys.parquet"
 
 
-def write_node_file(out: Any, store: Store, fmt: Any, source: str, teachers: dict[str, dict],
+def write_node_file(out: Any, store: Any, fmt: Any, source: str, teachers: dict[str, dict],
                     keys: Sequence[str]) -> None:
     """teachers: role → {"identity", "path"}. Written once per extraction node, with each key's
     segment, so that checking the node against its store later costs a stat per segment."""
@@ -214,7 +216,7 @@ def write_node_file(out: Any, store: Store, fmt: Any, source: str, teachers: dic
     import pyarrow.parquet as pq
 
     (Path(out) / NODE_FILE).write_text(json.dumps(
-        {"store": str(store.root), "format": fmt.to_json(), "source": source, "teachers": teachers},
+        {"store": store.url, "format": fmt.to_json(), "source": source, "teachers": teachers},
         indent=2))
     wanted = pa.array(sorted(set(keys)), pa.string())
     index = store.index(columns=["key"])
@@ -234,9 +236,10 @@ def node_segments_missing(folder: Any) -> tuple[int, int]:
         segments = pq.read_table(Path(folder) / KEYS_FILE, columns=["segment"]).column("segment").to_pylist()
     except Exception as exc:  # noqa: BLE001 - missing, truncated, written before segments were recorded
         raise _node_damaged(folder, KEYS_FILE, exc) from None
-    root = Path(node_store(folder))
+    from distill_pipeline.cache.remote import open_store
+
     held = set(segments) - {None}  # None: an entry that was not in the store when published
-    gone = sum(not (root / "segments" / s / "index.parquet").exists() for s in held)
+    gone = len(held - set(open_store(node_store(folder), create=False).segment_names()))
     return gone + (None in segments), len(held) + (None in segments)
 
 

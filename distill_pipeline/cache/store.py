@@ -11,6 +11,14 @@
         label_logp/ (N,)   float32         log-prob of the actual next token
         index.parquet                      one row per (sequence, teacher) entry: key, teacher,
                                            offset, n_tokens, prompt_len, token_ids, checksum
+    <root>/commits/<segment id>.json       the segment's commit record: every file's size and
+                                           sha256, and its manifest (written after the segment;
+                                           on object stores, the marker that publishes it)
+    <root>/index/<segment id>.parquet      the consolidated key index: one small file per new
+    <root>/index/packed-<ns>-<pid>.parquet segment (key, teacher, segment, offset, n_tokens,
+                                           prompt_len, checksum), packed together every
+                                           `PACK_AT` segments, so a key lookup reads a few files,
+                                           not one per segment
     <root>/tmp/<segment id>.<pid>.<ns>     segments being written by process <pid> (never read;
                                            `cache gc` removes those whose process is gone)
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -35,6 +44,7 @@ from typing import Any
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat
 
 CHUNK_ROWS = 4096
+PACK_AT = 64  # loose index files that trigger packing them into one
 FIELDS = ("ids", "logp", "lse", "label_logp")
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
@@ -45,6 +55,35 @@ class CacheError(RuntimeError):
 
 STORE_META = {"schema_version": SCHEMA_VERSION, "kind": "distill-pipeline teacher-logit cache"}
 INDEX_COLUMNS = ["key", "teacher", "offset", "n_tokens", "prompt_len", "token_ids", "checksum"]
+KEY_COLUMNS = ["key", "teacher", "offset", "n_tokens", "prompt_len", "checksum"]  # + segment
+_SEGMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SEGMENT_FILE = re.compile(r"(zarr\.json|index\.parquet|(ids|logp|lse|label_logp)/(zarr\.json|c(/[0-9]{1,9}){1,2}))")
+
+
+class SegmentRejected(CacheError):
+    """A segment offered for publishing (an upload, a pull) failed verification; nothing of it
+    was published."""
+
+
+def validate_segment_name(name: Any) -> str:
+    """A segment id as a path component: letters, digits, `._-`, no `..`, ≤ 128 characters."""
+    if not isinstance(name, str) or not _SEGMENT_NAME.fullmatch(name) or ".." in name:
+        raise SegmentRejected(f"invalid segment id {str(name)[:80]!r}: expected 1-128 characters of "
+                              "letters, digits, '.', '_' or '-' (no '..', no path separators)")
+    return name
+
+
+def validate_segment_file(rel: Any) -> str:
+    """A file of a segment, relative to it: one of the names a segment holds (zarr.json,
+    index.parquet, <array>/zarr.json, <array>/c/<i>[/<j>]) — nothing else is ever written."""
+    if not isinstance(rel, str) or not _SEGMENT_FILE.fullmatch(rel):
+        raise SegmentRejected(f"invalid segment file name {str(rel)[:80]!r}: a segment holds only "
+                              "zarr.json, index.parquet and <array>/zarr.json, <array>/c/<chunk>")
+    return rel
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def default_root() -> Path:
@@ -97,6 +136,11 @@ def writer_alive(tmp: Path) -> bool | None:
         return False
 
 
+def _damage_hint(root: Any) -> str:
+    return (f"run `distill-pipeline cache verify --store {root}` and `cache gc --damaged`, then extract "
+            "the entries again")
+
+
 def segment_format(attrs: dict) -> CacheFormat:
     """The format a segment was written in, from its manifest (zarr group attributes)."""
     return CacheFormat.from_manifest(attrs)
@@ -118,6 +162,7 @@ class Store:
 
     def __init__(self, root: str | Path | None = None, *, create: bool = True):
         self.root = Path(root).expanduser() if root else default_root()
+        self.display = str(self.root)  # how messages name it (a remote store's mirror: its URL)
         if self.root.exists() and not self.root.is_dir():
             raise CacheError(f"{self.root} is a file, not a teacher-logit cache directory; point --store "
                              "(or teacher_logits.store, $DISTILL_CACHE_DIR) at a directory")
@@ -172,20 +217,142 @@ class Store:
 
     # ------------------------------------------------------------------ index
 
+    @property
+    def url(self) -> str:
+        """How users name this store (`--store`, `teacher_logits.store`)."""
+        return str(self.root)
+
     def segments(self) -> list[Path]:
         """Published segments (complete: their index.parquet exists), by name."""
+        return [self.root / "segments" / n for n in self.segment_names()]
+
+    def segment_names(self) -> list[str]:
+        """Published segments, by name: those with a commit record, and those renamed into place
+        by an earlier version or a writer that crashed before its record (index.parquet there)."""
         seg = self.root / "segments"
         if not seg.is_dir():
             return []
-        return sorted(p for p in seg.iterdir() if p.is_dir() and (p / "index.parquet").exists())
+        committed = self._committed()
+        return sorted(p.name for p in seg.iterdir()
+                      if p.name in committed or (p.is_dir() and (p / "index.parquet").exists()))
 
-    def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None):
-        """All entries of all published segments as one Arrow table (+ `segment` column). A segment
-        whose index cannot be read (truncated, corrupt) is left out — its entries count as absent —
-        and, if `damaged` is given, recorded there (segment name → why)."""
+    def _committed(self) -> set[str]:
+        d = self.root / "commits"
+        return {p.name[:-5] for p in d.iterdir() if p.name.endswith(".json")} if d.is_dir() else set()
+
+    def has_segment(self, name: str) -> bool:
+        return (self.root / "segments" / name / "index.parquet").exists()
+
+    def index_table(self, *, damaged: dict[str, str] | None = None):
+        """The consolidated index of every published segment: KEY_COLUMNS + `segment`. Read from
+        the packed and per-segment files under index/; a segment without one (written before the
+        consolidated index) has its own index.parquet read and its file written. A segment whose
+        index cannot be read is left out (its entries count as absent) and recorded in `damaged`."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        names = set(self.segment_names())
+        tables, covered = [], set()
+        d = self.root / "index"
+        files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+        for f in files:
+            try:
+                t = pq.read_table(f, columns=KEY_COLUMNS + ["segment"])
+            except FileNotFoundError:
+                continue  # packed away by another writer meanwhile: its rows are in the new pack
+            except Exception:  # noqa: BLE001 - a damaged index file: rebuilt from the segments
+                continue
+            tables.append(t)
+            covered.update(pc.unique(t.column("segment")).to_pylist())
+        for name in sorted(names - covered):
+            t = self._segment_keys(name, damaged)
+            if t is not None:
+                tables.append(t)
+        if not tables:
+            return pa.table({c: pa.array([], pa.string()) for c in KEY_COLUMNS + ["segment"]})
+        table = pa.concat_tables(tables, promote_options="permissive")
+        table = table.filter(pc.is_in(table.column("segment"), value_set=pa.array(sorted(names), pa.string())))
+        if len(covered) != len(set(covered) & names) or len(tables) > 1:
+            # removed segments' rows (packed before their removal) and duplicates across packs
+            table = table.group_by(["key", "segment"], use_threads=False).aggregate(
+                [(c, "first") for c in KEY_COLUMNS if c != "key"]).rename_columns(
+                ["key", "segment"] + [c for c in KEY_COLUMNS if c != "key"])
+            table = table.select(KEY_COLUMNS + ["segment"])
+        return table
+
+    def _segment_keys(self, name: str, damaged: dict[str, str] | None):
+        """One segment's rows of the consolidated index, from its own index.parquet (and its file
+        under index/ written, so the next lookup does not read the segment again)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        try:
+            t = pq.read_table(self.root / "segments" / name / "index.parquet", columns=KEY_COLUMNS)
+        except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError, missing column, …
+            if damaged is not None:
+                damaged[name] = f"index.parquet is unreadable ({type(exc).__name__}: {exc})"
+            return None
+        t = t.append_column("segment", pa.array([name] * len(t), pa.string()))
+        self._write_index_file(name, t)
+        return t
+
+    def _write_index_file(self, name: str, table) -> None:
+        import pyarrow.parquet as pq
+
+        d = self.root / "index"
+        try:
+            d.mkdir(exist_ok=True)
+            tmp = d / f".{name}.{os.getpid()}.{time.time_ns()}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, d / f"{name}.parquet")
+        except OSError:
+            pass  # a read-only store: looked up from the segments every time
+
+    def _pack_index(self) -> None:
+        """Pack the per-segment index files into one when there are `PACK_AT` of them. Safe with
+        concurrent packers and readers: the pack is published before the files it replaces are
+        deleted, so every row is always in some file (duplicates are dropped when read)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        d = self.root / "index"
+        loose = [f for f in d.glob("*.parquet") if not f.name.startswith("packed-")] if d.is_dir() else []
+        if len(loose) < PACK_AT:
+            return
+        packs = sorted(d.glob("packed-*.parquet"))
+        parts = []
+        for f in packs + loose:
+            try:
+                parts.append(pq.read_table(f, columns=KEY_COLUMNS + ["segment"]))
+            except Exception:  # noqa: BLE001 - gone (another packer) or damaged: rebuilt from segments
+                pass
+        if not parts:
+            return
+        table = pa.concat_tables(parts, promote_options="permissive")
+        live = pa.array(sorted(self.segment_names()), pa.string())
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.is_in(table.column("segment"), value_set=live))
+        tmp = d / f".packed.{os.getpid()}.{time.time_ns()}.tmp"
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, d / f"packed-{time.time_ns()}-{os.getpid()}.parquet")
+        except OSError:
+            return
+        for f in packs + loose:
+            f.unlink(missing_ok=True)
+
+    def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None):
+        """All entries of all published segments as one Arrow table (+ `segment` column): from the
+        consolidated index when the columns are there (KEY_COLUMNS), else from every segment's own
+        index.parquet. A segment whose index cannot be read is left out — its entries count as
+        absent — and, if `damaged` is given, recorded there (segment name → why)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if columns is not None and set(columns) <= set(KEY_COLUMNS):
+            return self.index_table(damaged=damaged).select(list(columns) + ["segment"])
         tables = []
         for seg in self.segments():
             try:
@@ -201,25 +368,55 @@ class Store:
         return pa.concat_tables(tables)
 
     def existing_keys(self) -> set[str]:
-        return set(self.index(columns=["key"]).column("key").to_pylist())
+        return set(self.index_table().column("key").to_pylist())
 
     def missing(self, keys) -> set[str]:
         """The keys not in any published segment with a readable index: what an extraction of
-        them would have to compute again. Reads only the key column of each index."""
-        wanted = set(keys)
-        return wanted - self.existing_keys() if wanted else set()
+        them would have to compute again. Looked up in the consolidated index (Arrow, no set of
+        every key in the store)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted(set(keys)), pa.string())
+        if not len(wanted):
+            return set()
+        index = self.index_table()
+        index = index.filter(pc.is_in(index.column("key"), value_set=wanted))
+        # the segments holding them must still be readable (a footer read each): an unreadable
+        # one's entries are extracted again and its unit republished over it
+        broken = [s for s in pc.unique(index.column("segment")).to_pylist()
+                  if not self._footer_ok(self.root / "segments" / s / "index.parquet")]
+        if broken:
+            index = index.filter(pc.invert(pc.is_in(index.column("segment"),
+                                                    value_set=pa.array(broken, pa.string()))))
+        present = pc.is_in(wanted, value_set=index.column("key"))
+        return set(wanted.filter(pc.invert(present)).to_pylist())
+
+    @staticmethod
+    def _footer_ok(path: Path) -> bool:
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(path)
+            return True
+        except Exception:  # noqa: BLE001 - missing, truncated
+            return False
 
     def remove_segment(self, name: str) -> None:
-        """Take a segment out of the store: one rename out of segments/ (readers stop seeing it at
-        once), then delete it. The renamed folder is named like a write of this process, so an
-        interrupted delete is finished by a later `cache gc`."""
+        """Take a segment out of the store: its commit record goes first, then one rename out of
+        segments/ (readers stop seeing it at once), then it is deleted, and its index file. The
+        renamed folder is named like a write of this process, so an interrupted delete is finished
+        by a later `cache gc`."""
         path = self.root / "segments" / name
         aside = self.root / "tmp" / f"{name}.{os.getpid()}.{time.time_ns()}"
+        (self.root / "commits" / f"{name}.json").unlink(missing_ok=True)
         try:
             aside.parent.mkdir(exist_ok=True)
             os.rename(path, aside)
         except FileNotFoundError:
             return  # someone else removed it
+        finally:
+            (self.root / "index" / f"{name}.parquet").unlink(missing_ok=True)
         shutil.rmtree(aside, ignore_errors=True)
 
     def _readable(self, segment: Path) -> bool:
@@ -230,6 +427,110 @@ class Store:
             return True
         except Exception:  # noqa: BLE001
             return False
+
+    # ------------------------------------------------------------------ commit records, transfer
+
+    def commit_record(self, name: str) -> dict:
+        """{"segment", "files": {relative path: {"size", "sha256"}}, "manifest"} of a published
+        segment: what a copy of it is checked against. Written when the segment is published;
+        computed (and written) for segments published before records existed."""
+        f = self.root / "commits" / f"{name}.json"
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError):
+            pass
+        seg = self.root / "segments" / validate_segment_name(name)
+        if not (seg / "index.parquet").exists():
+            raise CacheError(f"no segment {name} in {self.root}")
+        return self._write_commit(name, seg)
+
+    def _write_commit(self, name: str, seg: Path) -> dict:
+        files = {}
+        for p in sorted(seg.rglob("*")):
+            if p.is_file():
+                data = p.read_bytes()
+                files[p.relative_to(seg).as_posix()] = {"size": len(data), "sha256": sha256_bytes(data)}
+        manifest = json.loads((seg / "zarr.json").read_text()).get("attributes", {})
+        record = {"segment": name, "files": files, "manifest": manifest}
+        d = self.root / "commits"
+        try:
+            d.mkdir(exist_ok=True)
+            tmp = d / f".{name}.{os.getpid()}.{time.time_ns()}.tmp"
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, d / f"{name}.json")
+        except OSError:
+            pass  # read-only store: computed again when asked
+        return record
+
+    def segment_files(self, name: str) -> dict[str, bytes]:
+        """Every file of a published segment (relative path → bytes), checked against its commit
+        record: a copy made from them is what was published, or a SegmentRejected says why not."""
+        record = self.commit_record(validate_segment_name(name))
+        seg = self.root / "segments" / name
+        out = {}
+        for rel, meta in record["files"].items():
+            try:
+                data = (seg / validate_segment_file(rel)).read_bytes()
+            except FileNotFoundError:
+                raise SegmentRejected(f"segment {name} in {self.root}: {rel} is missing "
+                                      "(deleted or damaged); " + _damage_hint(self.root)) from None
+            if len(data) != meta["size"] or sha256_bytes(data) != meta["sha256"]:
+                raise SegmentRejected(f"segment {name} in {self.root}: {rel} does not match its commit "
+                                      "record (changed after it was published); " + _damage_hint(self.root))
+            out[rel] = data
+        return out
+
+    def import_segment(self, name: str, files: dict[str, bytes], *, max_bytes: int | None = None) -> bool:
+        """Publish a segment given as its files (a pull, a push, an upload to the service), after
+        verifying all of it: the name and every file name, the size bound, then — written under
+        tmp/ — every chunk decoded (CRC32C), every entry key recomputed from its teacher, format,
+        prompt length and token ids, every entry checksum, offsets and shapes. A failure is a
+        SegmentRejected naming the problem, and nothing is published. False if the segment was
+        already there (content addressed: the same)."""
+        validate_segment_name(name)
+        total = 0
+        for rel, data in files.items():
+            validate_segment_file(rel)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise SegmentRejected(f"segment {name}: {rel} is not bytes")
+            total += len(data)
+        if max_bytes is not None and total > max_bytes:
+            raise SegmentRejected(f"segment {name} is {total} bytes, over the limit of {max_bytes}")
+        for required in ("zarr.json", "index.parquet"):
+            if required not in files:
+                raise SegmentRejected(f"segment {name}: {required} is missing")
+        final = self.root / "segments" / name
+        if final.exists() and self._readable(final):
+            return False
+        tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{time.time_ns()}"
+        with writer_lock(tmp):
+            try:
+                for rel, data in files.items():
+                    p = tmp / rel
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(bytes(data))
+                from distill_pipeline.cache.admin import check_segment
+
+                check = check_segment(tmp, deep=True)
+                if check.damaged:
+                    raise SegmentRejected(f"segment {name} failed verification: "
+                                          + "; ".join(p.split(": ", 1)[1] for p in check.problems[:5]))
+                if final.exists():
+                    self.remove_segment(name)  # incomplete or unreadable: replaced
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    return False  # another writer published it first
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._published(name, final)
+        return True
+
+    def _published(self, name: str, final: Path) -> None:
+        """After a segment is in place: its index file, its commit record, and packing."""
+        self._segment_keys(name, None)
+        self._write_commit(name, final)
+        self._pack_index()
 
     # ------------------------------------------------------------------ write
 
@@ -287,9 +588,13 @@ class Store:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
+        self._published(final.name, final)
         return True
 
     # ------------------------------------------------------------------ read
+
+    def segment_path(self, name: str) -> Path:
+        return self.root / "segments" / name
 
     def open_segment(self, name: str):
         import zarr

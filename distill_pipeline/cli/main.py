@@ -149,13 +149,38 @@ StoreOpt = typer.Option(None, "--store", help="cache root (default: $DISTILL_CAC
                         "~/.cache/distill-pipeline/teacher-logits)")
 
 
-def _store(path: Optional[str]):
-    from distill_pipeline.cache.store import CacheError, Store
+def _open(path: Optional[str], *, create: bool = False):
+    from distill_pipeline.cache.remote import open_store
+    from distill_pipeline.cache.store import CacheError
 
     try:
-        return Store(path, create=False)
+        return open_store(path, create=create)
     except CacheError as exc:
         fail(str(exc))
+
+
+def _store(path: Optional[str]):
+    """The store to inspect as local files: a local store, or a remote store's mirror brought in
+    line with it first (every committed segment fetched and verified; failures are reported as
+    damaged segments by the command)."""
+    from distill_pipeline.cache.remote import MirroredStore
+
+    s = _open(path)
+    if not isinstance(s, MirroredStore):
+        s.fetch_failures = {}
+        return s
+    failed = _cache_call(s.sync)
+    typer.secho(f"note: {s.url}: {len(s.local.segment_names())} segment(s) fetched into its mirror "
+                f"{s.local.root}", err=True)
+    s.local.display = s.url
+    s.local.fetch_failures = failed
+    return s.local
+
+
+def _fetch_failures(s) -> int:
+    for name, why in s.fetch_failures.items():
+        typer.secho(f"{name}: DAMAGED in the remote store: {why}", fg=typer.colors.RED)
+    return len(s.fetch_failures)
 
 
 def _cache_call(fn, *args, **kwargs):
@@ -194,10 +219,10 @@ def cache_ls(store: Optional[str] = StoreOpt):
             typer.secho(f"{line}  DAMAGED: {r['damaged']}", fg=typer.colors.RED)
         else:
             typer.echo(line)
-    bad = sum(1 for r in rows if r["damaged"])
+    bad = sum(1 for r in rows if r["damaged"]) + _fetch_failures(s)
     typer.echo(f"{len(rows)} segment(s)" + (f", {bad} damaged" if bad else ""))
     if bad:
-        fail(f"{bad} damaged segment(s) in {s.root}; {damage_advice(s.root)}")
+        fail(f"{bad} damaged segment(s) in {s.display}; {damage_advice(s.display)}")
 
 
 @cache_app.command("info")
@@ -235,9 +260,9 @@ def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
         for problems in r["damaged"].values():
             for p in problems:
                 typer.secho(f"damaged          {p}", fg=typer.colors.RED)
-    if r["damaged"]:
-        fail(f"{len(r['damaged'])} damaged segment(s) in {s.root} (not counted above); "
-             f"{damage_advice(s.root)}")
+    if r["damaged"] or _fetch_failures(s):
+        fail(f"{len(r['damaged']) + len(s.fetch_failures)} damaged segment(s) in {s.display} (not "
+             f"counted above); {damage_advice(s.display)}")
 
 
 @cache_app.command("verify", help=(
@@ -255,7 +280,7 @@ def cache_verify(store: Optional[str] = StoreOpt,
     from distill_pipeline.cache.admin import (check_nodes, check_segments, damage_advice, damaged_keys,
                                               run_nodes, store_id)
     from distill_pipeline.cache.reader import node_store
-    from distill_pipeline.cache.store import CacheError, Store
+    from distill_pipeline.cache.store import CacheError
 
     nodes = _cache_call(run_nodes, Path(run_dir)) if run_dir else []
     roots: list = [store]
@@ -269,27 +294,29 @@ def cache_verify(store: Optional[str] = StoreOpt,
         roots = sorted(found) or [None]
     checked, problems, bad_keys, advice = 0, 0, {}, []
     for root in roots:
-        if run_dir and store is None:
+        if run_dir and store is None:  # a store a node names that is gone: reported, go on
+            from distill_pipeline.cache.remote import open_store
+
             try:
-                s = Store(root, create=False)
+                open_store(root, create=False)
             except CacheError as exc:
                 typer.secho(str(exc), fg=typer.colors.RED)
                 problems += 1
                 continue
-        else:
-            s = _store(root)
+        s = _store(root)
         _segments_note(s)
+        problems += _fetch_failures(s)
         checks = _cache_call(check_segments, s)
         for c in checks:
             checked += len(c.index or [])
             for p in c.problems:
                 typer.secho(p, fg=typer.colors.RED)
             problems += len(c.problems)
-        if any(c.damaged for c in checks):
-            advice.append(damage_advice(s.root, listed=True))
-        bad_keys[store_id(s.root)] = damaged_keys(checks)
+        if any(c.damaged for c in checks) or s.fetch_failures:
+            advice.append(damage_advice(s.display, listed=True))
+        bad_keys[store_id(s.display)] = damaged_keys(checks)
         if run_dir:
-            typer.echo(f"store {s.root}: {len(checks)} segment(s) checked")
+            typer.echo(f"store {s.display}: {len(checks)} segment(s) checked")
     lacking = []
     if run_dir:
         if not nodes:
@@ -318,6 +345,85 @@ def cache_verify(store: Optional[str] = StoreOpt,
                                                    if run_dir else ""))
 
 
+def _copy(src: str, dst: str, teacher: Optional[str], run_dir: Optional[str], dry_run: bool) -> None:
+    from pathlib import Path
+
+    from distill_pipeline.cache.admin import human_bytes, run_nodes
+    from distill_pipeline.cache.reader import node_keys
+    from distill_pipeline.cache.remote import copy_segments
+
+    keys = None
+    if run_dir:
+        nodes = _cache_call(run_nodes, Path(run_dir))
+        if not nodes:
+            fail(f"{run_dir}: no published teacher_logits node: nothing of the run to copy")
+        keys = [k for folder in nodes for k in _cache_call(node_keys, folder)]
+    source, dest = _open(src), _open(dst, create=True)
+    stats = _cache_call(copy_segments, source, dest, teacher=teacher, keys=keys, dry_run=dry_run)
+    what = (f"{stats['segments']} segment(s), {stats['entries']} entries, {human_bytes(stats['bytes'])}")
+    if dry_run:
+        typer.echo(f"would copy {what} from {source.url} to {dest.url} "
+                   f"({stats['already_there']} already there)")
+        return
+    rate = (f" in {stats['seconds']:.1f} s ({stats['bytes'] / 1e6 / max(stats['seconds'], 1e-9):.1f} MB/s)"
+            if stats.get("seconds") else "")
+    typer.echo(f"copied {what}{rate} from {source.url} to {dest.url} ({stats['already_there']} already "
+               "there); every segment verified on arrival")
+
+
+CopyTeacher = typer.Option(None, "--teacher", help="only this teacher's segments (identity prefix)")
+CopyRun = typer.Option(None, "--run", help="only the segments a run dir's teacher_logits nodes read")
+CopyDry = typer.Option(False, "--dry-run", help="say what would be copied")
+
+
+@cache_app.command("push")
+def cache_push(src: str = typer.Argument(..., help="store to copy from (path or URL)"),
+               dst: str = typer.Argument(..., help="store to copy to: a path, s3://…, grpc://host:port"),
+               teacher: Optional[str] = CopyTeacher, run_dir: Optional[str] = CopyRun,
+               dry_run: bool = CopyDry):
+    """Copy the segments DST lacks from SRC, each verified before it is published; a killed push
+    leaves nothing half-published and resumes when run again. Writes to the service need
+    DISTILL_CACHE_TOKEN."""
+    _copy(src, dst, teacher, run_dir, dry_run)
+
+
+@cache_app.command("pull")
+def cache_pull(src: str = typer.Argument(..., help="store to copy from: s3://…, grpc://host:port, a path"),
+               dst: Optional[str] = typer.Argument(None, help="store to copy to (default: the local "
+                                                   "default store, $DISTILL_CACHE_DIR)"),
+               teacher: Optional[str] = CopyTeacher, run_dir: Optional[str] = CopyRun,
+               dry_run: bool = CopyDry):
+    """Copy the segments DST lacks from SRC (the same as push, named from the receiving side)."""
+    from distill_pipeline.cache.store import default_root
+
+    _copy(src, dst or str(default_root()), teacher, run_dir, dry_run)
+
+
+@cache_app.command("serve")
+def cache_serve(store: Optional[str] = StoreOpt,
+                host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
+                port: int = typer.Option(0, "--port", help="port (0: a free one, printed)"),
+                token_file: Optional[str] = typer.Option(None, "--token-file", help="write tokens, one "
+                                                         "per line (without: the service is read-only)"),
+                read_token_file: Optional[str] = typer.Option(None, "--read-token-file", help="read "
+                                                              "tokens (without: reads are open)"),
+                tls_cert: Optional[str] = typer.Option(None, "--tls-cert"),
+                tls_key: Optional[str] = typer.Option(None, "--tls-key")):
+    """Serve a local store over Arrow Flight (grpc://HOST:PORT) to other machines and teams:
+    listing, key lookups, entries and segments by stream, verified uploads. Stops on SIGTERM."""
+    from distill_pipeline.cache.service import serve
+    from distill_pipeline.cache.store import CacheError
+
+    if (tls_cert is None) != (tls_key is None):
+        fail("give both --tls-cert and --tls-key, or neither", 2)
+    try:
+        code = serve(store, host=host, port=port, token_file=token_file,
+                     read_token_file=read_token_file, tls_cert=tls_cert, tls_key=tls_key)
+    except CacheError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
 @cache_app.command("gc")
 def cache_gc(store: Optional[str] = StoreOpt,
              older_than: float = typer.Option(60.0, help="minutes after which a tmp/ write whose process "
@@ -331,13 +437,19 @@ def cache_gc(store: Optional[str] = StoreOpt,
                                         "no run looks their keys up again"),
              dry_run: bool = typer.Option(False, "--dry-run")):
     """Remove abandoned writes, incomplete segments, and optionally one teacher's, damaged or
-    stale segments."""
-    from distill_pipeline.cache.admin import gc
+    stale segments. On an object store: the files of uploads never committed (older than
+    --older-than)."""
+    from distill_pipeline.cache.admin import gc, gc_remote
+    from distill_pipeline.cache.remote import MirroredStore
 
-    s = _store(store)
-    _segments_note(s)
-    report = _cache_call(gc, s, older_than_s=older_than * 60, drop_teacher=drop_teacher, damaged=damaged,
-                         stale=stale, dry_run=dry_run)
+    s = _open(store)
+    if isinstance(s, MirroredStore):
+        report = _cache_call(gc_remote, s, older_than_s=older_than * 60, drop_teacher=drop_teacher,
+                             damaged=damaged, stale=stale, dry_run=dry_run)
+    else:
+        _segments_note(s)
+        report = _cache_call(gc, s, older_than_s=older_than * 60, drop_teacher=drop_teacher,
+                             damaged=damaged, stale=stale, dry_run=dry_run)
     for name, problems in report.damaged.items():
         typer.secho(f"damaged segment {name}:", fg=typer.colors.RED)
         for p in problems:

@@ -56,7 +56,7 @@ def sequences(view: TeacherLogitsView, inputs: dict, tok) -> list[tuple[list[int
 def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
     from distill_pipeline.cache.reader import write_node_file
-    from distill_pipeline.cache.store import Store
+    from distill_pipeline.cache.remote import open_store
     from distill_pipeline.models import load_ref_tokenizer, model_ref, ref_identity
 
     cfg, fmt = view.extraction, view.extraction.format
@@ -65,7 +65,7 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     identities = {role: ref_identity(ref) for role, ref in refs.items()}
     tok = load_ref_tokenizer(refs["teacher"])
     seqs = sequences(view, inputs, tok)
-    store = Store(cfg.store)
+    store = open_store(cfg.store)
     requests = [make_request(identities[role], p, r, fmt) for role in roles for p, r in seqs]
     stats = extract(requests, store, {identities[r]: ref for r, ref in refs.items()}, fmt,
                     num_workers=cfg.num_workers, batch_tokens=cfg.batch_tokens,
@@ -74,7 +74,7 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     write_node_file(out, store, fmt, view.source,
                     {role: {"identity": identities[role], "path": refs[role].path} for role in roles},
                     [r.key for r in requests])
-    return {**stats, "store": str(store.root)}
+    return {**stats, "store": store.url}
 
 
 def check_output(folder: Path) -> str | None:

@@ -1,0 +1,476 @@
+"""Stores by URL: a local path, an object store through fsspec, or the cache service.
+
+`open_store(url)` is the one way the rest of the package gets a store:
+
+- a path (or `file://path`) → `Store`, the local store (`store.py`);
+- `s3://bucket/prefix`, `gs://…`, `az://…`, … → `MirroredStore(FsspecRemote(url))`; credentials
+  and endpoint come from the usual environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, …);
+- `grpc://host:port`, `grpc+tls://host:port` → `MirroredStore(FlightRemote(url))`, the cache
+  service (`service.py`; writes need `DISTILL_CACHE_TOKEN`).
+
+A *remote* is a place segments live: it lists committed segments, serves its consolidated key
+index, hands out a segment's files (checked against its commit record) and accepts new ones.
+`MirroredStore` puts a local store in front of it — `<DISTILL_CACHE_DIR>/mirrors/<hash of the
+URL>` — so that everything else works on local files: extraction publishes into the mirror and
+uploads the segment; training opens segments, which are fetched on first use (verified against
+the commit record, then every chunk, key and checksum, as any import) and kept there, within
+`DISTILL_MIRROR_GB` (default 20; the least recently used segments this process does not hold
+are dropped first).
+
+On an object store there is no rename: a segment's files are written first, its key index file
+next, its commit record `commits/<id>.json` last. Listings and key lookups see only segments
+with a commit record; `cache gc` removes the files of uncommitted segments once they are older
+than the grace period (a writer that died mid-upload).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from distill_pipeline.cache.store import (KEY_COLUMNS, PACK_AT, STORE_META, CacheError, SegmentRejected,
+                                          Store, default_root, sha256_bytes, validate_segment_file,
+                                          validate_segment_name)
+from distill_pipeline.cache.format import SCHEMA_VERSION
+
+REMOTE_SCHEMES = ("grpc://", "grpc+tls://")
+
+
+class Remote(Protocol):
+    """What `MirroredStore` (and `cache push/pull`) need of a place segments live."""
+    url: str
+
+    def segment_names(self) -> list[str]: ...             # committed segments
+    def commit_record(self, name: str) -> dict: ...        # {"segment", "files", "manifest"}
+    def index_table(self) -> Any: ...                      # KEY_COLUMNS + segment, committed only
+    def get_segment(self, name: str) -> dict[str, bytes]: ...  # checked against the record
+    def put_segment(self, name: str, files: dict[str, bytes]) -> bool: ...  # False: already there
+    def remove_segment(self, name: str) -> None: ...
+
+
+def is_remote(url: str | os.PathLike | None) -> bool:
+    if url is None:
+        return False
+    text = str(url)
+    return "://" in text and not text.startswith("file://")
+
+
+def open_store(url: str | os.PathLike | None = None, *, create: bool = True):
+    """The store a `--store` / `teacher_logits.store` value names (see the module docstring)."""
+    if url is None or str(url) == "":
+        return Store(None, create=create)
+    text = str(url)
+    if text.startswith("file://"):
+        return Store(text[len("file://"):], create=create)
+    if text.startswith(REMOTE_SCHEMES):
+        from distill_pipeline.cache.service import FlightRemote
+
+        return MirroredStore(FlightRemote(text))
+    if "://" in text:
+        return MirroredStore(FsspecRemote(text, create=create))
+    return Store(text, create=create)
+
+
+def record_for(name: str, files: dict[str, bytes]) -> dict:
+    """The commit record of a segment given as its files."""
+    manifest = json.loads(files["zarr.json"]).get("attributes", {})
+    return {"segment": name, "manifest": manifest,
+            "files": {rel: {"size": len(data), "sha256": sha256_bytes(data)}
+                      for rel, data in sorted(files.items())}}
+
+
+def check_against_record(name: str, files: dict[str, bytes], record: dict, where: str) -> None:
+    """Every file the record lists, with its size and sha256, and nothing else."""
+    listed = record.get("files") or {}
+    if set(files) != set(listed):
+        missing, extra = sorted(set(listed) - set(files)), sorted(set(files) - set(listed))
+        raise SegmentRejected(f"segment {name} from {where}: files differ from its commit record "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for rel, meta in listed.items():
+        data = files[rel]
+        if len(data) != meta["size"] or sha256_bytes(data) != meta["sha256"]:
+            raise SegmentRejected(f"segment {name} from {where}: {rel} does not match its commit "
+                                  "record (damaged in the store or in transit)")
+
+
+def key_rows(name: str, index_parquet: bytes):
+    """A segment's rows of the consolidated index, from its index.parquet bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(pa.BufferReader(index_parquet), columns=KEY_COLUMNS)
+    return t.append_column("segment", pa.array([name] * len(t), pa.string()))
+
+
+def _parquet_bytes(table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def _dedupe(table):
+    """Rows of the consolidated index once per (key, segment)."""
+    cols = [c for c in KEY_COLUMNS if c != "key"]
+    out = table.group_by(["key", "segment"], use_threads=False).aggregate([(c, "first") for c in cols])
+    return out.rename_columns(["key", "segment"] + cols).select(KEY_COLUMNS + ["segment"])
+
+
+class FsspecRemote:
+    """A store on an fsspec filesystem, laid out like a local one (store.json, segments/,
+    commits/, index/), with the commit record written last instead of a rename."""
+
+    def __init__(self, url: str, *, create: bool = True):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        protocol = self.url.split("://", 1)[0]
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(self.url, use_listings_cache=False,
+                                                       skip_instance_cache=True)
+        except ImportError as exc:
+            raise CacheError(f"{self.url}: the {protocol}:// filesystem is not installed ({exc}); for "
+                             "S3 `pip install 'distill-pipeline[s3]'` (s3fs)") from None
+        except ValueError as exc:
+            raise CacheError(f"{self.url}: not a store URL fsspec knows ({exc})") from None
+        self.path = self.path.rstrip("/")
+        meta = f"{self.path}/store.json"
+        try:
+            found = json.loads(self.fs.cat_file(meta))
+        except FileNotFoundError:
+            found = None
+        except Exception as exc:  # noqa: BLE001 - credentials, endpoint, bucket: one message
+            raise CacheError(f"cannot reach the store {self.url}: {type(exc).__name__}: {exc}. Check "
+                             "the URL, the bucket, and the credentials/endpoint in the environment "
+                             "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from None
+        if found is None:
+            if not create:
+                raise CacheError(f"no teacher-logit cache at {self.url} (no store.json); check --store "
+                                 "or teacher_logits.store — `distill-pipeline run teacher_logits` or "
+                                 "`cache push` creates it")
+            try:
+                self.fs.pipe_file(meta, json.dumps(STORE_META).encode())
+            except Exception as exc:  # noqa: BLE001
+                raise CacheError(f"cannot create a teacher-logit cache at {self.url}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        elif not isinstance(found, dict) or found.get("schema_version") != SCHEMA_VERSION:
+            raise CacheError(f"{self.url}: cache schema {found.get('schema_version') if isinstance(found, dict) else '?'}, "
+                             f"this version reads schema {SCHEMA_VERSION}; point the store elsewhere")
+
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def _names(self, sub: str) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(sub), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def segment_names(self) -> list[str]:
+        return sorted(n[:-5] for n in self._names("commits") if n.endswith(".json"))
+
+    def commit_record(self, name: str) -> dict:
+        try:
+            return json.loads(self.fs.cat_file(self._p("commits", f"{validate_segment_name(name)}.json")))
+        except FileNotFoundError:
+            raise CacheError(f"no segment {name} in {self.url}") from None
+
+    def index_table(self):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        names = self.segment_names()
+        files = [self._p("index", n) for n in self._names("index") if n.endswith(".parquet")]
+        data = self.fs.cat(files, on_error="omit") if files else {}
+        tables, covered = [], set()
+        for blob in data.values():
+            if isinstance(blob, Exception):
+                continue
+            try:
+                t = pq.read_table(pa.BufferReader(blob), columns=KEY_COLUMNS + ["segment"])
+            except Exception:  # noqa: BLE001 - a damaged index file: rebuilt from the segment
+                continue
+            tables.append(t)
+            covered.update(pc.unique(t.column("segment")).to_pylist())
+        for name in sorted(set(names) - covered):  # committed without an index file
+            try:
+                tables.append(key_rows(name, self.fs.cat_file(self._p("segments", name, "index.parquet"))))
+            except Exception:  # noqa: BLE001 - unreadable: its entries count as absent
+                continue
+        if not tables:
+            return pa.table({c: pa.array([], pa.string()) for c in KEY_COLUMNS + ["segment"]})
+        table = pa.concat_tables(tables, promote_options="permissive")
+        table = table.filter(pc.is_in(table.column("segment"), value_set=pa.array(names, pa.string())))
+        return _dedupe(table) if len(tables) > 1 else table
+
+    def get_segment(self, name: str) -> dict[str, bytes]:
+        record = self.commit_record(name)
+        paths = {self._p("segments", name, validate_segment_file(rel)): rel for rel in record["files"]}
+        data = self.fs.cat(list(paths), on_error="return")
+        files = {}
+        for path, rel in paths.items():
+            blob = data.get(path)
+            if blob is None or isinstance(blob, Exception):
+                raise SegmentRejected(f"segment {name} in {self.url}: {rel} cannot be read ({blob!r})")
+            files[rel] = blob
+        check_against_record(name, files, record, self.url)
+        return files
+
+    def put_segment(self, name: str, files: dict[str, bytes]) -> bool:
+        validate_segment_name(name)
+        if self.fs.exists(self._p("commits", f"{name}.json")):
+            return False
+        for rel in files:
+            validate_segment_file(rel)
+        record = record_for(name, files)
+        self.fs.pipe({self._p("segments", name, rel): bytes(data) for rel, data in files.items()})
+        self.fs.pipe_file(self._p("index", f"{name}.parquet"), _parquet_bytes(key_rows(name, files["index.parquet"])))
+        self.fs.pipe_file(self._p("commits", f"{name}.json"), json.dumps(record).encode())  # publishes it
+        self._pack_index()
+        return True
+
+    def _pack_index(self) -> None:
+        """As `Store._pack_index`: the pack is written before the files it replaces are removed."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        names = [n for n in self._names("index") if n.endswith(".parquet")]
+        loose = [n for n in names if not n.startswith("packed-")]
+        if len(loose) < PACK_AT:
+            return
+        data = self.fs.cat([self._p("index", n) for n in names], on_error="omit")
+        parts = []
+        for blob in data.values():
+            try:
+                parts.append(pq.read_table(pa.BufferReader(blob), columns=KEY_COLUMNS + ["segment"]))
+            except Exception:  # noqa: BLE001
+                pass
+        if not parts:
+            return
+        table = _dedupe(pa.concat_tables(parts, promote_options="permissive"))
+        live = pa.array(self.segment_names(), pa.string())
+        table = table.filter(pc.is_in(table.column("segment"), value_set=live))
+        self.fs.pipe_file(self._p("index", f"packed-{time.time_ns()}-{os.getpid()}.parquet"),
+                          _parquet_bytes(table))
+        self.fs.rm([self._p("index", n) for n in data])
+
+    def remove_segment(self, name: str) -> None:
+        validate_segment_name(name)
+        for path in (self._p("commits", f"{name}.json"), self._p("index", f"{name}.parquet")):
+            try:
+                self.fs.rm_file(path)  # the commit record first: readers stop seeing it
+            except FileNotFoundError:
+                pass
+        try:
+            self.fs.rm(self._p("segments", name), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def uncommitted(self) -> dict[str, float]:
+        """Segment folders without a commit record → age in seconds of their newest file."""
+        committed = set(self.segment_names())
+        out = {}
+        now = time.time()
+        for name in self._names("segments"):
+            if name in committed:
+                continue
+            newest = 0.0
+            try:
+                for info in self.fs.find(self._p("segments", name), detail=True).values():
+                    modified = info.get("LastModified") or info.get("mtime") or info.get("created")
+                    if hasattr(modified, "timestamp"):
+                        modified = modified.timestamp()
+                    newest = max(newest, float(modified or 0))
+            except FileNotFoundError:
+                continue
+            out[name] = now - newest if newest else float("inf")
+        return out
+
+
+def mirror_root(url: str) -> Path:
+    """Where a remote store's local mirror lives (one per URL, beside the default store)."""
+    return default_root().parent / "mirrors" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+class MirroredStore:
+    """A remote store seen through a local store (see the module docstring). Offers what the
+    pipeline uses of `Store`: key lookups, publishing, opening segments, removing them."""
+
+    def __init__(self, remote: Remote, local: str | os.PathLike | None = None,
+                 max_bytes: float | None = None):
+        self.remote = remote
+        self.local = Store(local or os.environ.get("DISTILL_MIRROR_DIR") or mirror_root(remote.url))
+        gb = float(os.environ.get("DISTILL_MIRROR_GB", "20")) if max_bytes is None else max_bytes / 1e9
+        self.max_bytes = gb * 1e9
+        self._held: set[str] = set()  # fetched or opened by this process: never evicted here
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.remote.url
+
+    @property
+    def root(self) -> str:  # for messages: the store as the user named it
+        return self.remote.url
+
+    def __repr__(self) -> str:
+        return f"MirroredStore({self.remote.url!r}, local={str(self.local.root)!r})"
+
+    # ------------------------------------------------------------------ lookups
+    def segment_names(self) -> list[str]:
+        return self.remote.segment_names()
+
+    def index_table(self, *, damaged: dict[str, str] | None = None):
+        return self.remote.index_table()
+
+    def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None):
+        if columns is None or not set(columns) <= set(KEY_COLUMNS):
+            raise CacheError(f"{self.url}: a remote store's index holds {', '.join(KEY_COLUMNS)} only")
+        return self.index_table().select(list(columns) + ["segment"])
+
+    def existing_keys(self) -> set[str]:
+        return set(self.index_table().column("key").to_pylist())
+
+    def missing(self, keys) -> set[str]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted(set(keys)), pa.string())
+        if not len(wanted):
+            return set()
+        present = pc.is_in(wanted, value_set=self.index_table().column("key"))
+        return set(wanted.filter(pc.invert(present)).to_pylist())
+
+    # ------------------------------------------------------------------ segments
+    def publish(self, segment_id: str, data: Any, manifest: dict) -> bool:
+        """Stage the segment in the mirror, then upload it (also when an earlier upload of it
+        was interrupted: the mirror has it, the remote has no commit record)."""
+        self.local.publish(segment_id, data, manifest)
+        with self._lock:
+            self._held.add(segment_id)
+        return self.remote.put_segment(segment_id, self.local.segment_files(segment_id))
+
+    def fetch(self, name: str) -> Path:
+        """The segment's local folder, fetched (and verified) on first use."""
+        with self._lock:
+            self._held.add(name)
+        if not self.local.has_segment(name):
+            files = self.remote.get_segment(name)
+            self._evict(sum(len(b) for b in files.values()))
+            self.local.import_segment(name, files)
+        return self.local.root / "segments" / name
+
+    def segment_path(self, name: str) -> Path:
+        return self.fetch(name)
+
+    def open_segment(self, name: str):
+        self.fetch(name)
+        return self.local.open_segment(name)
+
+    def _evict(self, incoming: int) -> None:
+        """Drop least recently used mirrored segments (not held by this process) to stay within
+        `max_bytes` with `incoming` more."""
+        segs = []
+        for p in self.local.segments():
+            if p.name in self._held:
+                continue
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            segs.append((p.stat().st_atime, p.name, size))
+        total = self.local.disk_bytes() + incoming
+        for _, name, size in sorted(segs):
+            if total <= self.max_bytes:
+                break
+            self.local.remove_segment(name)
+            total -= size
+
+    def remove_segment(self, name: str) -> None:
+        self.remote.remove_segment(name)
+        self.local.remove_segment(name)
+
+    def disk_bytes(self) -> int:
+        return self.local.disk_bytes()
+
+    def sync(self) -> dict[str, str]:
+        """Make the mirror hold exactly the remote's committed segments (for `cache ls/info/
+        verify`, which then look at local files): extra local ones are dropped, missing ones
+        fetched and verified. Returns the segments that could not be (name → why)."""
+        names = set(self.remote.segment_names())
+        for extra in set(self.local.segment_names()) - names:
+            self.local.remove_segment(extra)
+        failed = {}
+        for name in sorted(names - set(self.local.segment_names())):
+            try:
+                self.local.import_segment(name, self.remote.get_segment(name))
+            except CacheError as exc:
+                failed[name] = str(exc)
+        return failed
+
+    # ------------------------------------------------------------------ transfer (push / pull)
+    def commit_record(self, name: str) -> dict:
+        return self.remote.commit_record(name)
+
+    def segment_files(self, name: str) -> dict[str, bytes]:
+        return self.remote.get_segment(name)
+
+    def import_segment(self, name: str, files: dict[str, bytes], *, max_bytes: int | None = None) -> bool:
+        """Verify the segment in full (by importing it into the mirror: every chunk, key and
+        checksum), then upload it. False if the remote already has it."""
+        if name in set(self.remote.segment_names()):
+            return False
+        self.local.import_segment(name, files, max_bytes=max_bytes)
+        return self.remote.put_segment(name, files)
+
+
+def copy_segments(src, dst, *, teacher: str | None = None, keys=None, dry_run: bool = False,
+                  echo=print) -> dict:
+    """Copy the segments `dst` lacks from `src` (any two stores: local, object store, service),
+    optionally only one teacher's (identity prefix) or only those holding `keys`. Each segment
+    arrives checked against its commit record and verified in full before it is published, and
+    is published whole or not at all — so a killed copy leaves nothing half-published, and
+    running it again copies what is still missing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from distill_pipeline.progress import progress
+
+    names = src.segment_names()
+    if keys is not None:
+        index = src.index_table()
+        wanted = pa.array(sorted(set(keys)), pa.string())
+        holding = index.filter(pc.is_in(index.column("key"), value_set=wanted))
+        names = sorted(set(pc.unique(holding.column("segment")).to_pylist()))
+    have = set(dst.segment_names())
+    todo = [n for n in names if n not in have]
+    records = {n: src.commit_record(n) for n in todo}
+    if teacher:
+        todo = [n for n in todo if str(records[n]["manifest"].get("teacher", "")).startswith(teacher)]
+    total_bytes = sum(sum(f["size"] for f in records[n]["files"].values()) for n in todo)
+    stats = {"segments": len(todo), "already_there": len([n for n in names if n in have]),
+             "bytes": total_bytes, "entries": sum(int(records[n]["manifest"].get("n_entries", 0)) for n in todo),
+             "copied": 0}
+    if dry_run or not todo:
+        return stats
+    t0 = time.perf_counter()
+    with progress(total=total_bytes, desc=f"copy {len(todo)} segment(s)", unit="B") as bar:
+        entries = 0
+        throttle = float(os.environ.get("DISTILL_COPY_THROTTLE_S", "0"))  # crash tests, demos
+        for n in todo:
+            files = src.segment_files(n)
+            if dst.import_segment(n, files):
+                stats["copied"] += 1
+            entries += int(records[n]["manifest"].get("n_entries", 0))
+            bar.update(sum(len(b) for b in files.values()))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(entries=entries)
+            if throttle:
+                time.sleep(throttle)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
