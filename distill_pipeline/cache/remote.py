@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from distill_pipeline.cache.store import (KEY_COLUMNS, PACK_AT, STORE_META, CacheError, SegmentRejected,
+from distill_pipeline.cache.store import (KEY_COLUMNS, MAX_PACKS, PACK_AT, STORE_META, CacheError, SegmentRejected,
                                           Store, default_root, sha256_bytes, validate_segment_file,
                                           validate_segment_name)
 from distill_pipeline.cache.format import SCHEMA_VERSION
@@ -115,7 +115,7 @@ def _parquet_bytes(table) -> bytes:
     return buf.getvalue()
 
 
-def _dedupe(table):
+def dedupe_index(table):
     """Rows of the consolidated index once per (key, segment)."""
     cols = [c for c in KEY_COLUMNS if c != "key"]
     out = table.group_by(["key", "segment"], use_threads=False).aggregate([(c, "first") for c in cols])
@@ -189,7 +189,7 @@ class FsspecRemote:
         names = self.segment_names()
         files = [self._p("index", n) for n in self._names("index") if n.endswith(".parquet")]
         data = self.fs.cat(files, on_error="omit") if files else {}
-        tables, covered = [], set()
+        tables, covered, overlap = [], set(), False
         for blob in data.values():
             if isinstance(blob, Exception):
                 continue
@@ -198,7 +198,9 @@ class FsspecRemote:
             except Exception:  # noqa: BLE001 - a damaged index file: rebuilt from the segment
                 continue
             tables.append(t)
-            covered.update(pc.unique(t.column("segment")).to_pylist())
+            segs = set(pc.unique(t.column("segment")).to_pylist())
+            overlap = overlap or bool(segs & covered)
+            covered |= segs
         for name in sorted(set(names) - covered):  # committed without an index file
             try:
                 tables.append(key_rows(name, self.fs.cat_file(self._p("segments", name, "index.parquet"))))
@@ -207,8 +209,9 @@ class FsspecRemote:
         if not tables:
             return pa.table({c: pa.array([], pa.string()) for c in KEY_COLUMNS + ["segment"]})
         table = pa.concat_tables(tables, promote_options="permissive")
-        table = table.filter(pc.is_in(table.column("segment"), value_set=pa.array(names, pa.string())))
-        return _dedupe(table) if len(tables) > 1 else table
+        if covered - set(names):  # rows of removed segments, packed before their removal
+            table = table.filter(pc.is_in(table.column("segment"), value_set=pa.array(names, pa.string())))
+        return dedupe_index(table) if overlap else table
 
     def get_segment(self, name: str) -> dict[str, bytes]:
         record = self.commit_record(name)
@@ -237,30 +240,35 @@ class FsspecRemote:
         return True
 
     def _pack_index(self) -> None:
-        """As `Store._pack_index`: the pack is written before the files it replaces are removed."""
+        """As `Store._pack_index`: a pack is written before the files it replaces are removed."""
+        names = [n for n in self._names("index") if n.endswith(".parquet")]
+        loose = [n for n in names if not n.startswith("packed-")]
+        if len(loose) >= PACK_AT:
+            self._merge(loose)
+        packs = [n for n in self._names("index") if n.startswith("packed-")]
+        if len(packs) > MAX_PACKS:
+            self._merge(packs)
+
+    def _merge(self, names: list[str]) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        names = [n for n in self._names("index") if n.endswith(".parquet")]
-        loose = [n for n in names if not n.startswith("packed-")]
-        if len(loose) < PACK_AT:
-            return
         data = self.fs.cat([self._p("index", n) for n in names], on_error="omit")
         parts = []
         for blob in data.values():
             try:
                 parts.append(pq.read_table(pa.BufferReader(blob), columns=KEY_COLUMNS + ["segment"]))
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - damaged: rebuilt from the segments when read
                 pass
         if not parts:
             return
-        table = _dedupe(pa.concat_tables(parts, promote_options="permissive"))
+        table = dedupe_index(pa.concat_tables(parts, promote_options="permissive"))
         live = pa.array(self.segment_names(), pa.string())
         table = table.filter(pc.is_in(table.column("segment"), value_set=live))
         self.fs.pipe_file(self._p("index", f"packed-{time.time_ns()}-{os.getpid()}.parquet"),
                           _parquet_bytes(table))
-        self.fs.rm([self._p("index", n) for n in data])
+        self.fs.rm(list(data))
 
     def remove_segment(self, name: str) -> None:
         validate_segment_name(name)
@@ -346,6 +354,8 @@ class MirroredStore:
         wanted = pa.array(sorted(set(keys)), pa.string())
         if not len(wanted):
             return set()
+        if hasattr(self.remote, "has"):  # the service looks the keys up itself
+            return set(wanted.to_pylist()) - self.remote.has(wanted.to_pylist())
         present = pc.is_in(wanted, value_set=self.index_table().column("key"))
         return set(wanted.filter(pc.invert(present)).to_pylist())
 

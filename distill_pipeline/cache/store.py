@@ -44,7 +44,8 @@ from typing import Any
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat
 
 CHUNK_ROWS = 4096
-PACK_AT = 64  # loose index files that trigger packing them into one
+PACK_AT = 64    # per-segment index files that are packed into one
+MAX_PACKS = 8   # packs that are merged into one
 FIELDS = ("ids", "logp", "lse", "label_logp")
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
@@ -253,7 +254,7 @@ class Store:
         import pyarrow.parquet as pq
 
         names = set(self.segment_names())
-        tables, covered = [], set()
+        tables, covered, overlap = [], set(), False
         d = self.root / "index"
         files = sorted(d.glob("*.parquet")) if d.is_dir() else []
         for f in files:
@@ -264,7 +265,9 @@ class Store:
             except Exception:  # noqa: BLE001 - a damaged index file: rebuilt from the segments
                 continue
             tables.append(t)
-            covered.update(pc.unique(t.column("segment")).to_pylist())
+            segs = set(pc.unique(t.column("segment")).to_pylist())
+            overlap = overlap or bool(segs & covered)  # a pack and a file it replaced, both seen
+            covered |= segs
         for name in sorted(names - covered):
             t = self._segment_keys(name, damaged)
             if t is not None:
@@ -272,13 +275,13 @@ class Store:
         if not tables:
             return pa.table({c: pa.array([], pa.string()) for c in KEY_COLUMNS + ["segment"]})
         table = pa.concat_tables(tables, promote_options="permissive")
-        table = table.filter(pc.is_in(table.column("segment"), value_set=pa.array(sorted(names), pa.string())))
-        if len(covered) != len(set(covered) & names) or len(tables) > 1:
-            # removed segments' rows (packed before their removal) and duplicates across packs
-            table = table.group_by(["key", "segment"], use_threads=False).aggregate(
-                [(c, "first") for c in KEY_COLUMNS if c != "key"]).rename_columns(
-                ["key", "segment"] + [c for c in KEY_COLUMNS if c != "key"])
-            table = table.select(KEY_COLUMNS + ["segment"])
+        if covered - names:  # rows of removed segments, packed before their removal
+            table = table.filter(pc.is_in(table.column("segment"),
+                                          value_set=pa.array(sorted(names), pa.string())))
+        if overlap:
+            from distill_pipeline.cache.remote import dedupe_index
+
+            table = dedupe_index(table)
         return table
 
     def _segment_keys(self, name: str, damaged: dict[str, str] | None):
@@ -310,19 +313,28 @@ class Store:
             pass  # a read-only store: looked up from the segments every time
 
     def _pack_index(self) -> None:
-        """Pack the per-segment index files into one when there are `PACK_AT` of them. Safe with
-        concurrent packers and readers: the pack is published before the files it replaces are
-        deleted, so every row is always in some file (duplicates are dropped when read)."""
+        """Pack the per-segment index files into one when there are `PACK_AT` of them, and the
+        packs into one when there are more than `MAX_PACKS` (so a lookup reads at most about
+        PACK_AT + MAX_PACKS files, and each row is rewritten a few times, not once per pack).
+        Safe with concurrent packers and readers: a pack is published before the files it
+        replaces are deleted, so every row is always in some file (duplicates are dropped)."""
+        d = self.root / "index"
+        if not d.is_dir():
+            return
+        loose = [f for f in d.glob("*.parquet") if not f.name.startswith("packed-")]
+        if len(loose) >= PACK_AT:
+            self._merge(d, loose)
+        packs = sorted(d.glob("packed-*.parquet"))
+        if len(packs) > MAX_PACKS:
+            self._merge(d, packs)
+
+    def _merge(self, d: Path, files: list[Path]) -> None:
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        d = self.root / "index"
-        loose = [f for f in d.glob("*.parquet") if not f.name.startswith("packed-")] if d.is_dir() else []
-        if len(loose) < PACK_AT:
-            return
-        packs = sorted(d.glob("packed-*.parquet"))
         parts = []
-        for f in packs + loose:
+        for f in files:
             try:
                 parts.append(pq.read_table(f, columns=KEY_COLUMNS + ["segment"]))
             except Exception:  # noqa: BLE001 - gone (another packer) or damaged: rebuilt from segments
@@ -331,8 +343,6 @@ class Store:
             return
         table = pa.concat_tables(parts, promote_options="permissive")
         live = pa.array(sorted(self.segment_names()), pa.string())
-        import pyarrow.compute as pc
-
         table = table.filter(pc.is_in(table.column("segment"), value_set=live))
         tmp = d / f".packed.{os.getpid()}.{time.time_ns()}.tmp"
         try:
@@ -340,7 +350,7 @@ class Store:
             os.replace(tmp, d / f"packed-{time.time_ns()}-{os.getpid()}.parquet")
         except OSError:
             return
-        for f in packs + loose:
+        for f in files:
             f.unlink(missing_ok=True)
 
     def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None):
@@ -516,6 +526,8 @@ class Store:
                     raise SegmentRejected(f"segment {name} failed verification: "
                                           + "; ".join(p.split(": ", 1)[1] for p in check.problems[:5]))
                 if final.exists():
+                    if self._readable(final):
+                        return False  # another importer published it meanwhile
                     self.remove_segment(name)  # incomplete or unreadable: replaced
                 try:
                     os.rename(tmp, final)
