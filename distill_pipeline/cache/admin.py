@@ -140,9 +140,10 @@ def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
     except Exception as exc:  # noqa: BLE001
         check.problem(f"zarr group cannot be opened: {_why(exc)}")
         return check
+    arrays = {}
     for name in FIELDS:
         try:
-            arr = group[name]
+            arr = arrays[name] = group[name]
         except Exception as exc:  # noqa: BLE001
             check.problem(f"array {name} missing or unreadable: {_why(exc)}")
             continue
@@ -150,7 +151,15 @@ def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
             check.problem(f"array {name} has {arr.shape[0]} rows, manifest says {n_tokens}")
         if name in ("ids", "logp") and tuple(arr.shape[1:]) != (fmt.top_k,):
             check.problem(f"array {name} has K={tuple(arr.shape[1:])} but manifest top_k={fmt.top_k}")
-        if deep:
+        # zarr reads a missing chunk file as zeros: every chunk must be there
+        expected = -(-arr.shape[0] // arr.chunks[0]) if arr.shape[0] else 0
+        present = sum(1 for f in (seg / name / "c").rglob("*") if f.is_file()) if (seg / name / "c").is_dir() else 0
+        if present != expected:
+            check.problem(f"array {name} has {present} chunk file(s), its shape needs {expected}")
+    if check.problems:  # decode nothing whose shape or tiling is already wrong (sizes are untrusted)
+        return check
+    if deep:
+        for name, arr in arrays.items():
             data = read_array(check, group, name)
             if data is not None:
                 check.arrays[name] = data
@@ -429,13 +438,13 @@ def gc_remote(store: Any, *, older_than_s: float = 3600, drop_teacher: str | Non
     remote = store.remote
     uncommitted = getattr(remote, "uncommitted", None)
     if uncommitted is None:
-        report.kept.append(f"uncommitted uploads: collected by the service itself (run `cache gc` "
-                           f"on the server's store)")
+        report.kept.append("uploads to the service are written under its store's tmp/ and renamed "
+                           "into place: run `cache gc --store <its store>` on the server")
     else:
         for name, age in sorted(uncommitted().items()):
             if age > older_than_s:
                 report.removed.append(f"segments/{name} (never committed, {age / 60:.0f} min old)")
-                if not dry_run:
+                if not dry_run and name not in set(remote.segment_names()):  # not committed meanwhile
                     remote.remove_segment(name)
             else:
                 report.kept.append(f"segments/{name} (uncommitted, {age:.0f} s old: may be an upload "

@@ -28,13 +28,16 @@ import hashlib
 import io
 import json
 import os
+import re
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from distill_pipeline.cache.store import (KEY_COLUMNS, MAX_PACKS, PACK_AT, STORE_META, CacheError, SegmentRejected,
-                                          Store, default_root, sha256_bytes, validate_segment_file,
+from distill_pipeline.cache.store import (KEY_COLUMNS, MAX_PACKS, PACK_AT, STORE_META, CacheError,
+                                          SegmentRejected, Store, dedupe_index, default_root,
+                                          index_files_by_age, sha256_bytes, validate_segment_file,
                                           validate_segment_name)
 from distill_pipeline.cache.format import SCHEMA_VERSION
 
@@ -53,6 +56,9 @@ class Remote(Protocol):
     def remove_segment(self, name: str) -> None: ...
 
 
+_ALMOST_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)")
+
+
 def is_remote(url: str | os.PathLike | None) -> bool:
     if url is None:
         return False
@@ -65,6 +71,10 @@ def open_store(url: str | os.PathLike | None = None, *, create: bool = True):
     if url is None or str(url) == "":
         return Store(None, create=create)
     text = str(url)
+    if _ALMOST_URL.match(text):
+        scheme, rest = text.split(":/", 1)
+        raise CacheError(f"store {text!r} looks like a URL with a slash missing; did you mean "
+                         f"{scheme}://{rest}? (a local directory: write it without a scheme)")
     if text.startswith("file://"):
         return Store(text[len("file://"):], create=create)
     if text.startswith(REMOTE_SCHEMES):
@@ -115,11 +125,25 @@ def _parquet_bytes(table) -> bytes:
     return buf.getvalue()
 
 
-def dedupe_index(table):
-    """Rows of the consolidated index once per (key, segment)."""
-    cols = [c for c in KEY_COLUMNS if c != "key"]
-    out = table.group_by(["key", "segment"], use_threads=False).aggregate([(c, "first") for c in cols])
-    return out.rename_columns(["key", "segment"] + cols).select(KEY_COLUMNS + ["segment"])
+def _transport_errors(what: str):
+    """Method decorator: errors of the object store (credentials, endpoint, permissions, a
+    corrupt JSON record) become one CacheError naming the store and what to check."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (CacheError, FileNotFoundError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - botocore/aiohttp/OSError/ValueError: one message
+                raise CacheError(f"cannot {what} {self.url}: {type(exc).__name__}: {exc}. Check the "
+                                 "credentials and endpoint in the environment (AWS_ENDPOINT_URL, "
+                                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and that they may read "
+                                 "and write this bucket") from None
+        return inner
+    return wrap
 
 
 class FsspecRemote:
@@ -172,26 +196,30 @@ class FsspecRemote:
         except FileNotFoundError:
             return []
 
+    @_transport_errors("list the segments of")
     def segment_names(self) -> list[str]:
         return sorted(n[:-5] for n in self._names("commits") if n.endswith(".json"))
 
+    @_transport_errors("read a commit record from")
     def commit_record(self, name: str) -> dict:
         try:
             return json.loads(self.fs.cat_file(self._p("commits", f"{validate_segment_name(name)}.json")))
         except FileNotFoundError:
             raise CacheError(f"no segment {name} in {self.url}") from None
 
+    @_transport_errors("read the key index of")
     def index_table(self):
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         names = self.segment_names()
-        files = [self._p("index", n) for n in self._names("index") if n.endswith(".parquet")]
+        files = [self._p("index", n) for n in index_files_by_age(
+            [n for n in self._names("index") if n.endswith(".parquet")])]
         data = self.fs.cat(files, on_error="omit") if files else {}
         tables, covered, overlap = [], set(), False
-        for blob in data.values():
-            if isinstance(blob, Exception):
+        for blob in (data.get(f) for f in files):  # oldest first
+            if blob is None or isinstance(blob, Exception):
                 continue
             try:
                 t = pq.read_table(pa.BufferReader(blob), columns=KEY_COLUMNS + ["segment"])
@@ -213,6 +241,7 @@ class FsspecRemote:
             table = table.filter(pc.is_in(table.column("segment"), value_set=pa.array(names, pa.string())))
         return dedupe_index(table) if overlap else table
 
+    @_transport_errors("fetch a segment from")
     def get_segment(self, name: str) -> dict[str, bytes]:
         record = self.commit_record(name)
         paths = {self._p("segments", name, validate_segment_file(rel)): rel for rel in record["files"]}
@@ -220,12 +249,16 @@ class FsspecRemote:
         files = {}
         for path, rel in paths.items():
             blob = data.get(path)
-            if blob is None or isinstance(blob, Exception):
-                raise SegmentRejected(f"segment {name} in {self.url}: {rel} cannot be read ({blob!r})")
+            if blob is None or isinstance(blob, FileNotFoundError):
+                raise SegmentRejected(f"segment {name} in {self.url}: {rel} is missing")
+            if isinstance(blob, Exception):  # transport, permissions: not the segment's fault
+                raise CacheError(f"cannot read segment {name} from {self.url}: {rel}: "
+                                 f"{type(blob).__name__}: {blob}")
             files[rel] = blob
         check_against_record(name, files, record, self.url)
         return files
 
+    @_transport_errors("upload a segment to")
     def put_segment(self, name: str, files: dict[str, bytes]) -> bool:
         validate_segment_name(name)
         if self.fs.exists(self._p("commits", f"{name}.json")):
@@ -236,7 +269,15 @@ class FsspecRemote:
         self.fs.pipe({self._p("segments", name, rel): bytes(data) for rel, data in files.items()})
         self.fs.pipe_file(self._p("index", f"{name}.parquet"), _parquet_bytes(key_rows(name, files["index.parquet"])))
         self.fs.pipe_file(self._p("commits", f"{name}.json"), json.dumps(record).encode())  # publishes it
-        self._pack_index()
+        present = {p.rsplit(f"/segments/{name}/", 1)[-1] for p in self.fs.find(self._p("segments", name))}
+        if not set(files) <= present:  # a `cache gc` of an older, abandoned upload raced this one
+            self.fs.rm_file(self._p("commits", f"{name}.json"))
+            raise CacheError(f"upload of segment {name} to {self.url} lost files to a concurrent "
+                             "`cache gc`; nothing was published — run the command again")
+        try:
+            self._pack_index()
+        except Exception:  # noqa: BLE001 - packing is an optimisation: the segment is published
+            pass
         return True
 
     def _pack_index(self) -> None:
@@ -254,9 +295,10 @@ class FsspecRemote:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        data = self.fs.cat([self._p("index", n) for n in names], on_error="omit")
+        paths = [self._p("index", n) for n in index_files_by_age(names)]
+        data = self.fs.cat(paths, on_error="omit")
         parts = []
-        for blob in data.values():
+        for blob in (data[p] for p in paths if p in data):  # oldest first
             try:
                 parts.append(pq.read_table(pa.BufferReader(blob), columns=KEY_COLUMNS + ["segment"]))
             except Exception:  # noqa: BLE001 - damaged: rebuilt from the segments when read
@@ -270,6 +312,7 @@ class FsspecRemote:
                           _parquet_bytes(table))
         self.fs.rm(list(data))
 
+    @_transport_errors("remove a segment from")
     def remove_segment(self, name: str) -> None:
         validate_segment_name(name)
         for path in (self._p("commits", f"{name}.json"), self._p("index", f"{name}.parquet")):
@@ -282,10 +325,11 @@ class FsspecRemote:
         except FileNotFoundError:
             pass
 
+    @_transport_errors("list the uploads of")
     def uncommitted(self) -> dict[str, float]:
         """Segment folders without a commit record → age in seconds of their newest file."""
         committed = set(self.segment_names())
-        out = {}
+        out: dict[str, float] = {}
         now = time.time()
         for name in self._names("segments"):
             if name in committed:
@@ -316,10 +360,47 @@ class MirroredStore:
                  max_bytes: float | None = None):
         self.remote = remote
         self.local = Store(local or os.environ.get("DISTILL_MIRROR_DIR") or mirror_root(remote.url))
-        gb = float(os.environ.get("DISTILL_MIRROR_GB", "20")) if max_bytes is None else max_bytes / 1e9
+        try:
+            gb = float(os.environ.get("DISTILL_MIRROR_GB", "20")) if max_bytes is None else max_bytes / 1e9
+        except ValueError:
+            raise CacheError(f"DISTILL_MIRROR_GB={os.environ['DISTILL_MIRROR_GB']!r} is not a number "
+                             "(gigabytes of remote segments kept locally)") from None
         self.max_bytes = gb * 1e9
         self._held: set[str] = set()  # fetched or opened by this process: never evicted here
+        self._checked: set[str] = set()  # local copies found equal to the remote's this process
         self._lock = threading.Lock()
+        self._reading = None  # shared flock on readers.lock while this process may read the mirror
+
+    def _share(self) -> None:
+        """Hold a shared lock on the mirror: other processes do not delete from it meanwhile."""
+        import fcntl
+
+        if self._reading is None:
+            fh = open(self.local.root / "readers.lock", "a+")
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            self._reading = fh
+
+    @contextmanager
+    def _alone(self):
+        """Yields whether no other process reads the mirror (an exclusive lock was taken): only
+        then are segments deleted from it (a segment deleted under a reader would read as zeros)."""
+        import fcntl
+
+        held = self._reading is not None
+        if held:
+            fcntl.flock(self._reading, fcntl.LOCK_UN)
+        fh = open(self.local.root / "readers.lock", "a+")
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except OSError:
+                alone = False
+            yield alone
+        finally:
+            fh.close()
+            if held:
+                fcntl.flock(self._reading, fcntl.LOCK_SH)
 
     @property
     def url(self) -> str:
@@ -362,20 +443,39 @@ class MirroredStore:
     # ------------------------------------------------------------------ segments
     def publish(self, segment_id: str, data: Any, manifest: dict) -> bool:
         """Stage the segment in the mirror, then upload it (also when an earlier upload of it
-        was interrupted: the mirror has it, the remote has no commit record)."""
+        was interrupted: the mirror has it, the remote has no commit record). When another writer
+        committed the same segment first, with other bytes (another machine's rounding), the
+        local copy is dropped: what is read is always the remote's."""
+        self._share()
         self.local.publish(segment_id, data, manifest)
-        with self._lock:
-            self._held.add(segment_id)
-        return self.remote.put_segment(segment_id, self.local.segment_files(segment_id))
+        uploaded = self.remote.put_segment(segment_id, self.local.segment_files(segment_id))
+        if not uploaded and not self._same_as_remote(segment_id):
+            self.local.remove_segment(segment_id)
+        return uploaded
+
+    def _same_as_remote(self, name: str) -> bool:
+        return self.local.commit_record(name)["files"] == self.remote.commit_record(name)["files"]
 
     def fetch(self, name: str) -> Path:
-        """The segment's local folder, fetched (and verified) on first use."""
+        """The segment's local folder, fetched (and verified) on first use; a local copy that is
+        not the remote's (another writer's bytes) is replaced."""
+        self._share()
         with self._lock:
             self._held.add(name)
+            checked = name in self._checked
+        if self.local.has_segment(name) and not checked and not self._same_as_remote(name):
+            with self._alone() as alone:
+                if not alone:
+                    raise CacheError(f"the mirror {self.local.root} holds another copy of segment "
+                                     f"{name} than {self.url}, and another process is reading the "
+                                     "mirror: rerun when it has finished, or set DISTILL_MIRROR_DIR")
+                self.local.remove_segment(name)
         if not self.local.has_segment(name):
             files = self.remote.get_segment(name)
             self._evict(sum(len(b) for b in files.values()))
             self.local.import_segment(name, files)
+        with self._lock:
+            self._checked.add(name)
         return self.local.root / "segments" / name
 
     def segment_path(self, name: str) -> Path:
@@ -387,7 +487,14 @@ class MirroredStore:
 
     def _evict(self, incoming: int) -> None:
         """Drop least recently used mirrored segments (not held by this process) to stay within
-        `max_bytes` with `incoming` more."""
+        `max_bytes` with `incoming` more — only while no other process reads the mirror."""
+        if self.local.disk_bytes() + incoming <= self.max_bytes:
+            return
+        with self._alone() as alone:
+            if alone:
+                self._drop_lru(incoming)
+
+    def _drop_lru(self, incoming: int) -> None:
         segs = []
         for p in self.local.segments():
             if p.name in self._held:
@@ -413,14 +520,20 @@ class MirroredStore:
         verify`, which then look at local files): extra local ones are dropped, missing ones
         fetched and verified. Returns the segments that could not be (name → why)."""
         names = set(self.remote.segment_names())
-        for extra in set(self.local.segment_names()) - names:
-            self.local.remove_segment(extra)
-        failed = {}
-        for name in sorted(names - set(self.local.segment_names())):
-            try:
-                self.local.import_segment(name, self.remote.get_segment(name))
-            except CacheError as exc:
-                failed[name] = str(exc)
+        with self._alone() as alone:
+            if not alone:
+                raise CacheError(f"another process is reading the mirror {self.local.root} of "
+                                 f"{self.url}; rerun when it has finished, or set DISTILL_MIRROR_DIR "
+                                 "to another directory for this command")
+            for name in set(self.local.segment_names()):
+                if name not in names or not self._same_as_remote(name):
+                    self.local.remove_segment(name)
+            failed = {}
+            for name in sorted(names - set(self.local.segment_names())):
+                try:
+                    self.local.import_segment(name, self.remote.get_segment(name))
+                except SegmentRejected as exc:  # its bytes fail verification: damaged
+                    failed[name] = str(exc)
         return failed
 
     # ------------------------------------------------------------------ transfer (push / pull)
@@ -436,7 +549,7 @@ class MirroredStore:
         if name in set(self.remote.segment_names()):
             return False
         self.local.import_segment(name, files, max_bytes=max_bytes)
-        return self.remote.put_segment(name, files)
+        return self.remote.put_segment(name, self.local.segment_files(name))  # the verified copy
 
 
 def copy_segments(src, dst, *, teacher: str | None = None, keys=None, dry_run: bool = False,

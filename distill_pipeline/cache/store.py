@@ -142,6 +142,56 @@ def _damage_hint(root: Any) -> str:
             "the entries again")
 
 
+def index_files_by_age(names: list[str]) -> list[str]:
+    """Index file names oldest first: packs by their creation time (in the name), then the
+    per-segment files (a segment in both was published again after being packed)."""
+    packs = sorted(n for n in names if n.startswith("packed-"))
+    return packs + sorted(n for n in names if not n.startswith("packed-"))
+
+
+def dedupe_index(table):
+    """Rows of the consolidated index once per (key, segment), the newest one kept (`table` holds
+    its files' rows oldest first): a segment removed and published again — its values may differ
+    in the last bits, computed elsewhere — is read with its new checksums."""
+    cols = [c for c in KEY_COLUMNS if c != "key"]
+    out = table.group_by(["key", "segment"], use_threads=False).aggregate([(c, "last") for c in cols])
+    return out.rename_columns(["key", "segment"] + cols).select(KEY_COLUMNS + ["segment"])
+
+
+def segment_id(keys: list[str]) -> str:
+    """A segment's id: the hash of its entries' keys in order (an extraction unit's id), so the
+    same entries are one segment in every store."""
+    return hashlib.sha256("".join(keys).encode()).hexdigest()[:32]
+
+
+def _check_claims(name: str, files: dict[str, bytes], total: int) -> None:
+    """Before anything is decoded: the id is the hash of the segment's keys (nobody can take the
+    id of entries it does not hold), and the sizes its manifest declares fit the bytes sent
+    (decoding is bounded by what was uploaded, not by what a manifest claims)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(pa.BufferReader(files["index.parquet"]))
+        if meta.num_rows > 10_000_000:
+            raise SegmentRejected(f"segment {name}: index.parquet claims {meta.num_rows} rows")
+        keys = pq.read_table(pa.BufferReader(files["index.parquet"]), columns=["key"]).column("key").to_pylist()
+        manifest = json.loads(files["zarr.json"]).get("attributes", {})
+        n_tokens, top_k = int(manifest["n_tokens"]), int(manifest["format"]["top_k"])
+    except SegmentRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unparsable index or manifest
+        raise SegmentRejected(f"segment {name}: its index or manifest cannot be read "
+                              f"({type(exc).__name__}: {exc})") from None
+    if segment_id(keys) != name:
+        raise SegmentRejected(f"segment id {name} is not the hash of its entries' keys "
+                              f"({segment_id(keys)}); segments are named by their content")
+    decoded = n_tokens * (top_k * 8 + 8)
+    if decoded > 64 * total + (1 << 20):
+        raise SegmentRejected(f"segment {name}: its manifest declares {n_tokens} tokens x K={top_k} "
+                              f"({decoded} bytes decoded), more than {total} bytes of upload can hold")
+
+
 def segment_format(attrs: dict) -> CacheFormat:
     """The format a segment was written in, from its manifest (zarr group attributes)."""
     return CacheFormat.from_manifest(attrs)
@@ -256,7 +306,7 @@ class Store:
         names = set(self.segment_names())
         tables, covered, overlap = [], set(), False
         d = self.root / "index"
-        files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+        files = [d / n for n in index_files_by_age([f.name for f in d.glob("*.parquet")])] if d.is_dir() else []
         for f in files:
             try:
                 t = pq.read_table(f, columns=KEY_COLUMNS + ["segment"])
@@ -278,11 +328,7 @@ class Store:
         if covered - names:  # rows of removed segments, packed before their removal
             table = table.filter(pc.is_in(table.column("segment"),
                                           value_set=pa.array(sorted(names), pa.string())))
-        if overlap:
-            from distill_pipeline.cache.remote import dedupe_index
-
-            table = dedupe_index(table)
-        return table
+        return dedupe_index(table) if overlap else table
 
     def _segment_keys(self, name: str, damaged: dict[str, str] | None):
         """One segment's rows of the consolidated index, from its own index.parquet (and its file
@@ -324,7 +370,7 @@ class Store:
         loose = [f for f in d.glob("*.parquet") if not f.name.startswith("packed-")]
         if len(loose) >= PACK_AT:
             self._merge(d, loose)
-        packs = sorted(d.glob("packed-*.parquet"))
+        packs = [d / n for n in index_files_by_age([f.name for f in d.glob("packed-*.parquet")])]
         if len(packs) > MAX_PACKS:
             self._merge(d, packs)
 
@@ -341,7 +387,7 @@ class Store:
                 pass
         if not parts:
             return
-        table = pa.concat_tables(parts, promote_options="permissive")
+        table = dedupe_index(pa.concat_tables(parts, promote_options="permissive"))
         live = pa.array(sorted(self.segment_names()), pa.string())
         table = table.filter(pc.is_in(table.column("segment"), value_set=live))
         tmp = d / f".packed.{os.getpid()}.{time.time_ns()}.tmp"
@@ -509,6 +555,7 @@ class Store:
         for required in ("zarr.json", "index.parquet"):
             if required not in files:
                 raise SegmentRejected(f"segment {name}: {required} is missing")
+        _check_claims(name, files, total)
         final = self.root / "segments" / name
         if final.exists() and self._readable(final):
             return False

@@ -408,17 +408,28 @@ def cache_serve(store: Optional[str] = StoreOpt,
                 read_token_file: Optional[str] = typer.Option(None, "--read-token-file", help="read "
                                                               "tokens (without: reads are open)"),
                 tls_cert: Optional[str] = typer.Option(None, "--tls-cert"),
-                tls_key: Optional[str] = typer.Option(None, "--tls-key")):
+                tls_key: Optional[str] = typer.Option(None, "--tls-key"),
+                max_segment_mb: float = typer.Option(1024, "--max-segment-mb", help="largest upload "
+                                                     "accepted (MB)")):
     """Serve a local store over Arrow Flight (grpc://HOST:PORT) to other machines and teams:
     listing, key lookups, entries and segments by stream, verified uploads. Stops on SIGTERM."""
     from distill_pipeline.cache.service import serve
     from distill_pipeline.cache.store import CacheError
 
+    from distill_pipeline.cache.remote import is_remote
+
     if (tls_cert is None) != (tls_key is None):
         fail("give both --tls-cert and --tls-key, or neither", 2)
+    if is_remote(store):
+        fail(f"--store {store}: the service serves a local directory (its own disk); to share an "
+             "object store, point teams at it directly (teacher_logits.store: s3://…)", 2)
+    if (token_file or read_token_file) and not tls_cert and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: serving on {host} without TLS: tokens cross the network in clear text; "
+                    "give --tls-cert/--tls-key (clients: grpc+tls://)", fg=typer.colors.YELLOW, err=True)
     try:
         code = serve(store, host=host, port=port, token_file=token_file,
-                     read_token_file=read_token_file, tls_cert=tls_cert, tls_key=tls_key)
+                     read_token_file=read_token_file, tls_cert=tls_cert, tls_key=tls_key,
+                     max_segment_bytes=int(max_segment_mb * 1e6))
     except CacheError as exc:
         fail(str(exc))
     raise typer.Exit(code)

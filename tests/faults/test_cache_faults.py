@@ -258,12 +258,13 @@ def test_incomplete_segment_is_named_and_collected(store):
 
 
 def test_deleted_chunk_file_is_caught_by_checksum(store):
-    """zarr reads a missing chunk as zeros without complaint: only the entry checksums notice."""
+    """zarr reads a missing chunk as zeros without complaint: the chunk count (every check) and
+    the entry checksums (the reader) notice."""
     seg = segments(store)[2]
     chunk(seg, "lse").unlink()
     code, out = cache("verify", "--store", store)
     assert code == 1
-    has(out, seg.name, "checksum mismatch", "cache gc --damaged")
+    has(out, seg.name, "array lse has 0 chunk file(s), its shape needs 1", "cache gc --damaged")
 
 
 def test_swapped_chunks_are_caught(store):
@@ -504,3 +505,46 @@ def test_segments_of_an_older_identity_scheme_are_counted_and_collected(store):
     assert code == 0 and not old.exists() and len(segments(store)) == 3
     code, out = cache("info", "--store", store)
     assert "stale" not in out
+
+
+# ---------------------------------------------------------------------------- consolidated index
+
+
+def test_a_segment_published_again_after_packing_is_read_with_its_new_values(store, monkeypatch):
+    """Removed after its index rows were packed, then published again under the same id (same
+    keys) with other values (another machine's rounding): the index keeps the newest rows, so
+    the reader checks the new checksums and returns the new values."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import zarr
+
+    from distill_pipeline.cache import store as store_mod
+    from distill_pipeline.cache.reader import CacheReader
+    from distill_pipeline.cache.store import SegmentData
+
+    monkeypatch.setattr(store_mod, "PACK_AT", 1)
+    s = Store(store)
+    first = segments(store)[0]
+    s._pack_index()  # every index row is now in a pack
+    assert [p.name for p in (store / "index").iterdir() if p.name.startswith("packed-")]
+    g = zarr.open_group(str(first), mode="r")
+    rows = pq.read_table(first / "index.parquet").to_pylist()
+    data = SegmentData(ids=g["ids"][:], logp_bits=g["logp"][:], lse=g["lse"][:] + np.float32(0.5),
+                       label_logp=g["label_logp"][:], entries=rows)
+    attrs = dict(g.attrs)
+    s.remove_segment(first.name)
+    assert s.publish(first.name, data, attrs)
+    key = rows[0]["key"]
+    got = CacheReader(store).get(key)  # checked against the checksum the index holds for it
+    new = zarr.open_group(str(store / "segments" / first.name), mode="r")["lse"][: rows[0]["n_tokens"]]
+    assert (got["lse"] == new).all()
+    checks = {r["key"]: r["checksum"] for r in s.index_table().to_pylist() if r["segment"] == first.name}
+    assert checks[key] == pq.read_table(store / "segments" / first.name / "index.parquet").to_pylist()[0]["checksum"]
+
+
+def test_store_url_with_a_slash_missing_is_refused():
+    from distill_pipeline.cache.remote import open_store
+
+    for url, meant in (("s3:/bucket/x", "s3://bucket/x"), ("grpc:/host:8815", "grpc://host:8815")):
+        with pytest.raises(CacheError, match=f"did you mean {meant}"):
+            open_store(url)

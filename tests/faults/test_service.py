@@ -27,7 +27,7 @@ from distill_pipeline.cache.reader import CacheReader
 from distill_pipeline.cache.remote import MirroredStore, open_store
 from distill_pipeline.cache.service import (FILE_SCHEMA, MAX_TICKET_KEYS, FlightRemote, assemble_files,
                                             file_batches, serve)
-from distill_pipeline.cache.store import CacheError, SegmentRejected, Store
+from distill_pipeline.cache.store import CacheError, SegmentRejected, Store, segment_id
 from tests.conftest import ROOT
 from tests.invariants.helpers import make_teacher, run_extraction, tree_bytes
 
@@ -321,9 +321,12 @@ def hostile_uploads(base) -> dict[str, tuple[str, list, str]]:
                            schema=FILE_SCHEMA)
     cases = {f"name {bad!r}": (bad, good(files), "invalid segment id")
              for bad in ("../x", "/abs", "a/b", "a\x00b", "..")}
+    altered = with_index_key_changed(files)  # named after its (altered) keys: passes the id check
+    altered_name = segment_id(pq.read_table(pa.BufferReader(altered["index.parquet"])).column("key").to_pylist())
     cases.update({
         "file ../../evil": (name, good(files) + [evil], "invalid segment file name"),
-        "key altered": (name, good(with_index_key_changed(files)), "key does not match"),
+        "key altered": (altered_name, good(altered), "key does not match"),
+        "id not its keys'": ("0" * 32, good(files), "is not the hash of its entries' keys"),
         "chunk corrupted": (name, good(with_chunk_flipped(files)), "failed verification"),
         "oversized": (name, good({**files, "ids/c/0/0": os.urandom(5 * 10**5)}), "over the limit"),
         "parts out of order": (name, list(reversed(list(file_batches({"zarr.json": b" " * 3000}, 1000)))),
@@ -333,7 +336,7 @@ def hostile_uploads(base) -> dict[str, tuple[str, list, str]]:
 
 
 HOSTILE = ["name '../x'", "name '/abs'", "name 'a/b'", "name 'a\\x00b'", "name '..'", "file ../../evil",
-           "key altered", "chunk corrupted", "oversized", "parts out of order"]
+           "key altered", "id not its keys'", "chunk corrupted", "oversized", "parts out of order"]
 
 
 @pytest.mark.parametrize("case", HOSTILE)

@@ -158,3 +158,21 @@ def test_two_teams_share_one_bucket(tmp_path, monkeypatch):
     assert code == 0 and "1 teacher_logits node(s) complete" in out, out
     shutil.rmtree(tmp_path / "team-b-mirror")
     assert all(ok for _, ok, _ in runner.status(runner.make_plan(second.cfg)))  # nothing local needed
+
+
+def test_mirror_evicts_nothing_another_process_may_read(local, tmp_path):
+    """Eviction (a mirror over DISTILL_MIRROR_GB) deletes only while no other reader holds the
+    mirror's lock: a segment deleted under a reader would read as zeros."""
+    url = "s3://team-cache/evict"
+    cache("push", local["store"], url)
+    names = FsspecRemote(url).segment_names()
+    reader = MirroredStore(FsspecRemote(url), local=tmp_path / "mirror-of-evict")
+    reader.fetch(names[0])  # holds the shared lock from now on
+    small = MirroredStore(FsspecRemote(url), local=reader.local.root, max_bytes=1)
+    small.fetch(names[1])  # over budget, but another reader is there: nothing deleted
+    assert {names[0], names[1]} <= set(reader.local.segment_names())
+    reader._reading.close()  # the other reader is gone
+    reader._reading = None
+    small.fetch(names[2])
+    left = set(reader.local.segment_names())
+    assert names[0] not in left and {names[1], names[2]} <= left  # small's own are kept
