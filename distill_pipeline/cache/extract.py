@@ -255,7 +255,11 @@ def _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus, bar) -> None
     # real resource is its GPU.
     free = ray.available_resources().get("CPU", 1.0)
     cpus = 1.0 if gpus else max(0.01, min(1.0, free / n))
-    actor = ray.remote(Extractor).options(num_cpus=cpus, num_gpus=gpus)
+    from distill_pipeline.pipeline.raysetup import forwarded_env
+
+    # an actor is a new worker process with its node's environment: give it the driver's
+    actor = ray.remote(Extractor).options(num_cpus=cpus, num_gpus=gpus,
+                                          runtime_env={"env_vars": forwarded_env()})
     workers = [actor.remote(store.url, teacher_dirs, **kw) for _ in range(n)]
     queue = list(units)
     running = {}

@@ -91,7 +91,7 @@ def make_plan(cfg: Any) -> Plan:
                   "inputs": {role: contents[up] for role, up in sorted(n.needs.items())}}
         fps[n.name] = _digest({**common, "view": n.view.fingerprint_payload()})
         contents[n.name] = _digest({**common, "view": n.view.content_payload()})
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.run_dir).expanduser().resolve()  # absolute: workers may run elsewhere
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory")
     return Plan(cfg, nodes, fps, contents, run_dir)
@@ -198,8 +198,12 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
 # ---------------------------------------------------------------------------- execution
 
 def execute_node(stage_name: str, view: Any, inputs: dict[str, str], partial: str,
-                 num_threads: int | None = None) -> dict:
-    """Run one stage into its partial folder; returns the stage summary. Runs in a Ray task."""
+                 num_threads: int | None = None, context: dict | None = None) -> dict:
+    """Run one stage into its partial folder; returns the stage summary. Runs in a Ray task,
+    with the driver's environment and working directory (`raysetup.driver_context`)."""
+    from distill_pipeline.pipeline.raysetup import apply_driver_context
+
+    apply_driver_context(context)
     if num_threads:
         import torch
 
@@ -377,8 +381,11 @@ def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
 def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: threading.Event) -> None:
     import ray
 
+    from distill_pipeline.pipeline.raysetup import driver_context
+
     res = plan.cfg.resources
     remote = ray.remote(execute_node)
+    context = driver_context()
     pending, running, started = list(todo), {}, {}
     failures: list[str] = []
     try:
@@ -394,7 +401,7 @@ def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: th
                 gpus = res.gpus if kind in ("train", "generate") else 0
                 ref = remote.options(num_cpus=cpus, num_gpus=gpus, name=name).remote(
                     node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
-                    max(1, int(cpus)))
+                    max(1, int(cpus)), context)
                 running[ref] = name
                 started[name] = time.time()
                 pending.remove(name)
