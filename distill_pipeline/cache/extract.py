@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -102,9 +104,14 @@ def _head_only_ok(model: Any) -> bool:
             and model.get_output_embeddings() is not None and hasattr(model, "base_model"))
 
 
-def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int) -> list[dict]:
+def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int,
+                   chunk_rows: int | None = None) -> list[dict]:
     """Teacher-forced top-K on one batch. Per request: float32 numpy ids (n, K), logp (n, K),
-    lse (n,), label_logp (n,). Log-softmax in float32 from the raw logits."""
+    lse (n,), label_logp (n,). Log-softmax in float32 from the raw logits. With an LM head that
+    can be applied to response positions alone, it runs `chunk_rows` positions at a time, so
+    the (rows, vocabulary) float32 logits never exist for the whole batch: the peak grows with
+    the chunk, not with batch_tokens. Everything after the head is row-wise, so chunking changes
+    only the head matmul's float32 rounding (same ids; tests/invariants/test_cache_invariants.py)."""
     import torch
 
     from distill_pipeline.data.tokenize import collate
@@ -117,19 +124,21 @@ def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int) ->
                       for r in batch])  # (N,) positions predicting the response tokens
     rows, cols = rows.to(dev), cols.to(dev)
     labels = ids[rows, cols + 1]  # (N,)
+    parts = []
     with torch.no_grad():
         if _head_only_ok(model):
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-            logits = model.get_output_embeddings()(hidden[rows, cols]).float()  # (N, V)
+            hidden = hidden[rows, cols]  # (N, H)
+            del ids, mask
+            head = model.get_output_embeddings()
+            step = chunk_rows or len(hidden) or 1
+            for s in range(0, len(hidden), step):
+                parts.append(_head_topk(head(hidden[s:s + step]).float(), labels[s:s + step], top_k))
         else:
             logits = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float()  # (N, V)
-        lse = torch.logsumexp(logits, dim=-1)  # (N,)
-        logp = logits - lse[:, None]  # (N, V)
-        top = logp.topk(top_k, dim=-1)  # sorted by probability, descending
-        label_logp = logp.gather(1, labels[:, None]).squeeze(1)  # (N,)
+            parts.append(_head_topk(logits, labels, top_k))
+    t_ids, t_lp, lse_np, lab_np = (np.concatenate([p[i] for p in parts]) for i in range(4))
     out, start = [], 0
-    t_ids, t_lp = top.indices.int().cpu().numpy(), top.values.cpu().numpy()
-    lse_np, lab_np = lse.cpu().numpy(), label_logp.cpu().numpy()
     for r in batch:
         s = slice(start, start + r.n_tokens)
         out.append({"ids": t_ids[s], "logp": t_lp[s], "lse": lse_np[s], "label_logp": lab_np[s]})
@@ -137,12 +146,24 @@ def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int) ->
     return out
 
 
+def _head_topk(logits: Any, labels: Any, top_k: int) -> tuple:
+    """(top-K ids, top-K log-probs, lse, label log-prob) as numpy, from (n, V) float32 logits."""
+    import torch
+
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    logits -= lse[:, None]  # in place: the log-probs, without a second (n, V) tensor
+    top = logits.topk(top_k, dim=-1)  # sorted by probability, descending
+    label_logp = logits.gather(1, labels[:, None]).squeeze(1)  # (n,)
+    return (top.indices.int().cpu().numpy(), top.values.cpu().numpy(), lse.cpu().numpy(),
+            label_logp.cpu().numpy())
+
+
 class Extractor:
     """Holds teacher models (loaded on first use) and turns units into published segments.
     Used in-process, or as the body of a Ray actor (one per worker)."""
 
     def __init__(self, store_root: str, teacher_dirs: dict[str, Any], *, fmt: CacheFormat,
-                 batch_tokens: int, threads: int | None = None):
+                 batch_tokens: int, threads: int | None = None, head_chunk_rows: int | None = None):
         if threads:
             import torch
 
@@ -151,7 +172,7 @@ class Extractor:
 
         self.store = open_store(store_root)
         self.teacher_dirs = teacher_dirs
-        self.fmt, self.batch_tokens = fmt, batch_tokens
+        self.fmt, self.batch_tokens, self.head_chunk_rows = fmt, batch_tokens, head_chunk_rows
         self.models: dict[str, tuple] = {}
         self.throttle = float(os.environ.get("DISTILL_EXTRACT_THROTTLE_S", "0"))
 
@@ -171,7 +192,8 @@ class Extractor:
         model, pad_id = self._model(unit.teacher)
         results: dict[str, dict] = {}
         for batch in _batches(unit.requests, self.batch_tokens):
-            for r, res in zip(batch, topk_for_batch(model, batch, pad_id, self.fmt.top_k)):
+            for r, res in zip(batch, topk_for_batch(model, batch, pad_id, self.fmt.top_k,
+                                                    self.head_chunk_rows)):
                 results[r.key] = res
         entries, offset = [], 0
         for r in unit.requests:  # unit order, independent of batching
@@ -197,7 +219,8 @@ class Extractor:
 
 def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, Any], fmt: CacheFormat, *,
             num_workers: int = 1, batch_tokens: int = 4096, unit_tokens: int = 16384,
-            threads_per_worker: int = 1, gpus_per_worker: float = 0) -> dict:
+            threads_per_worker: int = 1, gpus_per_worker: float = 0,
+            head_chunk_rows: int | None = None) -> dict:
     """Extract every missing entry of `requests` (built with `make_request(…, fmt)`) into `store`.
     `teacher_dirs`: teacher identity → its `models.ModelRef` (or a saved model's directory).
     Returns counts and throughput."""
@@ -213,7 +236,8 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, A
     stats = {"entries": len(keys), "cached": len(keys & existing),
              "extracted": sum(len(u.requests) for u in units), "units": len(units),
              "tokens_extracted": todo_tokens}
-    kw = dict(fmt=fmt, batch_tokens=batch_tokens, threads=threads_per_worker)
+    kw = dict(fmt=fmt, batch_tokens=batch_tokens, threads=threads_per_worker,
+              head_chunk_rows=head_chunk_rows)
     with progress(total=todo_tokens, desc=f"teacher_logits ({num_workers} worker(s))", unit="tok") as bar:
         if units and _use_ray():
             _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus_per_worker, bar)

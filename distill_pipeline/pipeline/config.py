@@ -203,6 +203,9 @@ class TeacherLogits(Node):
     num_workers: int = Field(1, ge=1, description="extraction workers (not fingerprinted)")
     batch_tokens: int = Field(4096, ge=16, description="padded tokens per forward batch (not fingerprinted)")
     threads_per_worker: int = Field(1, ge=1, description="torch threads per CPU worker (not fingerprinted)")
+    head_chunk_rows: int = Field(1024, ge=1, description="response positions per LM-head chunk: "
+                                 "the (rows x vocabulary) float32 logits held at once (not "
+                                 "fingerprinted: same ids, log-probs to float32 rounding)")
 
     @model_validator(mode="after")
     def _valid_format(self):

@@ -29,7 +29,7 @@ class TeacherLogitsView(View):
     # float16 log-probs and lse / label log-probs within 1e-5 (tests/invariants/test_cache_invariants.py);
     # on a large model a rounding difference can still reorder two near-tied top-K entries.
     NEUTRAL = frozenset({"extraction.num_workers", "extraction.batch_tokens",
-                         "extraction.threads_per_worker"})
+                         "extraction.threads_per_worker", "extraction.head_chunk_rows"})
     # Which store, and how entries are grouped into segments, decide where the entries live, not
     # their values: a change re-extracts (or finds) the entries, and what trained on them stays.
     LAYOUT = frozenset({"extraction.store", "extraction.unit_tokens"})
@@ -70,6 +70,7 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     stats = extract(requests, store, {identities[r]: ref for r, ref in refs.items()}, fmt,
                     num_workers=cfg.num_workers, batch_tokens=cfg.batch_tokens,
                     unit_tokens=cfg.unit_tokens, threads_per_worker=cfg.threads_per_worker,
+                    head_chunk_rows=cfg.head_chunk_rows,
                     gpus_per_worker=gpus_per_worker())
     write_node_file(out, store, fmt, view.source,
                     {role: {"identity": identities[role], "path": refs[role].path} for role in roles},

@@ -129,6 +129,26 @@ def test_batch_size_changes_no_stored_log_prob(teacher, tmp_path):
         np.testing.assert_allclose(a["label_logp"], b["label_logp"], atol=1e-5)
 
 
+def test_head_chunks_change_no_value(teacher):
+    """Why `head_chunk_rows` is left out of the fingerprint, as `batch_tokens` is: the LM head,
+    log-softmax, top-K and label log-prob are row-wise, so chunking changes only the matmul's
+    float32 rounding (a 1- or 2-row product takes another BLAS kernel: ≤ 5e-7 here; from 7 rows
+    on this machine gives the very same bits) — the same ids, log-probs within 1e-5."""
+    from distill_pipeline.cache.extract import topk_for_batch
+    from distill_pipeline.models import load_checkpoint
+
+    model, tok = load_checkpoint(teacher)
+    reqs, _ = requests(teacher, sequences(12))
+    whole = topk_for_batch(model, reqs, tok.pad_token_id, TOP_K, None)
+    assert sum(len(r["lse"]) for r in whole) > 40
+    for rows in (1, 7, 40, 10_000):
+        chunked = topk_for_batch(model, reqs, tok.pad_token_id, TOP_K, rows)
+        for a, b in zip(whole, chunked):
+            assert np.array_equal(a["ids"], b["ids"]), rows
+            for f in ("logp", "lse", "label_logp"):
+                np.testing.assert_allclose(a[f], b[f], atol=1e-5, err_msg=f"{rows} {f}")
+
+
 def test_extract_refuses_keys_of_another_format(teacher, tmp_path):
     from distill_pipeline.cache.extract import extract
 
