@@ -43,21 +43,34 @@ def pick_backend(requested: str) -> str:
     return "hf"
 
 
+def batch_plan(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in generation batches: sorted by length (ties by index), `batch_size` each.
+    A batch's composition decides its padding and so its greedy ties: workers that each take
+    whole batches of this plan generate what one worker would."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def generate_hf(model: Any, tok: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                 temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32, seed: int = 0,
-                desc: str = "generate") -> list[list[int]]:
+                desc: str = "generate", batches: Sequence[int] | None = None) -> list[list[int]]:
+    """Responses (token ids, EOS-terminated when the model stopped) for `prompts`, in order;
+    with `batches` (numbers in `batch_plan`), only those batches' prompts get one (the others
+    None). Sampling is seeded per batch (seed + batch number), so a batch's samples do not
+    depend on which worker generates it."""
     import torch
 
     from distill_pipeline.data.tokenize import left_pad
 
-    torch.manual_seed(seed)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    plan = batch_plan(prompts, batch_size)
+    todo = range(len(plan)) if batches is None else batches
     out: list[list[int] | None] = [None] * len(prompts)
     sample = temperature > 0
     model.eval()
-    with torch.no_grad(), progress(total=len(prompts), desc=desc, unit="seq") as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+    with torch.no_grad(), progress(total=sum(len(plan[b]) for b in todo), desc=desc, unit="seq") as bar:
+        for b in todo:
+            idx = plan[b]
+            torch.manual_seed(seed + b)
             ids, mask = left_pad([prompts[i] for i in idx], tok.pad_token_id)
             dev = next(model.parameters()).device
             ids, mask = ids.to(dev), mask.to(dev)
@@ -77,10 +90,12 @@ def generate_hf(model: Any, tok: Any, prompts: Sequence[Sequence[int]], *, max_n
 
 def generate_vllm(model_dir: str, tok: Any, prompts: Sequence[Sequence[int]], *,
                   dtype: str = "auto", max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int = 0) -> list[list[int]]:  # pragma: no cover - needs a GPU
+                  seed: int = 0, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                  max_model_len: int | None = None) -> list[list[int]]:  # pragma: no cover - needs a GPU
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, seed=seed, dtype=dtype)
+    llm = LLM(model=model_dir, seed=seed, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+              gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, stop_token_ids=[tok.eos_token_id])
     results = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)

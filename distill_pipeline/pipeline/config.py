@@ -190,6 +190,11 @@ class Rollouts(Node):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+    num_workers: int = Field(1, ge=1, description="Ray workers, each taking whole generation "
+                             "batches (not fingerprinted: HF greedy output is the same)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per engine (one engine per worker)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM: share of each GPU it may use")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's)")
 
 
 class TeacherLogits(Node):
