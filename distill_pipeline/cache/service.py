@@ -408,13 +408,7 @@ class CacheServer(fl.FlightServerBase):
                 if not reader.schema.equals(FILE_SCHEMA):
                     raise SegmentRejected(f"segment {name}: the upload's schema must be path: string, "
                                           "part: int32, data: binary")
-                while True:
-                    try:
-                        chunk = reader.read_chunk()
-                    except StopIteration:
-                        return
-                    if chunk.data is not None:
-                        yield chunk.data
+                yield from _record_batches(reader)
 
             files, total = assemble_files(batches(), name, max_bytes=self.max_segment_bytes,
                                           max_files=self.max_files, stop=lambda: self.stopping)
@@ -433,6 +427,17 @@ class CacheServer(fl.FlightServerBase):
         done.start()
         done.join(grace_s)
         return not done.is_alive()
+
+
+def _record_batches(reader) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Flight stream (an upload's reader or a do_get's), as they come."""
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        if chunk.data is not None:
+            yield chunk.data
 
 
 def _peer(context) -> str:
@@ -641,13 +646,7 @@ class FlightRemote:
     def _stream(self, ticket: dict, what: str) -> Iterator[pa.RecordBatch]:
         with self._call(what):
             reader = self._client.do_get(fl.Ticket(json.dumps(ticket).encode()), self._options)
-            while True:
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    return
-                if chunk.data is not None:
-                    yield chunk.data
+            yield from _record_batches(reader)
 
     # ------------------------------------------------------------------ Remote
     def segment_names(self) -> list[str]:
