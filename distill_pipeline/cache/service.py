@@ -449,6 +449,9 @@ def _peer(context) -> str:
 
 def _json_keys(value: Any, limit: int, where: str) -> list[str]:
     if isinstance(value, (bytes, bytearray)):
+        if len(value) > limit * 80 + 1024:  # before parsing: a key is 64 hex characters
+            raise fl.FlightServerError(f"{where}: {len(value)} bytes, more than {limit} keys can take; "
+                                       "ask in several requests")
         try:
             value = json.loads(value)
         except (UnicodeDecodeError, ValueError):
@@ -464,6 +467,9 @@ def _json_keys(value: Any, limit: int, where: str) -> list[str]:
 def _parse_ticket(raw: bytes) -> dict:
     usage = ('expected a JSON object: {"kind": "index"}, {"kind": "segment", "name": N} or '
              '{"kind": "entries", "keys": [...]}')
+    if len(raw) > MAX_TICKET_KEYS * 80 + 1024:  # before parsing: the largest valid ticket's size
+        raise fl.FlightServerError(f"ticket of {len(raw)} bytes is too large; {usage} "
+                                   f"(at most {MAX_TICKET_KEYS} keys)")
     try:
         req = json.loads(raw)
     except (UnicodeDecodeError, ValueError):

@@ -366,8 +366,9 @@ def test_wrong_schema_upload_is_refused(base, guarded):
     (b'{"kind": "segment", "name": "../../etc"}', "invalid segment id"),
     (b'{"kind": "entries", "keys": "abc"}', "must be a JSON list of entry keys"),
     (json.dumps({"kind": "entries", "keys": ["k"] * (MAX_TICKET_KEYS + 1)}).encode(), "over the limit"),
+    (b'{"kind": "entries", "keys": ["' + b"a" * 400_000 + b'"]}', "is too large"),
 ], ids=["not-json", "unknown-kind", "not-object", "unknown-segment", "traversal", "keys-not-list",
-        "too-many-keys"])
+        "too-many-keys", "huge-ticket"])
 def test_malformed_tickets_get_an_error(base, guarded, ticket, words):
     with pytest.raises(fl.FlightServerError, match=words):
         raw_get(guarded["url"], ticket, TOKEN)
