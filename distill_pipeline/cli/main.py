@@ -111,6 +111,24 @@ def status(config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt):
 
 
 @app.command()
+def plan(config: str = ConfigOpt, sets: Optional[List[str]] = SetOpt):
+    """Estimated peak memory of every node on one device (from the models' configs alone: no
+    weights read), against the device's memory; exit 1 when a node cannot fit, saying what would."""
+    from distill_pipeline.pipeline.memory import check, report
+    from distill_pipeline.pipeline.runner import make_plan
+
+    cfg = _load(config, sets)
+    try:
+        p = make_plan(cfg)
+        typer.echo(report(p))
+        problems = check(p)
+    except _errors() as exc:
+        fail(str(exc))
+    if problems:
+        fail("\n".join(problems))
+
+
+@app.command()
 def methods():
     """The training methods, their inputs and loss options (from the LOSSES registry)."""
     from distill_pipeline.losses import methods_table

@@ -254,6 +254,8 @@ class Resources(Node):
     train_cpus: float = Field(1, gt=0)
     generate_cpus: float = Field(1, gt=0)
     gpus: float = Field(0, ge=0)
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU, for the memory "
+                                        "plan (default: the visible GPU's)")
 
 
 class RayCfg(Node):

@@ -278,6 +278,12 @@ def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print) 
             if isinstance(view, DataView) and view.which not in seen:
                 seen.add(view.which)
                 echo(f"preflight: {validate_dataset(view)}")
+    from distill_pipeline.pipeline.memory import check
+
+    problems = check(plan, todo)  # from the models' configs: before any weights are read
+    if problems:
+        raise PipelineError("not enough memory (estimated; `distill-pipeline plan -c …` shows every "
+                            "node):\n" + "\n".join(problems))
     toks = {name: load_tokenizer(spec, template) for name, spec in models.items()}
     (first, first_tok), *others = toks.items()
     for name, tok in others:

@@ -62,7 +62,7 @@ def perturb(path: str, value: Any, method: str, tmp) -> Any:
         "teacher_logits.logp_keep_bits": 4, "ray.address": "127.0.0.1:1",
         "run_dir": str(tmp / "other-run"), "teacher_logits.store": str(tmp / "other-store"),
         "data.chat_template": "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}",
-        "rollouts.max_model_len": 4096,
+        "rollouts.max_model_len": 4096, "resources.gpu_memory_gb": 80.0,
     }
     if path in special:
         return special[path]
