@@ -62,7 +62,9 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="attach to a Ray cluster"),
         no_ray: bool = typer.Option(False, "--no-ray", help="run stages in this process (debugging)"),
         wait: bool = typer.Option(False, "--wait", help="if another run holds the run dir, wait for it "
-                                  "instead of exiting")):
+                                  "instead of exiting"),
+        no_memory_check: bool = typer.Option(False, "--no-memory-check", help="run even when the "
+                                             "memory plan says a node will not fit")):
     """Bring the named stages (and anything they need) up to date.
 
     One run per run dir at a time (a second one exits, or queues with --wait). Ctrl-C or SIGTERM
@@ -79,7 +81,8 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
         fetch_imports({**{f"models.{r}": getattr(cfg.models, r) for r in IMPORTS},
                        "evaluate.reward_model": cfg.evaluate.reward_model})
         plan = make_plan(cfg)
-        ran = run_plan(plan, list(stages or ["all"]), force=force, use_ray=not no_ray, wait=wait)
+        ran = run_plan(plan, list(stages or ["all"]), force=force, use_ray=not no_ray, wait=wait,
+                       memory_check=not no_memory_check)
     except _errors() as exc:
         fail(str(exc))
     except OSError as exc:  # the run dir or a store: full disk, permissions, …

@@ -259,7 +259,8 @@ def _summary_line(plan: Plan, name: str, summary: dict, seconds: float) -> str:
     return f"{line}\n{report(folder)}" if report else line
 
 
-def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print) -> None:
+def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print, *,
+              memory_check: bool = True) -> None:
     """Checks that must pass before compute is spent: every model the run trains from or imports
     (files, tokenizer, chat template; no weights read), every dataset a node about to run reads
     (read and validated, not tokenised), and tokenizer equality across all those models."""
@@ -280,10 +281,10 @@ def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print) 
                 echo(f"preflight: {validate_dataset(view)}")
     from distill_pipeline.pipeline.memory import check
 
-    problems = check(plan, todo)  # from the models' configs: before any weights are read
+    problems = check(plan, todo) if memory_check else []  # from the models' configs: no weights read
     if problems:
         raise PipelineError("not enough memory (estimated; `distill-pipeline plan -c …` shows every "
-                            "node):\n" + "\n".join(problems))
+                            "node; `run --no-memory-check` runs anyway):\n" + "\n".join(problems))
     toks = {name: load_tokenizer(spec, template) for name, spec in models.items()}
     (first, first_tok), *others = toks.items()
     for name, tok in others:
@@ -319,7 +320,7 @@ def interruptible(raise_now: bool = True):
 
 
 def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = True, wait: bool = False,
-        echo: Callable[[str], None] = print) -> list[str]:
+        echo: Callable[[str], None] = print, memory_check: bool = True) -> list[str]:
     """Bring the selected nodes up to date; returns the names of the nodes that executed.
     Holds the run dir's lock while anything executes; `Interrupted` on SIGINT / SIGTERM."""
     from distill_pipeline.pipeline.lock import RunLock
@@ -343,7 +344,7 @@ def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = 
                 echo(f"{n}: up to date")
         if not todo:
             return []
-        preflight(plan, todo, echo)
+        preflight(plan, todo, echo, memory_check=memory_check)
         for n in todo:
             echo(f"{n}: will run: {'forced' if n in forced and plan.done(n) else why(plan, n)}")
         if use_ray:

@@ -51,6 +51,8 @@ def test_every_node_is_estimated_and_small_devices_refused(tmp_path):
     with pytest.raises(runner.PipelineError, match="not enough memory"):
         runner.run(small, ["all"], use_ray=False, echo=lambda s: None)
     assert not any((tmp_path / "run").glob("sft.*-*"))  # refused before any stage ran
+    ran = runner.run(small, ["sft.student"], use_ray=False, echo=lambda s: None, memory_check=False)
+    assert ran == ["sft.student"]  # the user's call: run anyway
 
 
 def test_plan_command(tmp_path):
