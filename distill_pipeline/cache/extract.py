@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, reconstruction_kl
 from distill_pipeline.cache.store import SegmentData, Store
+from distill_pipeline.pipeline.raysetup import ray_running
 from distill_pipeline.identity import IDENTITY_VERSION
 from distill_pipeline.progress import progress
 from distill_pipeline.provenance import package_versions
@@ -239,7 +240,7 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, A
     kw = dict(fmt=fmt, batch_tokens=batch_tokens, threads=threads_per_worker,
               head_chunk_rows=head_chunk_rows)
     with progress(total=todo_tokens, desc=f"teacher_logits ({num_workers} worker(s))", unit="tok") as bar:
-        if units and _use_ray():
+        if units and ray_running():
             _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus_per_worker, bar)
         else:
             worker = Extractor(store.url, teacher_dirs, **kw)
@@ -252,23 +253,13 @@ def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, A
 
 def gpus_per_worker() -> float:
     """One GPU per extraction worker when the Ray cluster (or this machine) has GPUs."""
-    if _use_ray():
+    if ray_running():
         import ray
 
         return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     import torch
 
     return 1.0 if torch.cuda.is_available() else 0.0
-
-
-def _use_ray() -> bool:
-    import sys
-
-    if "ray" not in sys.modules:
-        return False
-    import ray
-
-    return ray.is_initialized()
 
 
 def _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus, bar) -> None:

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from distill_pipeline.cache.store import (KEY_COLUMNS, MAX_PACKS, PACK_AT, STORE_META, CacheError,
-                                          SegmentRejected, Store, dedupe_index, default_root,
-                                          index_files_by_age, sha256_bytes, validate_segment_file,
-                                          validate_segment_name)
+                                          SegmentRejected, Store, check_against_record, dedupe_index,
+                                          default_root, index_files_by_age, record_for,
+                                          validate_segment_file, validate_segment_name)
 from distill_pipeline.cache.format import SCHEMA_VERSION
 
 REMOTE_SCHEMES = ("grpc://", "grpc+tls://")
@@ -84,28 +84,6 @@ def open_store(url: str | os.PathLike | None = None, *, create: bool = True):
     if "://" in text:
         return MirroredStore(FsspecRemote(text, create=create))
     return Store(text, create=create)
-
-
-def record_for(name: str, files: dict[str, bytes]) -> dict:
-    """The commit record of a segment given as its files."""
-    manifest = json.loads(files["zarr.json"]).get("attributes", {})
-    return {"segment": name, "manifest": manifest,
-            "files": {rel: {"size": len(data), "sha256": sha256_bytes(data)}
-                      for rel, data in sorted(files.items())}}
-
-
-def check_against_record(name: str, files: dict[str, bytes], record: dict, where: str) -> None:
-    """Every file the record lists, with its size and sha256, and nothing else."""
-    listed = record.get("files") or {}
-    if set(files) != set(listed):
-        missing, extra = sorted(set(listed) - set(files)), sorted(set(files) - set(listed))
-        raise SegmentRejected(f"segment {name} from {where}: files differ from its commit record "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for rel, meta in listed.items():
-        data = files[rel]
-        if len(data) != meta["size"] or sha256_bytes(data) != meta["sha256"]:
-            raise SegmentRejected(f"segment {name} from {where}: {rel} does not match its commit "
-                                  "record (damaged in the store or in transit)")
 
 
 def key_rows(name: str, index_parquet: bytes):

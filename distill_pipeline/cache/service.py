@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from distill_pipeline.cache.remote import check_against_record
+from distill_pipeline.cache.store import check_against_record
 from distill_pipeline.cache.store import (CacheError, SegmentRejected, Store, validate_segment_file,
                                           validate_segment_name)
 

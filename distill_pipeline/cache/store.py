@@ -142,6 +142,28 @@ def _damage_hint(root: Any) -> str:
             "the entries again")
 
 
+def record_for(name: str, files: dict[str, bytes]) -> dict:
+    """The commit record of a segment given as its files."""
+    manifest = json.loads(files["zarr.json"]).get("attributes", {})
+    return {"segment": name, "manifest": manifest,
+            "files": {rel: {"size": len(data), "sha256": sha256_bytes(data)}
+                      for rel, data in sorted(files.items())}}
+
+
+def check_against_record(name: str, files: dict[str, bytes], record: dict, where: str) -> None:
+    """Every file the record lists, with its size and sha256, and nothing else."""
+    listed = record.get("files") or {}
+    if set(files) != set(listed):
+        missing, extra = sorted(set(listed) - set(files)), sorted(set(files) - set(listed))
+        raise SegmentRejected(f"segment {name} from {where}: files differ from its commit record "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for rel, meta in listed.items():
+        data = files[rel]
+        if len(data) != meta["size"] or sha256_bytes(data) != meta["sha256"]:
+            raise SegmentRejected(f"segment {name} from {where}: {rel} does not match its commit "
+                                  "record (damaged in the store or in transit)")
+
+
 def index_files_by_age(names: list[str]) -> list[str]:
     """Index file names oldest first: packs by their creation time (in the name), then the
     per-segment files (a segment in both was published again after being packed)."""
@@ -400,28 +422,12 @@ class Store:
             f.unlink(missing_ok=True)
 
     def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None):
-        """All entries of all published segments as one Arrow table (+ `segment` column): from the
-        consolidated index when the columns are there (KEY_COLUMNS), else from every segment's own
-        index.parquet. A segment whose index cannot be read is left out — its entries count as
-        absent — and, if `damaged` is given, recorded there (segment name → why)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if columns is not None and set(columns) <= set(KEY_COLUMNS):
-            return self.index_table(damaged=damaged).select(list(columns) + ["segment"])
-        tables = []
-        for seg in self.segments():
-            try:
-                t = pq.read_table(seg / "index.parquet", columns=columns)
-            except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError, missing column, …
-                if damaged is not None:
-                    damaged[seg.name] = f"index.parquet is unreadable ({type(exc).__name__}: {exc})"
-                continue
-            tables.append(t.append_column("segment", pa.array([seg.name] * len(t), pa.string())))
-        if not tables:
-            cols = columns or INDEX_COLUMNS
-            return pa.table({c: pa.array([], pa.string()) for c in cols + ["segment"]})
-        return pa.concat_tables(tables)
+        """The consolidated index's `columns` (of KEY_COLUMNS) + `segment`; a segment whose index
+        cannot be read is left out — its entries count as absent — and recorded in `damaged`."""
+        columns = list(columns or KEY_COLUMNS)
+        if not set(columns) <= set(KEY_COLUMNS):
+            raise CacheError(f"the key index holds {', '.join(KEY_COLUMNS)}, not {columns}")
+        return self.index_table(damaged=damaged).select(columns + ["segment"])
 
     def existing_keys(self) -> set[str]:
         return set(self.index_table().column("key").to_pylist())
@@ -501,13 +507,8 @@ class Store:
         return self._write_commit(name, seg)
 
     def _write_commit(self, name: str, seg: Path) -> dict:
-        files = {}
-        for p in sorted(seg.rglob("*")):
-            if p.is_file():
-                data = p.read_bytes()
-                files[p.relative_to(seg).as_posix()] = {"size": len(data), "sha256": sha256_bytes(data)}
-        manifest = json.loads((seg / "zarr.json").read_text()).get("attributes", {})
-        record = {"segment": name, "files": files, "manifest": manifest}
+        record = record_for(name, {p.relative_to(seg).as_posix(): p.read_bytes()
+                                   for p in sorted(seg.rglob("*")) if p.is_file()})
         d = self.root / "commits"
         try:
             d.mkdir(exist_ok=True)
@@ -524,16 +525,16 @@ class Store:
         record = self.commit_record(validate_segment_name(name))
         seg = self.root / "segments" / name
         out = {}
-        for rel, meta in record["files"].items():
+        for rel in record["files"]:
             try:
-                data = (seg / validate_segment_file(rel)).read_bytes()
+                out[rel] = (seg / validate_segment_file(rel)).read_bytes()
             except FileNotFoundError:
                 raise SegmentRejected(f"segment {name} in {self.root}: {rel} is missing "
                                       "(deleted or damaged); " + _damage_hint(self.root)) from None
-            if len(data) != meta["size"] or sha256_bytes(data) != meta["sha256"]:
-                raise SegmentRejected(f"segment {name} in {self.root}: {rel} does not match its commit "
-                                      "record (changed after it was published); " + _damage_hint(self.root))
-            out[rel] = data
+        try:
+            check_against_record(name, out, record, str(self.root))
+        except SegmentRejected as exc:
+            raise SegmentRejected(f"{exc}; {_damage_hint(self.root)}") from None
         return out
 
     def import_segment(self, name: str, files: dict[str, bytes], *, max_bytes: int | None = None) -> bool:

@@ -195,7 +195,7 @@ def advice(est: NodeEstimate, cfg: Any) -> str:
     if "activations" in parts or any(k.startswith("logits") for k in parts):
         tips.append("a smaller batch_size with a larger grad_accum (same effective batch) or a smaller "
                     "data.max_length")
-    if any(k.startswith("teacher") or k == "weights" or k.startswith("weights") for k in parts):
+    if any(k.startswith(("teacher", "weights")) for k in parts):
         tips.append("dtype: bfloat16 for the models")
     if "LM-head chunk" in parts:
         tips.append("a smaller teacher_logits.batch_tokens / head_chunk_rows")

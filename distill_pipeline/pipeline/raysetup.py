@@ -35,6 +35,18 @@ def _probe(address: str) -> None:
             "--ray-address / RAY_ADDRESS to run on an embedded local Ray") from None
 
 
+def ray_running() -> bool:
+    """Is this process a Ray driver or worker (so work can be handed to more Ray workers)?
+    Never imports Ray when nothing has."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
 def ensure_ray(cfg: Any) -> bool:
     """Start or attach Ray; True when this call started an embedded instance (its caller shuts
     it down), False when Ray was already up or a cluster was attached."""

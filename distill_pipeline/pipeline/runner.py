@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager

@@ -59,6 +59,7 @@ def run(view: RolloutsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data.tokenize import decode_response
     from distill_pipeline.generation import batch_plan, pick_backend
     from distill_pipeline.models import load_ref_tokenizer, model_ref
+    from distill_pipeline.pipeline.raysetup import ray_running
 
     backend = pick_backend(view.backend)
     policy = model_ref(inputs["policy"])
@@ -66,7 +67,7 @@ def run(view: RolloutsView, inputs: dict, out: Path) -> dict:
     examples = pair_examples(view.data, tok)
     prompts = [e["prompt_ids"] for e in examples]
     plan = batch_plan(prompts, view.batch_size)
-    workers = min(view.num_workers, len(plan)) if _use_ray() else 1
+    workers = min(view.num_workers, len(plan)) if ray_running() else 1
     shards = [list(range(w, len(plan), workers)) for w in range(workers)]  # batch numbers, round robin
     if workers == 1:
         responses = generate_shard(policy, backend, view, prompts, shards[0])
@@ -111,16 +112,6 @@ def generate_shard(policy, backend: str, view: RolloutsView, prompts: list, batc
     return generate_hf(model, tok, prompts, max_new_tokens=view.max_new_tokens,
                        temperature=view.temperature, top_p=top_p, batch_size=view.batch_size,
                        seed=seed, desc="rollouts", batches=batches)
-
-
-def _use_ray() -> bool:
-    import sys
-
-    if "ray" not in sys.modules:
-        return False
-    import ray
-
-    return ray.is_initialized()
 
 
 def _generate_on_workers(policy, backend: str, view: RolloutsView, prompts: list,
