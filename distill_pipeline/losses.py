@@ -6,8 +6,17 @@ response: `w` chosen, `l` rejected, `r` the student's rollout. Teacher tensors c
 teacher-logit cache at the same positions: `teacher_ids_<s>` / `teacher_logp_<s>` (B, T, K) and
 `teacher_label_logp_<s>` (B, T) for the DPO teacher, `ref_teacher_*` for the reference (SFT)
 teacher. `policy_ref_logp_w/l` (B,) are summed log-probs of the reference of the model being
-trained (DPO-style losses). Log-softmax is computed in float32 (float64 stays float64). Teacher
-and reference tensors never receive gradient.
+trained (DPO-style losses). Log-probabilities are computed in float32 (float64 stays float64).
+Teacher and reference tensors never receive gradient.
+
+Memory: no loss materialises a (B, T, V) log-softmax. Every log-probability a loss reads is at a
+few ids per position (the label, the teacher's top-K), so `gather_logp` takes the log-softmax
+`CHUNK_ROWS` positions at a time and keeps only those ids, and its backward recomputes the softmax
+chunk by chunk into one gradient buffer of the logits' dtype. Autograd keeps the logits
+themselves (not a float32 copy); forward and backward add one gradient of the logits' dtype and a
+chunk's float32 temporaries (two in the forward when the logits are not float32), whatever the
+batch (benchmarks/loss_memory_bench.py). WPO's weight, which needs all of V, is computed chunk by
+chunk without gradient.
 
 Normalisation (docs/METHODS.md, "Normalisation"): every loss is a weighted sum of terms, each a
 sum over valid tokens of one response or over pairs, divided by a count. `norm=None` uses the
@@ -87,8 +96,107 @@ Fraction = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1, allow_in
 
 # ---------------------------------------------------------------------------- helpers
 
-def _logsoftmax(logits: Tensor) -> Tensor:
-    return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+CHUNK_ROWS = 1024  # positions per chunk of the vocabulary-wide work (gather_logp, WPO's weight)
+
+
+def _compute_dtype(logits: Tensor):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _as_3d(x: Tensor) -> Tensor:
+    """(…, V) → (B, T, V) as a view where possible (a (B, T, V) slice such as `logits[:, :-1]`
+    stays a view: flattening it to rows would copy the whole tensor)."""
+    if x.dim() == 3:
+        return x
+    if x.dim() < 3:
+        return x.reshape((1,) * (3 - x.dim()) + tuple(x.shape))
+    return x.flatten(0, -3)
+
+
+def _blocks(B: int, T: int, rows: int):
+    """(batch slice, position slice) blocks of at most `rows` positions covering (B, T)."""
+    rows = max(1, int(rows))
+    if T <= rows:
+        step = rows // max(T, 1)
+        for b in range(0, B, step):
+            yield slice(b, min(b + step, B)), slice(None)
+    else:
+        for b in range(B):
+            for t in range(0, T, rows):
+                yield slice(b, b + 1), slice(t, min(t + rows, T))
+
+
+_GATHER_LOGP = None
+
+
+def _gather_logp_function():
+    """The autograd Function behind `gather_logp`, defined on first use (a class deriving from
+    torch.autograd.Function at import time would import torch, which `status` must not pay)."""
+    global _GATHER_LOGP
+    if _GATHER_LOGP is not None:
+        return _GATHER_LOGP
+
+    class GatherLogp(torch.autograd.Function):
+        """log_softmax(logits)[index] without a (B, T, V) log-softmax; see `gather_logp`."""
+
+        @staticmethod
+        def forward(ctx, logits, index, rows):
+            cd = _compute_dtype(logits)
+            B, T, _ = logits.shape
+            out = torch.empty(index.shape, dtype=cd, device=logits.device)  # (B, T, K)
+            # per position, the max and log Σ exp(x − max): log_softmax computes (x − max) − log Σ,
+            # and its largest value is exactly −log Σ, so the backward recomputes the very same
+            # probabilities from the logits and these two numbers
+            shift = torch.empty(B, T, dtype=cd, device=logits.device)  # (B, T)
+            log_sum = torch.empty(B, T, dtype=cd, device=logits.device)  # (B, T)
+            for b, t in _blocks(B, T, rows):
+                lp = torch.log_softmax(logits[b, t], dim=-1, dtype=cd)  # (b, t, V): one chunk
+                out[b, t] = lp.gather(-1, index[b, t])
+                log_sum[b, t] = lp.amax(-1).neg_()
+                shift[b, t] = logits[b, t].amax(-1).to(cd)
+                del lp
+            ctx.save_for_backward(logits, index, shift, log_sum)
+            ctx.rows = rows
+            return out
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_out):
+            logits, index, shift, log_sum = ctx.saved_tensors
+            cd = shift.dtype
+            grad_out = grad_out.to(cd)  # (B, T, K)
+            total = grad_out.sum(-1, keepdim=True)  # (B, T, 1)
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # (B, T, V)
+            B, T, _ = logits.shape
+            for b, t in _blocks(B, T, ctx.rows):
+                # d/dx_v Σ_k g_k log p(i_k) = Σ_k g_k [v = i_k] − p_v Σ_k g_k (log_softmax's backward)
+                x = logits[b, t].to(cd, copy=True)  # (b, t, V): the chunk's one temporary
+                p = x.sub_(shift[b, t].unsqueeze(-1)).sub_(log_sum[b, t].unsqueeze(-1)).exp_()
+                grad[b, t] = p.mul_(-total[b, t]).scatter_add_(-1, index[b, t], grad_out[b, t])
+                del x, p  # before the next chunk's temporary is allocated
+            return grad, None, None
+
+    _GATHER_LOGP = GatherLogp
+    return GatherLogp
+
+
+def gather_logp(logits: Tensor, index: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """log softmax(logits)[…, index]: (…, K) for `logits` (…, V) and `index` (…, K), in float32
+    (float64 stays float64), differentiable w.r.t. `logits`.
+
+    `log_softmax(logits.float(), -1).gather(-1, index)` without its memory: the log-softmax runs
+    on `chunk_rows` positions at a time (default `CHUNK_ROWS`, read at call time; it is computed
+    row by row, so the values do not depend on the chunk), autograd keeps the logits themselves
+    (no float32 copy) and two (…,) statistics, and the backward writes the gradient, chunk by
+    chunk, into one buffer of the logits' dtype (equal to the full path's to float rounding). The
+    float32 temporaries are a chunk's (chunk_rows × V), whatever the number of positions."""
+    rows = CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
+    if rows < 1:
+        raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
+    shape = index.shape
+    x = _as_3d(logits)
+    idx = index.long().reshape(*x.shape[:2], shape[-1])  # (B, T, K)
+    return _gather_logp_function().apply(x, idx, rows).reshape(shape)  # (…, K)
 
 
 def _valid(labels: Tensor) -> Tensor:
@@ -117,8 +225,14 @@ def pair_mean(x: Tensor, norm: Norm = None) -> Tensor:
 
 def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     """log π(label_t | s_t), zero at ignored positions: (B, T)."""
-    logp = _logsoftmax(logits).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    logp = gather_logp(logits, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     return logp * _valid(labels)
+
+
+def present(t_logp: Tensor) -> Tensor:
+    """Teacher slots that hold a token: (…, K) bool. An adaptive-K cache pads each token's slots
+    past its own k with −inf log-probs (cache/reader.py: pad_slots); such a slot is in no bin."""
+    return t_logp > float("-inf")
 
 
 def tail_mass(t_logp: Tensor) -> Tensor:
@@ -133,15 +247,19 @@ def teacher_bins(t_logp: Tensor) -> Tensor:
     return p.clamp(EPS, 1 - EPS)
 
 
-def student_bins(logits: Tensor, t_ids: Tensor) -> Tensor:
+def student_bins(logits: Tensor, t_ids: Tensor, t_logp: Tensor | None = None) -> Tensor:
     """Student K+1 bins: full softmax gathered at the teacher ids + the rest, clamped: (B, T, K+1).
-    Gathers K log-probs before exponentiating (no full-vocabulary exp)."""
-    return _bins_from_topk(_logsoftmax(logits).gather(-1, t_ids.long()))  # (B, T, K+1)
+    Gathers K log-probs before exponentiating (no full-vocabulary exp). A slot absent from the
+    teacher (`t_logp` −inf) holds no student mass: it stays in the last bin."""
+    return _bins_from_topk(gather_logp(logits, t_ids), t_logp)  # (B, T, K+1)
 
 
-def _bins_from_topk(q_logp: Tensor) -> Tensor:
-    """Student K+1 bins from its log-probs at the teacher's top-K ids (B, T, K), clamped."""
+def _bins_from_topk(q_logp: Tensor, t_logp: Tensor | None = None) -> Tensor:
+    """Student K+1 bins from its log-probs at the teacher's top-K ids (B, T, K), clamped. An
+    absent teacher slot gets 0 here and EPS in `teacher_bins`: both clamp to EPS, KL term 0."""
     q = q_logp.exp()
+    if t_logp is not None:
+        q = q * present(t_logp.detach()).to(q.dtype)
     rest = (1 - q.sum(-1, keepdim=True)).clamp(min=0)
     return torch.cat([q, rest], dim=-1).clamp(EPS, 1 - EPS)
 
@@ -155,7 +273,7 @@ def _kl_per_token(q: Tensor, t_logp: Tensor) -> Tensor:
 def binned_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, norm: Norm = None,
               s: str = "w") -> Tensor:
     """Token-mean forward KL(teacher ‖ student) on K+1 bins (METHODS §1). Scalar."""
-    return token_mean(_kl_per_token(student_bins(logits, t_ids), t_logp), labels, norm, s)
+    return token_mean(_kl_per_token(student_bins(logits, t_ids, t_logp), t_logp), labels, norm, s)
 
 
 def sft_and_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, norm: Norm = None,
@@ -163,11 +281,10 @@ def sft_and_kl(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, no
     """(token-mean NLL, token-mean K+1-bin KL) on one response with a single gather over the
     vocabulary: label and top-K ids together, so the backward pass scatters into the
     (B, T, V) gradient once — a cached KD step then costs about what an SFT step costs."""
-    lp = _logsoftmax(logits)  # (B, T, V)
     index = torch.cat([labels.clamp(min=0).unsqueeze(-1), t_ids.long()], dim=-1)  # (B, T, 1+K)
-    picked = lp.gather(-1, index)  # (B, T, 1+K)
+    picked = gather_logp(logits, index)  # (B, T, 1+K)
     nll = -token_mean(picked[..., 0], labels, norm, s)
-    return nll, token_mean(_kl_per_token(_bins_from_topk(picked[..., 1:]), t_logp), labels, norm, s)
+    return nll, token_mean(_kl_per_token(_bins_from_topk(picked[..., 1:], t_logp), t_logp), labels, norm, s)
 
 
 def sft_nll(logits: Tensor, labels: Tensor, norm: Norm = None, s: str = "w") -> Tensor:
@@ -215,12 +332,21 @@ def simpo_loss(logits_w: Tensor, labels_w: Tensor, logits_l: Tensor, labels_l: T
     return loss, _metrics(simpo=loss, reward_acc=pair_mean((margin + gamma > 0).to(margin.dtype), norm))
 
 
-def _wpo_weight(logits: Tensor, labels: Tensor) -> Tensor:
-    """w(y) = exp(mean_t [log π(y_t) − log Σ_v π(v)²]), no gradient: (B,)."""
+def _wpo_weight(logits: Tensor, labels: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """w(y) = exp(mean_t [log π(y_t) − log Σ_v π(v)²]), no gradient: (B,). Σ_v needs the whole
+    distribution: log-softmax `chunk_rows` positions (default `CHUNK_ROWS`) at a time."""
     with torch.no_grad():
-        lp = _logsoftmax(logits)  # (B, T, V)
-        norm = torch.logsumexp(2 * lp, dim=-1)  # (B, T)
-        tok = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+        x = _as_3d(logits.detach())
+        target = labels.clamp(min=0).reshape(x.shape[:2])  # (B, T)
+        cd = _compute_dtype(x)
+        norm = torch.empty(x.shape[:2], dtype=cd, device=x.device)  # (B, T)
+        tok = torch.empty(x.shape[:2], dtype=cd, device=x.device)  # (B, T)
+        for b, t in _blocks(*x.shape[:2], CHUNK_ROWS if chunk_rows is None else chunk_rows):
+            lp = torch.log_softmax(x[b, t].to(cd), dim=-1)  # (b, t, V)
+            tok[b, t] = lp.gather(-1, target[b, t].unsqueeze(-1)).squeeze(-1)
+            norm[b, t] = torch.logsumexp(lp.mul_(2), dim=-1)
+            del lp
+        norm, tok = norm.reshape(labels.shape), tok.reshape(labels.shape)
         valid = _valid(labels)
         return torch.exp(((tok - norm) * valid).sum(-1) / valid.sum(-1).clamp(min=1))
 
@@ -261,16 +387,18 @@ def adpa_advantages(t_ids: Tensor, t_logp: Tensor, r_ids: Tensor, r_logp: Tensor
     """A(s_t, a) = log π_dpo(a|s_t) − log π_ref(a|s_t) for a in the DPO top-K: (B, T, K).
     A DPO top-K id absent from the reference top-K takes the reference's lowest top-K
     log-prob (`ref_min`, the paper) or the DPO teacher's lowest (`dpo_min`, the released code)."""
-    match = t_ids.unsqueeze(-1) == r_ids.unsqueeze(-2)  # (B, T, K, K_ref)
+    t_in, r_in = present(t_logp), present(r_logp)  # adaptive K: −inf slots are absent
+    match = (t_ids.unsqueeze(-1) == r_ids.unsqueeze(-2)) & r_in.unsqueeze(-2)  # (B, T, K, K_ref)
     found = match.any(-1)  # (B, T, K)
-    ref_at = (match * r_logp.unsqueeze(-2)).sum(-1)  # (B, T, K)
+    ref_at = torch.where(match, r_logp.unsqueeze(-2), 0.0).sum(-1)  # (B, T, K)
     if missing == "ref_min":
-        fill = r_logp.min(-1, keepdim=True).values.expand_as(ref_at)
+        fill = r_logp.masked_fill(~r_in, float("inf")).min(-1, keepdim=True).values.expand_as(ref_at)
     elif missing == "dpo_min":
-        fill = t_logp.min(-1, keepdim=True).values.expand_as(ref_at)
+        fill = t_logp.masked_fill(~t_in, float("inf")).min(-1, keepdim=True).values.expand_as(ref_at)
     else:
         raise ValueError(f"adpa missing-token rule {missing!r}; accepted: ref_min, dpo_min")
-    return t_logp - torch.where(found, ref_at, fill)
+    # an absent DPO slot is outside the support S_t: advantage 0, it adds nothing
+    return torch.where(t_in, t_logp - torch.where(found, ref_at, fill), 0.0)
 
 
 def adpa_loss(logits_w: Tensor, labels_w: Tensor, logits_r: Tensor, labels_r: Tensor,
@@ -286,8 +414,8 @@ def adpa_loss(logits_w: Tensor, labels_w: Tensor, logits_r: Tensor, labels_r: Te
     adv = adpa_advantages(teacher_ids_r, teacher_logp_r, ref_teacher_ids_r, ref_teacher_logp_r,
                           missing="dpo_min" if code_compat else "ref_min").detach()  # (B, T, K)
     if code_compat:
-        adv = adv.clamp(EPS, 1 - EPS)
-    probs = _logsoftmax(logits_r).gather(-1, teacher_ids_r.long()).exp()  # (B, T, K)
+        adv = torch.where(present(teacher_logp_r), adv.clamp(EPS, 1 - EPS), 0.0)
+    probs = gather_logp(logits_r, teacher_ids_r).exp()  # (B, T, K)
     adv_term = -token_mean((probs * adv.to(probs.dtype)).sum(-1), labels_r, norm, "r")
     sft = sft_nll(logits_w, labels_w, norm, "w")
     loss = sft_weight * sft + gamma * adv_term
@@ -297,8 +425,9 @@ def adpa_loss(logits_w: Tensor, labels_w: Tensor, logits_r: Tensor, labels_r: Te
 def _tvkd_score(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, *,
                 potential: str, gamma: float, alpha: float) -> Tensor:
     """S(y) = Σ_t [q_t − γ Φ(s_{t+1})], Φ after the last token = 0: (B,)."""
-    q = student_bins(logits, t_ids)  # (B, T, K+1)
-    slot = (t_ids == labels.unsqueeze(-1))  # (B, T, K)
+    q = student_bins(logits, t_ids, t_logp)  # (B, T, K+1)
+    bins_in = F.pad(present(t_logp), (0, 1), value=True)  # (B, T, K+1): absent slots are no bins
+    slot = (t_ids == labels.unsqueeze(-1)) & bins_in[..., :-1]  # (B, T, K)
     in_topk = slot.any(-1, keepdim=True)
     index = torch.where(in_topk, slot.float().argmax(-1, keepdim=True),
                         torch.full_like(in_topk, t_ids.shape[-1], dtype=torch.long))  # (B, T, 1)
@@ -307,9 +436,9 @@ def _tvkd_score(logits: Tensor, labels: Tensor, t_ids: Tensor, t_logp: Tensor, *
     with torch.no_grad():
         if potential == "teacher_value":
             p = teacher_bins(t_logp.to(q.dtype))
-            phi = torch.logsumexp(alpha * p.log(), dim=-1)  # (B, T) log Σ_b P^α
+            phi = torch.logsumexp((alpha * p.log()).masked_fill(~bins_in, float("-inf")), dim=-1)  # (B, T) log Σ_b P^α
         elif potential == "student_entropy":
-            phi = -(q * q.log()).sum(-1)
+            phi = -(q * q.log() * bins_in).sum(-1)
         else:
             raise ValueError(f"tvkd potential {potential!r}; accepted: teacher_value, student_entropy")
         phi = phi * valid
@@ -338,7 +467,8 @@ def dpkd_loss(logits_w: Tensor, labels_w: Tensor, teacher_label_logp_w: Tensor,
               ) -> tuple[Tensor, dict]:
     """DPKD (arXiv 2406.19774), sequence form: (1−ρ) L_SFT + ρ · −log σ(β h),
     h = [logp_θ(y_w) − logp_T(y_w)] − [logp_θ(y_l) − logp_T(y_l)], logp_T = Σ_t label_logp."""
-    lw, nw = _seq(logits_w, labels_w)
+    tok_w = token_logps(logits_w, labels_w)  # (B, T), read once for the SFT and preference terms
+    lw, nw = tok_w.sum(-1), _valid(labels_w).sum(-1)
     ll, nl = _seq(logits_l, labels_l)
     tw = (teacher_label_logp_w.detach().to(lw.dtype) * _valid(labels_w)).sum(-1)  # (B,)
     tl = (teacher_label_logp_l.detach().to(ll.dtype) * _valid(labels_l)).sum(-1)
@@ -346,7 +476,7 @@ def dpkd_loss(logits_w: Tensor, labels_w: Tensor, teacher_label_logp_w: Tensor,
     if length_normalize:
         dw, dl = dw / nw.clamp(min=1), dl / nl.clamp(min=1)
     pref = pair_mean(-F.logsigmoid(beta * (dw - dl)), norm)
-    sft = sft_nll(logits_w, labels_w, norm, "w")
+    sft = -token_mean(tok_w, labels_w, norm, "w")  # = sft_nll(logits_w, labels_w, norm)
     loss = (1 - rho) * sft + rho * pref
     return loss, _metrics(sft=sft, dpkd_pref=pref, reward_acc=pair_mean((dw > dl).to(dw.dtype), norm))
 
