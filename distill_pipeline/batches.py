@@ -100,18 +100,20 @@ class Batches:
             batch[name] = torch.tensor([e[name] for e in chunk], dtype=torch.float32)  # (B,)
         return batch
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
-        """Batches of one epoch, built ahead by a background thread (bounded queue)."""
+    def epoch(self, epoch: int, keep: Callable[[int], bool] | None = None) -> Iterator[dict | None]:
+        """Batches of one epoch, built ahead by a background thread (bounded queue). With `keep`,
+        only batches i with `keep(i)` are built; the others come as None, in their place."""
         groups = self._groups(epoch)
+        skipped = object()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def produce():
             try:
-                for g in groups:
+                for i, g in enumerate(groups):
                     if stop.is_set():
                         return
-                    q.put(self.build(g))
+                    q.put(self.build(g) if keep is None or keep(i) else skipped)
                 q.put(None)
             except BaseException as exc:  # surface reader errors in the training thread
                 q.put(exc)
@@ -125,7 +127,7 @@ class Batches:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield None if item is skipped else item
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue

@@ -38,17 +38,27 @@ def pair_logps(model, examples, pad_id, batch_size=64):
     return sw, nw, sl, nl
 
 
-def attach_policy_ref(examples: list[dict], ref, pad_id: int) -> None:
+def attach_policy_ref(examples: list[dict], ref, pad_id: int, strategy: str = "ddp") -> None:
     """Store the reference model's summed log-probs of chosen and rejected on every pair, as
     `policy_ref_logp_w` / `policy_ref_logp_l` (the DPO-style losses' inputs of those names).
-    `ref` is the reference's `models.ModelRef`."""
+    `ref` is the reference's `models.ModelRef`. Under data parallelism each worker scores every
+    N-th pair (the same number on every rank) with the reference placed like the policy
+    (`strategy`: a replica, or FSDP shards), and the workers exchange the results."""
+    from distill_pipeline import parallel
     from distill_pipeline.losses import POLICY_REF
     from distill_pipeline.models import load_ref
 
     reference, _ = load_ref(ref)
-    sw, _, sl, _ = pair_logps(reference, examples, pad_id)
-    for e, w, l in zip(examples, sw.tolist(), sl.tolist()):
-        e[f"{POLICY_REF}_w"], e[f"{POLICY_REF}_l"] = w, l
+    group = parallel.group()
+    mine = list(range(group.rank, len(examples), group.world))
+    share = -(-len(examples) // group.world)
+    mine += (mine[-1:] or [0]) * (share - len(mine))  # pad: FSDP's forward is collective
+    if group.world > 1 and strategy == "fsdp":
+        parallel.shard(reference, "fsdp")
+    sw, _, sl, _ = pair_logps(reference, [examples[i] for i in mine], pad_id)
+    for part in parallel.all_gather(list(zip(mine, sw.tolist(), sl.tolist()))):
+        for i, w, l in part:
+            examples[i][f"{POLICY_REF}_w"], examples[i][f"{POLICY_REF}_l"] = w, l
 
 
 def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int, desc: str = "evaluate",

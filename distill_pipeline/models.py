@@ -685,9 +685,10 @@ def teacher_identity(model_dir: Path) -> str:
     return content_identity(Path(model_dir))
 
 
-def save_model(model, tok, folder: Path) -> None:
-    """save_pretrained for weights and tokenizer, then the identity memo (teacher_identity)."""
-    model.save_pretrained(folder)
+def save_model(model, tok, folder: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained for weights (`state_dict`: these instead of the model's own, e.g. gathered
+    from FSDP shards) and tokenizer, then the identity memo (teacher_identity)."""
+    model.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))
     tok.save_pretrained(folder)
     teacher_identity(folder)
 

@@ -44,9 +44,10 @@ def decide_for_workers() -> None:
     os.environ.setdefault("DISTILL_PROGRESS", "1" if sys.stderr.isatty() else "0")
 
 
-def progress(total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it"):
+def progress(total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it",
+             disable: bool = False):
     setting = os.environ.get("DISTILL_PROGRESS")
-    disable = setting == "0" or (setting is None and not sys.stderr.isatty())
+    disable = disable or setting == "0" or (setting is None and not sys.stderr.isatty())
     if not disable and _in_ray_worker():
         return _RayBar(total, desc, initial, unit)
     from tqdm import tqdm

@@ -20,6 +20,7 @@ when they are logged.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -53,7 +54,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 
 def total_steps(hp: Any, examples: int) -> int:
-    per_step = hp.batch_size * hp.grad_accum
+    per_step = hp.batch_size * hp.grad_accum * getattr(hp, "workers", 1)
     return hp.max_steps or max(1, math.ceil(hp.epochs * examples / per_step))
 
 
@@ -87,26 +88,52 @@ def step_norm(window: Iterable[dict[str, int]]) -> dict[str, int]:
     return {k: max(1, v) for k, v in total.items()}
 
 
-def _from(source: Callable[[int], Iterable[Any]], epoch: int, skip: int) -> Iterator[tuple[int, int, Any]]:
+def _from(source: Callable[..., Iterable[Any]], epoch: int, skip: int,
+          select: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int, Any]]:
     """(epoch, position within it, item) from `source(epoch)` onwards, skipping the first `skip`
-    of the first epoch (resume: same data order, skip what was consumed)."""
+    of the first epoch (resume: same data order, skip what was consumed). With `select`, the
+    source is called as `source(epoch, keep)` and builds only the items whose number n (counted
+    from the first one yielded here) has `select(n)`: the others come as None (data parallelism:
+    each worker builds its own micro-batches of every step)."""
+    n = 0
     while True:
-        for i, item in enumerate(source(epoch)):
+        if select is None:
+            items = source(epoch)
+        else:
+            def keep(i: int, base: int = n - skip, first: int = skip) -> bool:
+                return i >= first and select(base + i)
+            items = source(epoch, keep)
+        for i, item in enumerate(items):
             if i >= skip:
                 yield epoch, i + 1, item
+                n += 1
         epoch, skip = epoch + 1, 0
 
 
 def train_loop(model: Any, *, hp: Any, examples: int,
-               batches: Callable[[int], Iterable[Any]],
+               batches: Callable[..., Iterable[Any]],
                counts: Callable[[int], list[dict[str, int]]],
                loss_fn: Callable[[Any, Any, dict], tuple[Any, dict]],
                work_dir: Path, desc: str,
                on_checkpoint: Callable[[int], None] | None = None) -> dict:
-    """Train `model` in place; returns summary metrics. Resumes from `work_dir/checkpoint`."""
+    """Train `model` in place; returns summary metrics. Resumes from `work_dir/checkpoint`.
+
+    Under data parallelism (`parallel.group().world` = `hp.workers` > 1) every worker calls this
+    with the same arguments: `batches` must accept `(epoch, keep)` (it builds only the kept
+    micro-batches), rank r takes micro-batches r·A … r·A+A−1 of each step's N·A, and only rank 0
+    logs and writes; `on_checkpoint` runs on every rank (FSDP's forward is collective)."""
     import torch
 
+    from distill_pipeline import parallel
+
+    group = parallel.group()
+    workers, accum = getattr(hp, "workers", 1), hp.grad_accum
+    if group.world != workers:
+        raise RuntimeError(f"{desc}: workers={workers} but {group.world} process(es) train; a node with "
+                           "several workers runs through the pipeline, on Ray Train")
+    per_step = accum * group.world  # micro-batches per optimizer step, over all workers
     torch.manual_seed(hp.seed)
+    net = parallel.prepare(model, hp)
     dev = next(model.parameters()).device
     steps = total_steps(hp, examples)
     warmup = int(hp.warmup_ratio * steps)
@@ -116,39 +143,62 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     ckpt = work_dir / "checkpoint"
     log_path = work_dir / "metrics.jsonl"
     step, epoch, consumed = 0, 0, 0
-    if (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
-        torch.set_rng_state(state["rng"])
+    resumed = None
+    if group.world > 1:
+        resumed = parallel.load_checkpoint(ckpt, net, opt)
+    elif (ckpt / "state.pt").exists():
+        resumed = torch.load(ckpt / "state.pt", weights_only=False)
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["opt"])
+        torch.set_rng_state(resumed["rng"])
+    if resumed is not None:
+        step, epoch, consumed = resumed["step"], resumed["epoch"], resumed["consumed"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup),
                                                   last_epoch=step - 1)
-        print(f"{desc}: resuming at step {step}/{steps}")
-        _truncate_log(log_path, step)  # a crash after logging a step but before its checkpoint
+        if group.main:
+            print(f"{desc}: resuming at step {step}/{steps}")
+            _truncate_log(log_path, step)  # a crash after logging a step but before its checkpoint
+        parallel.barrier()
         if on_checkpoint:  # … or after the checkpoint but before what is written at it
             on_checkpoint(step)
-    elif log_path.exists():
+    elif log_path.exists() and group.main:
         log_path.unlink()
     model.train()
     t0 = time.perf_counter()
     last: dict = {}
-    writer = _tensorboard(work_dir)
+    writer = _tensorboard(work_dir) if group.main else None
 
-    stream, count_stream = _from(batches, epoch, consumed), _from(counts, epoch, consumed)
-    with open(log_path, "a") as log, progress(total=steps, initial=step, desc=desc) as bar:
+    def mine(n: int) -> bool:  # micro-batch n (counted from a step boundary) is this rank's
+        return (n % per_step) // accum == group.rank
+
+    stream = _from(batches, epoch, consumed, mine if group.world > 1 else None)
+    count_stream = _from(counts, epoch, consumed)
+    with contextlib.ExitStack() as files:
+        log = files.enter_context(open(log_path, "a")) if group.main else None
+        bar = files.enter_context(progress(total=steps, initial=step, desc=desc, disable=not group.main))
         while step < steps:
             opt.zero_grad(set_to_none=True)
-            norm = step_norm(next(count_stream)[2] for _ in range(hp.grad_accum))
+            norm = step_norm(next(count_stream)[2] for _ in range(per_step))
             sums: dict[str, Any] = {}
-            for _ in range(hp.grad_accum):
+            taken = 0
+            for j in range(per_step):
                 epoch, consumed, mb = next(stream)
-                loss, metrics = loss_fn(model, to_device(mb, dev), norm)
-                loss.backward()
+                if j // accum != group.rank:
+                    continue
+                taken += 1
+                with parallel.accumulating(net, sync=taken == accum):
+                    with parallel.autocast(model, hp):
+                        loss, metrics = loss_fn(net, to_device(mb, dev), norm)
+                    # workers average gradients: × N makes the sum over ranks / the step's counts
+                    (loss * group.world if group.world > 1 else loss).backward()
                 for k, v in {"loss": loss, **metrics}.items():
                     v = v.detach() if hasattr(v, "detach") else v
                     sums[k] = sums[k] + v if k in sums else v
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+            sums = parallel.all_reduce_sums(sums)
+            if group.world > 1:  # the global norm (FSDP: over every rank's shards)
+                grad_norm = parallel.clip_grad_norm(model, hp.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
             values = {k: float(v) for k, v in sums.items()}  # the step's one host sync
             if not all(math.isfinite(v) for v in (*values.values(), float(grad_norm))):
                 raise NonFiniteLoss(desc, step + 1, values, float(grad_norm))
@@ -157,23 +207,29 @@ def train_loop(model: Any, *, hp: Any, examples: int,
             step += 1
             last = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
                     "grad_norm": float(grad_norm), **values}
-            log.write(json.dumps(last) + "\n")
+            if log:
+                log.write(json.dumps(last) + "\n")
             if writer:
                 for k, v in last.items():
                     writer.add_scalar(k, v, step)
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
             if step % hp.checkpoint_every == 0 or step == steps:
-                log.flush()
-                _save(ckpt, model, opt, {"step": step, "epoch": epoch, "consumed": consumed,
-                                         "rng": torch.get_rng_state()})
+                if log:
+                    log.flush()
+                position = {"step": step, "epoch": epoch, "consumed": consumed}
+                if group.world > 1:
+                    parallel.save_checkpoint(ckpt, net, opt, position)
+                else:
+                    _save(ckpt, model, opt, {**position, "rng": torch.get_rng_state()})
                 if on_checkpoint:
                     on_checkpoint(step)
     if writer:
         writer.close()
     model.eval()
     return {"steps": steps, "final_loss": round(last.get("loss", float("nan")), 6),
-            "train_seconds": round(time.perf_counter() - t0, 2)}
+            "train_seconds": round(time.perf_counter() - t0, 2),
+            **({"workers": group.world} if group.world > 1 else {})}
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -208,6 +264,21 @@ def _tensorboard(work_dir: Path):
     return SummaryWriter(str(work_dir / "tensorboard"))
 
 
+def save_trained(model: Any, tok: Any, folder: Path) -> None:
+    """Save the trained model (rank 0; with several workers every rank must call this: FSDP's
+    shards are gathered into one state dict first)."""
+    from distill_pipeline import parallel
+    from distill_pipeline.models import save_model
+
+    state = parallel.full_state_dict(model)
+    if parallel.group().main:
+        save_model(model, tok, folder, state_dict=state)
+    parallel.barrier()
+
+
 def finish(work_dir: Path) -> None:
     """Drop the resume checkpoint once the final model is saved."""
-    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)
+    from distill_pipeline import parallel
+
+    if parallel.group().main:
+        shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)

@@ -18,6 +18,10 @@ class View(BaseModel):
     # dependents read: in the node's fingerprint, not in what its dependents' fingerprints hash.
     LAYOUT: ClassVar[frozenset[str]] = frozenset()
     LINEAGE: ClassVar[tuple[str, ...]] = ()
+    # Fields added after outputs keyed by the earlier fingerprint existed (dotted path → the value
+    # that behaves as before): left out of both payloads while they hold that value, so adding an
+    # option does not make every existing run's nodes run again.
+    ADDED: ClassVar[dict[str, Any]] = {}
 
     def origins(self) -> dict[str, str | None]:
         """Field → the config path it was read from (None: fixed by the recipe, not the config)."""
@@ -39,7 +43,15 @@ class View(BaseModel):
             for p in parents:
                 node = node.setdefault(p, {})
             node[leaf] = True
-        return self.model_dump(mode="json", exclude=exclude or None)
+        dump = self.model_dump(mode="json", exclude=exclude or None)
+        for dotted, default in self.ADDED.items():
+            *parents, leaf = dotted.split(".")
+            node = dump
+            for p in parents:
+                node = node.get(p) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node and node[leaf] == default:
+                del node[leaf]
+        return dump
 
     def config_paths(self) -> dict[str, str | None]:
         """Every leaf of the view (dotted) → the config path it holds (None: recipe constant)."""

@@ -169,6 +169,19 @@ class TrainHP(Node):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    workers: int = Field(1, ge=1, description="data-parallel workers (Ray Train when > 1); a step "
+                         "takes batch_size × grad_accum × workers examples")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with workers > 1: ddp replicates the "
+                                             "model, fsdp shards it per decoder layer (FSDP2)")
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = Field(
+        "fp32", description="bf16-mixed: bfloat16 autocast, float32 weights and optimizer; bf16: "
+        "weights, gradients and optimizer state in bfloat16")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+
+
+# TrainHP options added after runs existed, at the values that train as before (View.ADDED)
+TRAIN_OPTIONS_ADDED = {"workers": 1, "strategy": "ddp", "precision": "fp32", "gradient_checkpointing": False}
+HP_ADDED = {f"hp.{k}": v for k, v in TRAIN_OPTIONS_ADDED.items()}
 
 
 class Sft(Node):

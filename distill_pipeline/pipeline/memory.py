@@ -5,10 +5,16 @@ weights read), against the device's memory. `distill-pipeline plan -c CONFIG` pr
 
 The estimates are deliberately simple sums (bytes):
 
-- training nodes: weights + gradients + AdamW's two moments (all in the model's dtype, as
-  torch keeps them) + activations kept for backward (`ACT_PER_TOKEN` × hidden-size units per
-  token per layer, plus the MLP's intermediate units) + the loss's float32 logits over the
-  vocabulary (logits, log-softmax and their gradient: 3 copies of B × T × V);
+- training nodes: weights + gradients + AdamW's two moments (in the model's dtype, as torch
+  keeps them; bfloat16 with `precision: bf16`) + activations kept for backward (`ACT_PER_TOKEN`
+  × hidden-size units per token per layer, plus the MLP's intermediate units; with
+  `gradient_checkpointing` one hidden-size unit per layer plus one layer's full set, recomputed)
+  + the logits over the vocabulary (logits, their gradient and the causal shift's gradient:
+  3 copies of B × T × V in the forward's dtype, plus the losses' float32 chunk when that dtype
+  is narrower). With
+  `workers` > 1 the batch is per worker; `strategy: fsdp` divides weights, gradients and
+  optimizer state by the workers and adds the gathered root (embeddings, LM head) and two
+  gathered layers; `ddp` adds its gradient buckets (one more copy of the gradients);
 - extraction: every teacher it holds + one forward's activations (no gradients) + the LM head's
   chunk (`head_chunk_rows` × V float32, twice);
 - rollouts: the policy + its KV cache (2 × layers × batch × length × hidden);
@@ -25,7 +31,7 @@ from typing import Any
 
 ACT_PER_TOKEN = 10   # hidden-size-wide tensors a decoder layer keeps per token for backward
 MLP_PER_TOKEN = 4    # intermediate-size-wide ones (gate, up, their product, the down input)
-LOGIT_COPIES = 3     # logits, log-softmax, their gradient (float32)
+LOGIT_COPIES = 3     # logits, their gradient, the causal shift's gradient (forward dtype)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -98,13 +104,35 @@ def model_shape(spec: Any) -> Shape:
                  kv_hidden=hidden * kv_heads // heads, bytes_per_param=_dtype_bytes(spec, config))
 
 
-def training(shape: Shape, sequences: int, length: int) -> dict[str, int]:
-    """One training step of `sequences` × `length` tokens with AdamW, no checkpointing."""
-    b, tokens = shape.bytes_per_param, sequences * length
-    acts = tokens * shape.layers * (ACT_PER_TOKEN * shape.hidden + MLP_PER_TOKEN * shape.intermediate) * b
-    return {"weights": shape.params * b, "gradients": shape.params * b,
-            "optimizer (AdamW)": 2 * shape.params * b, "activations": acts,
-            "logits (B x T x V, float32)": LOGIT_COPIES * tokens * shape.vocab * 4}
+def training(shape: Shape, sequences: int, length: int, hp: Any = None) -> dict[str, int]:
+    """One training step of `sequences` × `length` tokens per worker with AdamW, under `hp`'s
+    precision, gradient checkpointing, workers and strategy (defaults: fp32, none, 1)."""
+    from distill_pipeline.losses import CHUNK_ROWS
+
+    precision = getattr(hp, "precision", "fp32")
+    checkpointing = getattr(hp, "gradient_checkpointing", False)
+    workers = getattr(hp, "workers", 1)
+    fsdp = workers > 1 and getattr(hp, "strategy", "ddp") == "fsdp"
+    b = 2 if precision == "bf16" else shape.bytes_per_param  # weights, gradients, AdamW moments
+    act = 2 if precision in ("bf16", "bf16-mixed") else shape.bytes_per_param  # the forward's dtype
+    tokens = sequences * length
+    layer = ACT_PER_TOKEN * shape.hidden + MLP_PER_TOKEN * shape.intermediate
+    if checkpointing:  # each layer's input kept, one layer's activations live while it recomputes
+        acts = tokens * (shape.layers * shape.hidden + layer) * act
+    else:
+        acts = tokens * shape.layers * layer * act
+    shard = workers if fsdp else 1
+    parts = {"weights": shape.params * b // shard, "gradients": shape.params * b // shard,
+             "optimizer (AdamW)": 2 * shape.params * b // shard, "activations": acts,
+             "logits (B x T x V)": LOGIT_COPIES * tokens * shape.vocab * act
+             + (min(CHUNK_ROWS, tokens) * shape.vocab * 4 if act < 4 else 0)}
+    if fsdp:
+        per_layer = shape.params // max(1, shape.layers)  # an upper bound: embeddings counted in
+        root = min(shape.params, 2 * shape.vocab * shape.hidden)
+        parts["FSDP gathered (root + 2 layers)"] = (root + 2 * per_layer) * b
+    elif workers > 1:
+        parts["DDP gradient buckets"] = shape.params * b
+    return parts
 
 
 def inference(shape: Shape, tokens: int) -> dict[str, int]:
@@ -156,7 +184,7 @@ def plan_memory(plan: Any) -> list[NodeEstimate]:
             from distill_pipeline.losses import LOSSES
 
             responses = {"sft": 1, "teacher_dpo": 2}.get(n.stage) or len(LOSSES[view.loss].responses)
-            est.parts = training(shape_of(n.name), view.hp.batch_size * responses, length)
+            est.parts = training(shape_of(n.name), view.hp.batch_size * responses, length, view.hp)
         elif n.stage == "teacher_logits":
             ext = view.extraction
             teachers = [shape_of(n.needs["teacher"])] + ([shape_of(n.needs["reference"])]
@@ -189,9 +217,13 @@ def human(n: float) -> str:
 
 
 def advice(est: NodeEstimate, cfg: Any) -> str:
-    """What would make a node fit, from what exists today."""
+    """What would make a node fit."""
     tips = []
     parts = est.parts
+    if "optimizer (AdamW)" in parts:  # a training node: the node's own options
+        tips.append(f"`workers: N` with `strategy: fsdp` on {est.node} (weights, gradients and "
+                    "optimizer state divided by N)")
+        tips.append(f"`gradient_checkpointing: true` and `precision: bf16-mixed` on {est.node}")
     if "activations" in parts or any(k.startswith("logits") for k in parts):
         tips.append("a smaller batch_size with a larger grad_accum (same effective batch) or a smaller "
                     "data.max_length")
@@ -199,8 +231,7 @@ def advice(est: NodeEstimate, cfg: Any) -> str:
         tips.append("dtype: bfloat16 for the models")
     if "LM-head chunk" in parts:
         tips.append("a smaller teacher_logits.batch_tokens / head_chunk_rows")
-    tips.append("a device with more memory (resources.gpu_memory_gb says how much there is); "
-                "sharding a model over several workers (FSDP) is not implemented yet")
+    tips.append("a device with more memory (resources.gpu_memory_gb says how much there is)")
     return "; ".join(tips)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distill_pipeline.parallel import workers_of
 from distill_pipeline.pipeline.recipes import NodeSpec, build_graph
 from distill_pipeline.provenance import package_versions
 from distill_pipeline.stages import ANY_ROLE, STAGE_NAMES, flatten, get_stage
@@ -197,18 +198,25 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
 # ---------------------------------------------------------------------------- execution
 
 def execute_node(stage_name: str, view: Any, inputs: dict[str, str], partial: str,
-                 num_threads: int | None = None, context: dict | None = None) -> dict:
+                 num_threads: int | None = None, context: dict | None = None,
+                 worker_resources: tuple[float, float] = (1, 0)) -> dict:
     """Run one stage into its partial folder; returns the stage summary. Runs in a Ray task,
-    with the driver's environment and working directory (`raysetup.driver_context`)."""
+    with the driver's environment and working directory (`raysetup.driver_context`). A training
+    node with `workers > 1` runs on that many Ray Train workers, each holding
+    `worker_resources` (CPUs, GPUs); this task only waits for them."""
+    from distill_pipeline import parallel
     from distill_pipeline.pipeline.raysetup import apply_driver_context
 
     apply_driver_context(context)
+    out = Path(partial)
+    out.mkdir(parents=True, exist_ok=True)
+    if parallel.workers_of(view) > 1:
+        cpus, gpus = worker_resources
+        return parallel.launch(stage_name, view, inputs, out, cpus=cpus, gpus=gpus, context=context)
     if num_threads:
         import torch
 
         torch.set_num_threads(num_threads)
-    out = Path(partial)
-    out.mkdir(parents=True, exist_ok=True)
     return get_stage(stage_name).run(view, {k: Path(v) for k, v in inputs.items()}, out)
 
 
@@ -343,6 +351,10 @@ def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = 
                 echo(f"{n}: up to date")
         if not todo:
             return []
+        parallel = [n for n in todo if workers_of(plan.node(n).view) > 1]
+        if parallel and not use_ray:
+            raise PipelineError(f"{', '.join(parallel)}: workers > 1 runs on Ray Train; run without "
+                                "--no-ray (or set the node's workers to 1)")
         preflight(plan, todo, echo, memory_check=memory_check)
         for n in todo:
             echo(f"{n}: will run: {'forced' if n in forced and plan.done(n) else why(plan, n)}")
@@ -369,6 +381,23 @@ def _run_one_inline(plan: Plan, name: str, echo: Callable[[str], None]) -> None:
     echo(_summary_line(plan, name, summary, time.time() - started))
 
 
+def check_worker_resources(plan: Plan, todo: list[str], cluster: dict) -> None:
+    """Refuse, before any stage runs, a data-parallel node the cluster cannot place (Ray Train
+    would otherwise wait for the resources forever)."""
+    res = plan.cfg.resources
+    for name in todo:
+        workers = workers_of(plan.node(name).view)
+        if workers == 1:
+            continue
+        for what, each, unit in (("CPU", res.train_cpus, "resources.train_cpus"),
+                                 ("GPU", res.gpus, "resources.gpus")):
+            have = cluster.get(what, 0)
+            if each and workers * each > have:
+                raise PipelineError(
+                    f"{name}: {workers} workers × {unit}={each:g} need {workers * each:g} {what}s; "
+                    f"the Ray cluster has {have:g}. Lower the node's workers or {unit}, or add nodes")
+
+
 def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
     import ray
 
@@ -376,6 +405,7 @@ def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
 
     embedded = ensure_ray(plan.cfg.ray)
     try:
+        check_worker_resources(plan, todo, ray.cluster_resources())
         # installed after ray.init, which replaces the SIGTERM handler; polled, not raised inside Ray
         with interruptible(raise_now=False) as stop:
             _schedule(plan, todo, echo, stop)
@@ -405,9 +435,10 @@ def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: th
                 kind = get_stage(node.stage).kind
                 cpus = {"train": res.train_cpus, "generate": res.generate_cpus}.get(kind, 0)
                 gpus = res.gpus if kind in ("train", "generate") else 0
-                ref = remote.options(num_cpus=cpus, num_gpus=gpus, name=name).remote(
+                held = (0, 0) if workers_of(node.view) > 1 else (cpus, gpus)  # its workers hold them
+                ref = remote.options(num_cpus=held[0], num_gpus=held[1], name=name).remote(
                     node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
-                    max(1, int(cpus)), context)
+                    max(1, int(cpus)), context, (cpus, gpus))
                 running[ref] = name
                 started[name] = time.time()
                 pending.remove(name)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from distill_pipeline.data import DataView, data_view
-from distill_pipeline.pipeline.config import ModelSpec, TrainHP
+from distill_pipeline.pipeline.config import HP_ADDED, ModelSpec, TrainHP
 from distill_pipeline.stages import Stage, View
 
 
@@ -22,6 +22,7 @@ class SftView(View):
     # Checkpoints only: a resumed run is bit-identical (tests/stages/test_training_resume.py), and
     # these stages write nothing per checkpoint (train does: its validation rows).
     NEUTRAL = frozenset({"hp.checkpoint_every"})
+    ADDED = HP_ADDED
 
     def origins(self) -> dict[str, str | None]:
         return {"role": None, "model": f"models.{self.role}", "hp": f"sft.{self.role}", "data": None,
@@ -37,20 +38,22 @@ def run(view: SftView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.batches import Batches, Field, loss_fn_for
     from distill_pipeline.data import sft_examples
     from distill_pipeline.losses import LOSSES
-    from distill_pipeline.models import describe, load_model, load_tokenizer, save_model
-    from distill_pipeline.training import finish, train_loop
+    from distill_pipeline.models import describe, load_model, load_tokenizer
+    from distill_pipeline.parallel import group
+    from distill_pipeline.training import finish, save_trained, train_loop
 
     hp = view.hp
     tok = load_tokenizer(view.model, view.chat_template)
     model = load_model(view.model, seed=hp.seed)
     examples = sft_examples(view.data, tok)
-    print(f"sft: {describe(model)}, {len(examples)} examples")
+    if group().main:
+        print(f"sft: {describe(model)}, {len(examples)} examples")
     stream = Batches(examples, [Field("response", "w")], batch_size=hp.batch_size,
                      pad_id=tok.pad_token_id, seed=hp.seed)
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(LOSSES["sft"], {}), counts=stream.counts,
                          work_dir=out, desc=f"sft {view.role}")
-    save_model(model, tok, out / "model")
+    save_trained(model, tok, out / "model")
     finish(out)
     return {**summary, "examples": len(examples)}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill_pipeline.data import DataView, data_view
-from distill_pipeline.pipeline.config import TeacherDpo
+from distill_pipeline.pipeline.config import HP_ADDED, TeacherDpo
 from distill_pipeline.stages import Stage, View
 
 
@@ -18,6 +18,7 @@ class TeacherDpoView(View):
     # Checkpoints only: a resumed run is bit-identical (tests/stages/test_training_resume.py), and
     # these stages write nothing per checkpoint (train does: its validation rows).
     NEUTRAL = frozenset({"hp.checkpoint_every"})
+    ADDED = HP_ADDED
 
     def origins(self) -> dict[str, str | None]:
         return {"hp": "teacher_dpo", "data": None}
@@ -32,20 +33,20 @@ def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.losses import LOSSES, POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref
-    from distill_pipeline.models import load_ref, model_ref, save_model
-    from distill_pipeline.training import finish, train_loop
+    from distill_pipeline.models import load_ref, model_ref
+    from distill_pipeline.training import finish, save_trained, train_loop
 
     hp, spec = view.hp, LOSSES["dpo"]
     reference = model_ref(inputs["reference"])
     policy, tok = load_ref(reference)
     examples = pair_examples(view.data, tok)
-    attach_policy_ref(examples, reference, tok.pad_token_id)
+    attach_policy_ref(examples, reference, tok.pad_token_id, hp.strategy)
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, extras=(f"{POLICY_REF}_w", f"{POLICY_REF}_l"))
     summary = train_loop(policy, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(spec, {"beta": hp.beta}), counts=stream.counts,
                          work_dir=out, desc="teacher_dpo")
-    save_model(policy, tok, out / "model")
+    save_trained(policy, tok, out / "model")
     finish(out)
     return {**summary, "pairs": len(examples)}
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from distill_pipeline.data import DataView, data_view
 from distill_pipeline.losses import LOSSES
-from distill_pipeline.pipeline.config import TrainHP, loss_options
+from distill_pipeline.pipeline.config import HP_ADDED, TrainHP, loss_options
 from distill_pipeline.stages import Stage, View
 
 
@@ -33,6 +33,7 @@ class TrainView(View):
     max_new_tokens: int | None = None   # greedy length of the validation task accuracy
 
     LINEAGE = ("loss",)
+    ADDED = HP_ADDED
 
     def origins(self) -> dict[str, str | None]:
         return {"loss": "method", "options_key": None, "options": f"train.{self.options_key}",
@@ -56,8 +57,9 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples, rollout_examples
     from distill_pipeline.losses import POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref, evaluate_model
-    from distill_pipeline.models import load_ref, model_ref, save_model
-    from distill_pipeline.training import finish, train_loop
+    from distill_pipeline.models import load_ref, model_ref
+    from distill_pipeline.parallel import group
+    from distill_pipeline.training import finish, save_trained, train_loop
 
     spec, hp = LOSSES[view.loss], view.hp
     model, tok = load_ref(model_ref(inputs["init"]))
@@ -66,18 +68,20 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
     cache = TeacherSource(*open_node(inputs["cache"])) if spec.cache else None
     extras = ()
     if spec.policy_ref:
-        attach_policy_ref(examples, model_ref(inputs["reference"]), tok.pad_token_id)
+        attach_policy_ref(examples, model_ref(inputs["reference"]), tok.pad_token_id, hp.strategy)
         extras = (f"{POLICY_REF}_w", f"{POLICY_REF}_l")
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, cache=cache, extras=extras)
     validation = pair_examples(view.validation, tok) if view.validation else []
 
-    def validate(step: int) -> None:
+    def validate(step: int) -> None:  # on every worker (FSDP's forward is collective), written by rank 0
         if not validation:
             return
         model.eval()
         r = evaluate_model(model, tok, validation, batch_size=64, max_new_tokens=view.max_new_tokens)
         model.train()
+        if not group().main:
+            return
         row = {"step": step, **{f"val_{k}": v for k, v in r.items() if k != "n"}}
         path = out / "validation.jsonl"  # rewritten whole: a resumed run validates its checkpoint again
         rows = [line for line in (path.read_text().splitlines() if path.exists() else [])
@@ -89,10 +93,10 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(spec, view.options), counts=stream.counts, work_dir=out,
                          desc=f"train {view.loss}", on_checkpoint=validate)
-    save_model(model, tok, out / "model")
+    save_trained(model, tok, out / "model")
     finish(out)
     final = {}  # the last checkpoint (always the final step) validated the final weights
-    if validation:
+    if validation and group().main:
         final = json.loads((out / "validation.jsonl").read_text().splitlines()[-1])
     return {**summary, "loss": view.loss, "examples": len(examples),
             **{k: round(v, 4) for k, v in final.items() if k != "step"}}

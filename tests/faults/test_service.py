@@ -521,5 +521,9 @@ def test_sigterm_with_a_stalled_upload_still_exits_0(base, tmp_path, servers):
     assert FlightRemote(server.url, token="").segment_names() == base["names"]  # the put is in flight
     t0 = time.monotonic()
     log = server.stop()
-    assert time.monotonic() - t0 < 14 and "requests still in flight" in log
+    # the handler is blocked on the stalled stream (the grace period runs out), or — under load —
+    # it took its first message only after the stop began and refused it at once: either way the
+    # server exits promptly
+    assert time.monotonic() - t0 < 14
+    assert "requests still in flight" in log or "shutting down; upload again when it is back" in log, log
     assert segment_dirs(served) == base["names"]

@@ -47,6 +47,8 @@ def test_two_node_cluster_runs_with_the_drivers_paths_and_environment(tmp_path):
         tree = tiny_tree(Path("run"), method="dckd")  # relative run dir
         tree["data"]["preferences"] = {"source": "prefs.jsonl"}  # relative data file
         tree["teacher_logits"].pop("store")  # the default store: DISTILL_CACHE_DIR
+        tree["teacher_logits"]["num_workers"] = 2
+        tree["train"]["workers"] = 2  # Ray Train workers, placed anywhere on the cluster
         tree["ray"] = {}
         write_config(driver / "c.yaml", tree)
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(temp), "DISTILL_PROGRESS": "0",
@@ -60,6 +62,20 @@ def test_two_node_cluster_runs_with_the_drivers_paths_and_environment(tmp_path):
         assert segments and not decoy.exists()
         summary = json.loads(next((driver / "run").glob("teacher_logits-*/manifest.json")).read_text())["summary"]
         assert summary["store"] == str(driver / "cache" / "teacher-logits") and summary["extracted"] > 0
+        trained = json.loads(next((driver / "run").glob("train-*/manifest.json")).read_text())["summary"]
+        assert trained["workers"] == 2
+
+        # the same config run locally (embedded Ray, its own store) evaluates to the same table
+        local = tmp_path / "local"
+        shutil.copytree(driver, local, ignore=shutil.ignore_patterns("run", "cache"))
+        out = subprocess.run([sys.executable, "-m", "distill_pipeline.cli.main", "run", "all", "-c", "c.yaml"],
+                             cwd=local, capture_output=True, text=True, timeout=600,
+                             env={**env, "DISTILL_CACHE_DIR": str(local / "cache")})
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+
+        def table(root: Path) -> dict:
+            return json.loads(next(root.glob("run/evaluate-*/results.json")).read_text())
+        assert table(local) == table(driver)
     finally:
         _stop_processes_mentioning(str(temp))
         shutil.rmtree(temp, ignore_errors=True)

@@ -281,3 +281,22 @@ def test_views_declare_where_every_field_comes_from(tiny_config):
         for node in runner.make_plan(load_config(tiny_config, [f"method={method}"])).nodes:
             assert set(node.view.origins()) == set(type(node.view).model_fields), node.name
             assert set(node.needs) <= set(get_stage(node.stage).inputs) or "*" in get_stage(node.stage).inputs
+
+
+def test_options_added_later_leave_existing_fingerprints_alone(tiny_config):
+    """Training options added after runs existed (workers, strategy, precision, gradient
+    checkpointing) are out of the payloads at their defaults — the fingerprints of existing runs do
+    not move — and in them as soon as they are set."""
+    from distill_pipeline.pipeline.config import TRAIN_OPTIONS_ADDED
+
+    cfg = load_config(tiny_config)
+    plan = runner.make_plan(cfg)
+    trained = [n for n in plan.nodes if n.stage in ("sft", "teacher_dpo", "train")]
+    assert trained
+    for n in trained:
+        assert not set(TRAIN_OPTIONS_ADDED) & set(n.view.fingerprint_payload()["hp"]), n.name
+        assert set(TRAIN_OPTIONS_ADDED) <= set(n.view.model_dump()["hp"])  # still in the manifest
+    other = runner.make_plan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16"})}))
+    assert other.node("train").view.fingerprint_payload()["hp"]["precision"] == "bf16"
+    assert other.fingerprints["train"] != plan.fingerprints["train"]
+    assert other.fingerprints["sft.student"] == plan.fingerprints["sft.student"]

@@ -33,7 +33,69 @@ def test_training_estimate_adds_its_parts():
     parts = training(shape, sequences=3, length=5)
     assert parts["weights"] == parts["gradients"] == 4000 and parts["optimizer (AdamW)"] == 8000
     assert parts["activations"] == 15 * 2 * (10 * 8 + 4 * 16) * 4
-    assert parts["logits (B x T x V, float32)"] == 3 * 15 * 100 * 4
+    assert parts["logits (B x T x V)"] == 3 * 15 * 100 * 4
+
+
+def test_training_options_change_the_estimate():
+    from types import SimpleNamespace
+
+    from distill_pipeline.pipeline.memory import Shape
+
+    shape = Shape(params=8000, layers=4, hidden=8, intermediate=16, vocab=100, kv_hidden=8, bytes_per_param=4)
+
+    def hp(**kw):
+        return SimpleNamespace(**{"precision": "fp32", "gradient_checkpointing": False, "workers": 1,
+                                  "strategy": "ddp", **kw})
+
+    base = training(shape, 3, 5, hp())
+    assert base == training(shape, 3, 5)  # the defaults
+    ckpt = training(shape, 3, 5, hp(gradient_checkpointing=True))
+    assert ckpt["activations"] == 15 * (4 * 8 + 10 * 8 + 4 * 16) * 4 < base["activations"]
+    bf16 = training(shape, 3, 5, hp(precision="bf16"))
+    assert bf16["weights"] == 8000 * 2 and bf16["optimizer (AdamW)"] == 4 * 8000
+    mixed = training(shape, 3, 5, hp(precision="bf16-mixed"))
+    assert mixed["weights"] == base["weights"] and mixed["activations"] == base["activations"] // 2
+    assert mixed["logits (B x T x V)"] == 3 * 15 * 100 * 2 + 15 * 100 * 4  # + a float32 chunk
+    fsdp = training(shape, 3, 5, hp(workers=4, strategy="fsdp"))
+    assert fsdp["weights"] == base["weights"] // 4 and fsdp["optimizer (AdamW)"] == base["optimizer (AdamW)"] // 4
+    assert fsdp["FSDP gathered (root + 2 layers)"] == (2 * 100 * 8 + 2 * 2000) * 4
+    ddp = training(shape, 3, 5, hp(workers=4))
+    assert ddp["weights"] == base["weights"] and ddp["DDP gradient buckets"] == base["gradients"]
+
+
+def _llama_8b(folder):
+    """A local model directory holding only Llama-3.1-8B's config.json and a tokenizer."""
+    import json
+
+    from distill_pipeline.models import TINY_TOKENIZER
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16"}))
+    (folder / "tokenizer.json").write_text(TINY_TOKENIZER.read_text())
+    return folder
+
+
+def test_an_8b_teacher_is_refused_on_one_80gb_gpu_and_fits_sharded_over_8(tmp_path):
+    teacher = _llama_8b(tmp_path / "llama-8b")
+    tree = tiny_tree(tmp_path / "run", method="dckd")
+    tree["models"]["teacher"] = {"name_or_path": str(teacher), "dtype": "bfloat16"}
+    tree["data"]["max_length"] = 1024
+    tree["sft"]["teacher"] = {"batch_size": 8, "grad_accum": 16}
+    tree["resources"] = {"gpus": 1, "gpu_memory_gb": 80}
+    estimate = {e.node: e for e in plan_memory(runner.make_plan(config_from_dict(tree)))}["sft.teacher"]
+    assert estimate.parts["weights"] == 8_030_261_248 * 2  # Llama-3.1-8B, counted on the meta device
+    problems = check(runner.make_plan(config_from_dict(tree)))
+    assert problems and problems[0].startswith("sft.teacher: needs about 122.6")
+    assert "`workers: N` with `strategy: fsdp` on sft.teacher" in problems[0]
+    tree["sft"]["teacher"].update(workers=8, strategy="fsdp")
+    sharded = runner.make_plan(config_from_dict(tree))
+    assert not [p for p in check(sharded) if p.startswith("sft.teacher")]
+    assert "sft.teacher" in report(sharded) and "FSDP gathered" in report(sharded)
 
 
 def test_every_node_is_estimated_and_small_devices_refused(tmp_path):
