@@ -27,9 +27,9 @@ from synthetic import zipf_teacher_tokens  # noqa: E402
 from distill_pipeline.cache.admin import info  # noqa: E402
 from distill_pipeline.cache.extract import Extractor, _batches, extract, make_request, plan_units  # noqa: E402
 from distill_pipeline.batches import Batches, Field, TeacherSource  # noqa: E402
-from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, reconstruction_kl  # noqa: E402
+from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat  # noqa: E402
 from distill_pipeline.cache.reader import CacheReader  # noqa: E402
-from distill_pipeline.cache.store import SegmentData, Store  # noqa: E402
+from distill_pipeline.cache.store import Store  # noqa: E402
 from distill_pipeline.data.tokenize import collate  # noqa: E402
 
 FMT = CacheFormat(50, "float16")  # K=50, lossless float16: the format every extraction here uses
@@ -96,17 +96,27 @@ def throughput(teacher: Path, seqs, *, batch_tokens: int, repeats: int) -> dict:
             "extraction_over_forward_throughput": round(f / e, 3)}
 
 
+LOSSY = (CacheFormat(50, "float16", 6), CacheFormat(50, "float16", 4),
+         CacheFormat(50, top_mass=0.999), CacheFormat(50, top_mass=0.99),
+         CacheFormat(50, "float16", 6, top_mass=0.999), CacheFormat(50, "float16", 4, top_mass=0.99))
+
+
 def synthetic_bytes_per_token(n_tokens: int) -> dict:
-    """Bytes per token of the lossless float16 store and of the lossy `-keep<n>` modes (with
-    their reconstruction KL), on one synthetic Zipf sample."""
+    """Bytes per token of the lossless float16 store, of the lossy `-keep<n>` modes and of
+    mass-adaptive K (with their reconstruction KL and mean k), on one synthetic Zipf sample."""
     sample = zipf_teacher_tokens(n_tokens)
-    formats = (CacheFormat(50, "float16"), CacheFormat(50, "float16", 6), CacheFormat(50, "float16", 4))
-    out = {fmt.storage: _synthetic_store(sample, fmt) for fmt in formats}
-    return {**out["float16"], "lossy": {c: {k: out[c][k] for k in ("bytes_per_token_arrays", "reconstruction_kl")}
-                                        for c in out}}
+    out = {_name(fmt): _synthetic_store(sample, fmt) for fmt in (FMT,) + LOSSY}
+    keys = ("bytes_per_token_arrays", "bytes_per_token_by_array", "reconstruction_kl", "mean_k")
+    return {**out[_name(FMT)], "lossy": {c: {k: out[c][k] for k in keys} for c in out}}
 
 
-def _synthetic_store(sample, fmt: CacheFormat) -> dict:
+def _name(fmt: CacheFormat) -> str:
+    return fmt.storage + ("" if not fmt.adaptive else f"-mass{fmt.top_mass}")
+
+
+def _synthetic_store(sample, fmt: CacheFormat, vocab: int = 128_256) -> dict:
+    from distill_pipeline.cache.extract import segment_data
+
     ids, logp, lse, label = sample
     n_tokens = len(lse)
     with tempfile.TemporaryDirectory() as d:
@@ -116,19 +126,19 @@ def _synthetic_store(sample, fmt: CacheFormat) -> dict:
                     "offset": o, "n_tokens": min(rows_per_entry, n_tokens - o), "prompt_len": 0,
                     "token_ids": list(range(min(rows_per_entry, n_tokens - o)))}
                    for i, o in enumerate(range(0, n_tokens, rows_per_entry))]
-        bits = fmt.encode(logp)
-        kl = reconstruction_kl(logp, fmt.decode(bits))
-        data = SegmentData(ids=ids.astype(np.int32), logp_bits=bits,
-                           lse=lse.astype(np.float32), label_logp=label.astype(np.float32), entries=entries)
+        data, kl = segment_data(fmt, ids, logp, lse, label, entries, vocab)
         store.publish("synthetic", data, {"schema_version": SCHEMA_VERSION, "teacher": "synthetic",
                                           "format": fmt.to_json(), "n_entries": len(entries),
-                                          "n_tokens": n_tokens, "reconstruction_kl": kl})
+                                          "n_tokens": n_tokens, "reconstruction_kl": kl,
+                                          **({"n_slots": len(data.ids)} if fmt.adaptive else {})})
         seg = store.root / "segments" / "synthetic"
         arrays = {name: sum(f.stat().st_size for f in (seg / name).rglob("*") if f.is_file())
-                  for name in ("ids", "logp", "lse", "label_logp")}
+                  for name in ("ids", "logp", "lse", "label_logp", "counts") if (seg / name).exists()}
         index = (seg / "index.parquet").stat().st_size
+        mean_k = len(data.ids) / n_tokens if fmt.adaptive else fmt.top_k
     per = {k: round(v / n_tokens, 2) for k, v in arrays.items()}
-    return {"tokens": n_tokens, "vocab": 128_256, "top_k": fmt.top_k, "dtype": fmt.storage,
+    return {"tokens": n_tokens, "vocab": vocab, "top_k": fmt.top_k, "dtype": fmt.storage,
+            "top_mass": fmt.top_mass, "mean_k": round(mean_k, 2),
             "reconstruction_kl": float(f"{kl:.3g}"),
             "bytes_per_token_arrays": round(sum(arrays.values()) / n_tokens, 2),
             "bytes_per_token_by_array": per,
@@ -208,7 +218,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--sequences", type=int, default=192)
     ap.add_argument("--synthetic-tokens", type=int, default=4096)
+    ap.add_argument("--sizes-only", action="store_true",
+                    help="only bytes per token and storage KL (synthetic, and --trained-store): no teacher runs")
     args = ap.parse_args()
+    if args.sizes_only:
+        return sizes_only(args)
     torch.set_num_threads(1)  # one extraction worker's view of the machine
     result: dict = {"config": vars(args), "torch_threads": 1}
     with tempfile.TemporaryDirectory() as d:
@@ -230,6 +244,45 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def sizes_only(args) -> None:
+    """B/token, by array, storage KL and mean k of every format on the synthetic sample; with
+    --trained-store also of the same formats re-encoded from that store's entries (a fixed-K,
+    lossless store: its float16 values stand in for the float32 ones)."""
+    result: dict = {"config": vars(args)}
+    syn = synthetic_bytes_per_token(args.synthetic_tokens)
+    result["bytes_synthetic_zipf_128k"] = syn
+    _table(f"synthetic Zipf, 128k vocabulary, {args.synthetic_tokens} tokens", syn["lossy"])
+    if args.trained_store:
+        sample, vocab = _trained_sample(args.trained_store)
+        out = {_name(fmt): _synthetic_store(sample, fmt, vocab) for fmt in (FMT,) + LOSSY}
+        keys = ("bytes_per_token_arrays", "bytes_per_token_by_array", "reconstruction_kl", "mean_k")
+        result["bytes_trained"] = {c: {k: out[c][k] for k in keys} for c in out}
+        _table(f"trained teachers' entries ({len(sample[2])} tokens, vocab {vocab}), re-encoded",
+               result["bytes_trained"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _table(title: str, rows: dict) -> None:
+    print(f"\n{title}\n{'format':<28}{'B/token':>9}{'ids':>8}{'logp':>8}{'mean k':>8}{'storage KL':>12}")
+    for name, r in rows.items():
+        by = r["bytes_per_token_by_array"]
+        print(f"{name:<28}{r['bytes_per_token_arrays']:>9.2f}{by['ids']:>8.2f}{by['logp']:>8.2f}"
+              f"{r['mean_k']:>8.2f}{r['reconstruction_kl']:>12.3g}")
+
+
+def _trained_sample(root: str):
+    """Every entry of a fixed-K float16/float32 store as (ids, logp, lse, label) rows, and the
+    vocabulary size (the largest id + 1: a lower bound)."""
+    reader = CacheReader(root)
+    parts = [reader.get(k) for k in sorted(reader._where)]
+    rows = tuple(np.concatenate([p[f] for p in parts]) for f in ("ids", "logp", "lse", "label_logp"))
+    if rows[0].shape[1] != FMT.top_k:
+        raise SystemExit(f"{root}: K={rows[0].shape[1]}, this comparison re-encodes K={FMT.top_k} entries")
+    return rows, int(rows[0].max()) + 1
 
 
 if __name__ == "__main__":

@@ -141,15 +141,29 @@ def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
         check.problem(f"zarr group cannot be opened: {_why(exc)}")
         return check
     arrays = {}
-    for name in FIELDS:
+    n_slots = None
+    if fmt.adaptive:
+        try:
+            n_slots = int(check.manifest["n_slots"])
+        except Exception as exc:  # noqa: BLE001 - missing or not a number
+            check.problem(f"adaptive-K segment without a readable n_slots in its manifest: {_why(exc)}")
+            return check
+        if not n_tokens * fmt.min_k <= n_slots <= n_tokens * fmt.top_k:
+            check.problem(f"manifest n_slots {n_slots} is outside [{n_tokens * fmt.min_k}, "
+                          f"{n_tokens * fmt.top_k}] for {n_tokens} tokens of k in [{fmt.min_k}, {fmt.top_k}]")
+    for name in FIELDS + (("counts",) if fmt.adaptive else ()):
         try:
             arr = arrays[name] = group[name]
         except Exception as exc:  # noqa: BLE001
             check.problem(f"array {name} missing or unreadable: {_why(exc)}")
             continue
-        if arr.shape[0] != n_tokens:
+        if name in ("ids", "logp") and fmt.adaptive:
+            if tuple(arr.shape) != (n_slots,):
+                check.problem(f"array {name} has shape {tuple(arr.shape)}, manifest says ({n_slots},) "
+                              "slots (adaptive K: flat)")
+        elif arr.shape[0] != n_tokens:
             check.problem(f"array {name} has {arr.shape[0]} rows, manifest says {n_tokens}")
-        if name in ("ids", "logp") and tuple(arr.shape[1:]) != (fmt.top_k,):
+        if name in ("ids", "logp") and not fmt.adaptive and tuple(arr.shape[1:]) != (fmt.top_k,):
             check.problem(f"array {name} has K={tuple(arr.shape[1:])} but manifest top_k={fmt.top_k}")
         # zarr reads a missing chunk file as zeros: every chunk must be there
         expected = -(-arr.shape[0] // arr.chunks[0]) if arr.shape[0] else 0
@@ -163,16 +177,37 @@ def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
             data = read_array(check, group, name)
             if data is not None:
                 check.arrays[name] = data
-    if not deep or len(check.arrays) != 4 or check.damaged:
+    if not deep or len(check.arrays) != len(arrays) or check.damaged:
         return check
     a = check.arrays
+    starts = None
+    if fmt.adaptive:
+        counts = a["counts"].astype(np.int64)
+        if len(counts) and (counts.min() < fmt.min_k or counts.max() > fmt.top_k):
+            check.problem(f"counts outside [{fmt.min_k}, {fmt.top_k}] (min {counts.min()}, max {counts.max()})")
+            return check
+        if int(counts.sum()) != n_slots:
+            check.problem(f"counts add up to {int(counts.sum())} slots, manifest says {n_slots}")
+            return check
+        starts = np.concatenate([[0], np.cumsum(counts)])
     for i, row in enumerate(index):
         where = f"entry {i} ({row['key'][:12]}…)"
         s = slice(row["offset"], row["offset"] + row["n_tokens"])
-        if entry_checksum(a["ids"][s], a["logp"][s], a["lse"][s], a["label_logp"][s]) != row["checksum"]:
+        if starts is None:
+            ok = entry_checksum(a["ids"][s], a["logp"][s], a["lse"][s], a["label_logp"][s]) == row["checksum"]
+            lp = fmt.decode(a["logp"][s])
+            unsorted = (np.diff(lp, axis=1) > 0).any()
+        else:
+            f = slice(int(starts[s.start]), int(starts[s.stop]))
+            ok = entry_checksum(a["ids"][f], a["logp"][f], a["lse"][s], a["label_logp"][s],
+                                a["counts"][s]) == row["checksum"]
+            lp = fmt.decode(a["logp"][f])
+            # descending within each token's slots: a rise is allowed only where a token starts
+            rise = np.flatnonzero(np.diff(lp) > 0) + 1 + f.start
+            unsorted = not np.isin(rise, starts[s.start:s.stop + 1]).all()
+        if not ok:
             check.problem(f"{where}: checksum mismatch (data changed after it was written)")
-        lp = fmt.decode(a["logp"][s])
-        if (np.diff(lp, axis=1) > 0).any() or (lp > 1e-3).any():
+        if unsorted or (lp > 1e-3).any():
             check.problem(f"{where}: top-K log-probs not sorted descending / not ≤ 0")
     return check
 
@@ -187,7 +222,8 @@ def ls(store: Store) -> list[dict]:
         size = sum(f.stat().st_size for f in seg.rglob("*") if f.is_file())
         rows.append({"segment": seg.name, "teacher": str(m.get("teacher", "?"))[:12],
                      "entries": m.get("n_entries", "?"), "tokens": m.get("n_tokens", "?"), "bytes": size,
-                     "top_k": fmt.top_k if fmt else "?", "dtype": fmt.storage if fmt else "?",
+                     "top_k": (fmt.top_k if not fmt.adaptive else fmt.label) if fmt else "?",
+                     "dtype": fmt.storage if fmt else "?",
                      "damaged": "; ".join(p.split(": ", 1)[1] for p in check.problems) or None})
     return rows
 
@@ -195,11 +231,14 @@ def ls(store: Store) -> list[dict]:
 def info(store: Store) -> dict:
     """Entries, tokens, bytes on disk and per token, K, dtype, teachers, and the mean probability
     mass the top-K keeps (quality of the truncation). Counts cover healthy segments; damaged
-    ones (cheap checks, or a log-prob chunk that does not decode) are listed under `damaged`."""
+    ones (cheap checks, or a log-prob chunk that does not decode) are listed under `damaged`.
+    `mean_k`: slots stored per token (K for a fixed K; an adaptive format's `top_k` entry reads
+    e.g. `≤50 @ mass 0.999 (mean k 32.9)`, its mean over that format's tokens)."""
     import numpy as np
 
-    entries = tokens = 0
+    entries = tokens = slots = 0
     mass_sum = kl_sum = 0.0
+    adaptive: dict[Any, list[int]] = {}  # format → [tokens, slots]
     teachers: dict[str, dict] = {}
     ks, dtypes = set(), set()
     damaged: dict[str, list[str]] = {}
@@ -217,22 +256,31 @@ def info(store: Store) -> dict:
         m, fmt = check.manifest, check.fmt
         if stale_reason(m):
             stale[seg.name] = int(m["n_entries"])
-        ks.add(fmt.top_k)
         dtypes.add(fmt.storage)
         n = int(m["n_tokens"])
+        if fmt.adaptive:
+            a = adaptive.setdefault(fmt, [0, 0])
+            a[0] += n
+            a[1] += int(m["n_slots"])
+            slots += int(m["n_slots"])
+        else:
+            ks.add(fmt.top_k)
+            slots += n * fmt.top_k
         t = teachers.setdefault(m.get("teacher", "?"), {"entries": 0, "tokens": 0})
         t["entries"] += int(m["n_entries"])
         t["tokens"] += n
         entries += int(m["n_entries"])
         tokens += n
         kl_sum += m.get("reconstruction_kl", 0.0) * n
-        for start in range(0, n, CHUNK_ROWS):
+        for start in range(0, len(lp), CHUNK_ROWS):  # rows, or flat slots (adaptive K)
             mass_sum += float(np.exp(fmt.decode(lp[start:start + CHUNK_ROWS]).astype(np.float64)).sum())
     disk = store.disk_bytes()
     return {"root": store.display, "schema_version": SCHEMA_VERSION, "segments": healthy,
             "entries": entries, "tokens": tokens, "bytes_on_disk": disk,
             "bytes_per_token": round(disk / tokens, 2) if tokens else None,
-            "top_k": sorted(ks), "dtype": sorted(dtypes),
+            "top_k": sorted(ks) + sorted(f"{fmt.label} (mean k {a[1] / a[0]:.2f})" if a[0] else fmt.label
+                                         for fmt, a in adaptive.items()),
+            "mean_k": round(slots / tokens, 2) if tokens else None, "dtype": sorted(dtypes),
             "teachers": {k[:16]: v for k, v in teachers.items()},
             "mean_topk_mass": round(mass_sum / tokens, 6) if tokens else None,
             "reconstruction_kl": float(f"{kl_sum / tokens:.3g}") if tokens else None,

@@ -139,16 +139,18 @@ def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int,
             logits = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float()  # (N, V)
             parts.append(_head_topk(logits, labels, top_k))
     t_ids, t_lp, lse_np, lab_np = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    vocab = parts[0][4] if parts else 0
     out, start = [], 0
     for r in batch:
         s = slice(start, start + r.n_tokens)
-        out.append({"ids": t_ids[s], "logp": t_lp[s], "lse": lse_np[s], "label_logp": lab_np[s]})
+        out.append({"ids": t_ids[s], "logp": t_lp[s], "lse": lse_np[s], "label_logp": lab_np[s],
+                    "vocab": vocab})
         start += r.n_tokens
     return out
 
 
 def _head_topk(logits: Any, labels: Any, top_k: int) -> tuple:
-    """(top-K ids, top-K log-probs, lse, label log-prob) as numpy, from (n, V) float32 logits."""
+    """(top-K ids, top-K log-probs, lse, label log-prob, V) as numpy, from (n, V) float32 logits."""
     import torch
 
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
@@ -156,7 +158,25 @@ def _head_topk(logits: Any, labels: Any, top_k: int) -> tuple:
     top = logits.topk(top_k, dim=-1)  # sorted by probability, descending
     label_logp = logits.gather(1, labels[:, None]).squeeze(1)  # (n,)
     return (top.indices.int().cpu().numpy(), top.values.cpu().numpy(), lse.cpu().numpy(),
-            label_logp.cpu().numpy())
+            label_logp.cpu().numpy(), int(logits.shape[-1]))
+
+
+def segment_data(fmt: CacheFormat, ids: Any, logp: Any, lse: Any, label_logp: Any, entries: list[dict],
+                 vocab: int) -> tuple[SegmentData, float]:
+    """A unit's float32 top-K rows (N, top_k) → what its segment stores, and its reconstruction
+    KL. Adaptive K keeps, per token, the first `fmt.kept(...)` slots of the stored values, flat."""
+    bits = fmt.encode(logp)
+    stored = fmt.decode(bits)
+    ids = ids.astype(np.int32)
+    lse, label_logp = lse.astype(np.float32), label_logp.astype(np.float32)
+    if not fmt.adaptive:
+        return (SegmentData(ids=ids, logp_bits=bits, lse=lse, label_logp=label_logp, entries=entries),
+                reconstruction_kl(logp, stored))
+    counts = fmt.kept(stored)  # (N,)
+    keep = np.arange(fmt.top_k)[None, :] < counts[:, None]  # (N, K); row-major: a token's slots in a row
+    data = SegmentData(ids=np.ascontiguousarray(ids[keep]), logp_bits=np.ascontiguousarray(bits[keep]),
+                       lse=lse, label_logp=label_logp, entries=entries, counts=counts)
+    return data, reconstruction_kl(logp, stored, counts, vocab)
 
 
 class Extractor:
@@ -202,16 +222,14 @@ class Extractor:
                             "prompt_len": len(r.prompt_ids), "token_ids": r.prompt_ids + r.response_ids})
             offset += r.n_tokens
         cat = lambda f: np.concatenate([results[r.key][f] for r in unit.requests])  # noqa: E731
-        logp = cat("logp")
-        bits = self.fmt.encode(logp)
-        data = SegmentData(ids=cat("ids").astype(np.int32), logp_bits=bits,
-                           lse=cat("lse").astype(np.float32), label_logp=cat("label_logp").astype(np.float32),
-                           entries=entries)
+        vocab = max(results[r.key]["vocab"] for r in unit.requests)
+        data, kl = segment_data(self.fmt, cat("ids"), cat("logp"), cat("lse"), cat("label_logp"),
+                                entries, vocab)
         manifest = {"schema_version": SCHEMA_VERSION, "identity_version": IDENTITY_VERSION,
                     "teacher": unit.teacher, "format": self.fmt.to_json(),
                     "n_entries": len(entries), "n_tokens": offset,
-                    "reconstruction_kl": reconstruction_kl(logp, self.fmt.decode(bits)),
-                    "versions": package_versions()}
+                    **({"n_slots": int(len(data.ids))} if self.fmt.adaptive else {}),
+                    "reconstruction_kl": kl, "versions": package_versions()}
         published = self.store.publish(unit.id, data, manifest)
         if self.throttle:
             time.sleep(self.throttle)  # crash tests and demos: widen the window between units

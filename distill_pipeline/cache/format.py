@@ -1,10 +1,12 @@
 """What one teacher-logit cache entry holds and how it is stored: `CacheFormat`, spelled once.
 
-A format is (K, the dtype the top-K log-probs are stored in, and optionally how many mantissa
-bits of them are kept — the lossy mode). It is part of every entry key, written once into each
-segment's manifest and once into each extraction node's `teachers.json`; the train stage reads it
-from the cache node it reads, never from its own config. Importing this module is cheap (no
-numpy/torch at import time), so config validation can use it.
+A format is (K, the dtype the top-K log-probs are stored in, optionally how many mantissa bits
+of them are kept — the lossy mode — and optionally a probability mass that makes K adaptive: per
+token the smallest k ≤ K whose cumulative probability reaches it, at least `min_k`). It is part of
+every entry key, written once into each segment's manifest and once into each extraction node's
+`teachers.json`; the train stage reads it from the cache node it reads, never from its own config.
+Importing this module is cheap (no numpy/torch at import time), so config validation can use it.
+A fixed-K format's keys and manifest are what they were before adaptive K existed (schema 1).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class CacheFormat:
     top_k: int
     dtype: str = "float16"
     logp_keep_bits: int | None = None  # None: every mantissa bit of `dtype` (lossless)
+    top_mass: float | None = None  # adaptive K: keep the smallest k ≤ top_k reaching this mass
+    min_k: int = 1                 # adaptive K: keep at least this many
 
     def __post_init__(self):
         if self.dtype not in MANTISSA_BITS:
@@ -36,6 +40,36 @@ class CacheFormat:
         if self.logp_keep_bits is not None and not 1 <= self.logp_keep_bits < bits:
             raise FormatError(f"logp_keep_bits must be between 1 and {bits - 1}, below the {bits} "
                               f"mantissa bits of {self.dtype} (leave it unset for lossless storage)")
+        if self.top_mass is not None:
+            if isinstance(self.top_mass, bool) or not isinstance(self.top_mass, (int, float)) \
+                    or not 0 < self.top_mass < 1:
+                raise FormatError(f"top_mass must be a probability strictly between 0 and 1, e.g. "
+                                  f"0.999 (got {self.top_mass!r}); leave it unset for a fixed K")
+            object.__setattr__(self, "top_mass", float(self.top_mass))
+        if not isinstance(self.min_k, int) or isinstance(self.min_k, bool) or not 1 <= self.min_k <= self.top_k:
+            raise FormatError(f"min_k must be an integer between 1 and top_k={self.top_k} (got {self.min_k!r})")
+        if self.top_mass is None and self.min_k != 1:
+            raise FormatError("min_k applies to an adaptive K only: set top_mass too (e.g. 0.999), or "
+                              "leave min_k at 1")
+
+    @property
+    def adaptive(self) -> bool:
+        """Per-token k (ragged storage) rather than K slots for every token."""
+        return self.top_mass is not None
+
+    @property
+    def shape(self) -> str:
+        """How many slots a token keeps, as one token: `50`, or `50-mass0.999-min1` (adaptive)."""
+        if not self.adaptive:
+            return str(self.top_k)
+        return f"{self.top_k}-mass{self.top_mass!r}-min{self.min_k}"
+
+    @property
+    def label(self) -> str:
+        """For people (`cache ls/info`): `50`, or `≤50 @ mass 0.999` (adaptive)."""
+        if not self.adaptive:
+            return str(self.top_k)
+        return f"≤{self.top_k} @ mass {self.top_mass!r}" + (f", min {self.min_k}" if self.min_k > 1 else "")
 
     @property
     def storage(self) -> str:
@@ -46,12 +80,31 @@ class CacheFormat:
         """Content address of one entry: schema, teacher identity, format, prompt length, tokens."""
         import numpy as np
 
-        h = hashlib.sha256(f"{SCHEMA_VERSION}|{teacher}|{self.top_k}|{self.storage}|{prompt_len}|".encode())
+        # `shape` is plain K for a fixed format: its keys are the ones schema 1 always computed
+        h = hashlib.sha256(f"{SCHEMA_VERSION}|{teacher}|{self.shape}|{self.storage}|{prompt_len}|".encode())
         h.update(np.asarray(list(token_ids), dtype="<i4").tobytes())
         return h.hexdigest()
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The adaptive fields only when set, so a fixed format's manifest is byte for byte what
+        it was before they existed."""
+        data = asdict(self)
+        if not self.adaptive:
+            del data["top_mass"], data["min_k"]
+        return data
+
+    def kept(self, stored_logp: Any):
+        """Per token, how many of the top_k slots an adaptive format keeps: the smallest k whose
+        cumulative probability reaches `top_mass` (all of them if none does), at least `min_k`.
+        Computed from the *stored* log-probs (N, top_k), so it is as reproducible as they are
+        (other batch sizes change float32 rounding, not stored float16 values). (N,) uint16."""
+        import numpy as np
+
+        if not self.adaptive:
+            return np.full(len(stored_logp), self.top_k, dtype=np.uint16)
+        cum = np.cumsum(np.exp(stored_logp.astype(np.float64)), axis=1)  # (N, top_k)
+        k = (cum < self.top_mass).sum(axis=1) + 1
+        return np.clip(k, self.min_k, self.top_k).astype(np.uint16)
 
     @classmethod
     def from_json(cls, data: dict) -> "CacheFormat":
@@ -100,8 +153,15 @@ class CacheFormat:
         return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def reconstruction_kl(logp_f32: Any, stored_f32: Any) -> float:
-    """Mean over tokens of KL(original K+1 bins ‖ stored K+1 bins): what storage loses."""
+def reconstruction_kl(logp_f32: Any, stored_f32: Any, kept: Any = None, vocab: int | None = None) -> float:
+    """Mean over tokens of KL(original K+1 bins ‖ stored K+1 bins): what storage loses.
+
+    Adaptive K (`kept`: per-token slots kept, `vocab`: the vocabulary size): the original is the
+    float32 top-K (K+1 bins) as a fixed-K cache would keep it; the stored side keeps the first
+    k values, and a dropped slot gets what an entry that names only k tokens says about it — an
+    even share of the stored tail over the `vocab − k` tokens it does not name (the tail bin gets
+    the rest of it). No assumption about the teacher's tail shape; the truncation's cost is
+    therefore an upper-side estimate."""
     import numpy as np
 
     def bins(lp):
@@ -110,5 +170,18 @@ def reconstruction_kl(logp_f32: Any, stored_f32: Any) -> float:
 
     if len(logp_f32) == 0:
         return 0.0
-    p, q = bins(logp_f32), bins(stored_f32)
+    p = bins(logp_f32)
+    if kept is None:
+        q = bins(stored_f32)
+    else:
+        n, top_k = stored_f32.shape
+        if vocab is None or vocab < top_k:
+            raise ValueError(f"an adaptive-K reconstruction KL needs the vocabulary size (got {vocab})")
+        k = np.asarray(kept, dtype=np.int64)[:, None]  # (N, 1)
+        keep = np.arange(top_k)[None, :] < k  # (N, K)
+        stored = np.where(keep, np.exp(stored_f32.astype(np.float64)), 0.0)
+        tail = np.clip(1 - stored.sum(-1, keepdims=True), 0, None)  # (N, 1)
+        share = tail / np.maximum(vocab - k, 1)  # each token the entry does not name
+        q = np.concatenate([np.where(keep, stored, share), share * (vocab - top_k)], -1)
+        q = np.clip(q, 1e-30, 1)
     return float((p * (np.log(p) - np.log(q))).sum(-1).mean())

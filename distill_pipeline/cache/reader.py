@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
-from distill_pipeline.cache.store import FIELDS, CacheError, entry_checksum, segment_format
+from distill_pipeline.cache.store import CacheError, entry_checksum, segment_format
 
 
 class TokenMismatch(CacheError):
@@ -81,14 +81,30 @@ class CacheReader:
 
     def _chunk(self, segment: str, field: str, c: int):
         """Decoded chunk `c` of one array, through the LRU."""
-        key = (segment, field, c)
+        def read():
+            arr = self._array(segment, field)
+            rows = arr.chunks[0]
+            return arr[c * rows:(c + 1) * rows]
+        return self._cached((segment, field, c), read)
+
+    def _starts(self, segment: str):
+        """Adaptive K: where each token's slots start in the flat arrays, (N + 1,) int64, through
+        the LRU (one segment's counts, decoded and summed once)."""
+        import numpy as np
+
+        def read():
+            counts = self._array(segment, "counts")[...]
+            starts = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=starts[1:])
+            return starts
+        return self._cached((segment, "starts", 0), read)
+
+    def _cached(self, key: tuple, read):
         with self._lock:
             if key in self._chunks:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
-        arr = self._array(segment, field)
-        rows = arr.chunks[0]
-        data = arr[c * rows:(c + 1) * rows]
+        data = read()
         with self._lock:
             self._chunks[key] = data
             self._held += data.nbytes
@@ -136,7 +152,11 @@ class CacheReader:
         return table[key]
 
     def get(self, key: str, expect_tokens: Sequence[int] | None = None) -> dict:
-        """One entry: ids (n, K) int32, logp (n, K) float32, lse (n,), label_logp (n,)."""
+        """One entry: ids (n, K) int32, logp (n, K) float32, lse (n,), label_logp (n,), k (n,) the
+        slots each token keeps. Adaptive K: K is the entry's largest k, and a token's slots past
+        its own k are absent — log-prob −inf, ids distinct from its kept ones (`pad_slots`)."""
+        import numpy as np
+
         if key not in self._where:
             if self.damaged:
                 names = ", ".join(sorted(self.damaged)[:3]) + (" …" if len(self.damaged) > 3 else "")
@@ -157,41 +177,96 @@ class CacheReader:
                     f"student {list(expect_tokens[first:first + 5])}; lengths {len(stored)} vs "
                     f"{len(expect_tokens)}). Teacher and student tokenisation disagree — rerun "
                     "teacher_logits for this data, and check both models share one tokenizer")
+        counts = None
         try:
             fmt = self._format(segment)
-            ids, bits, lse, label = (self._rows(segment, f, offset, n) for f in FIELDS)
+            lse, label = (self._rows(segment, f, offset, n) for f in ("lse", "label_logp"))
+            if fmt.adaptive:
+                counts = self._rows(segment, "counts", offset, n)
+                starts = self._starts(segment)
+                a, b = int(starts[offset]), int(starts[offset + n])
+                ids, bits = (self._rows(segment, f, a, b - a) for f in ("ids", "logp"))
+            else:
+                ids, bits = (self._rows(segment, f, offset, n) for f in ("ids", "logp"))
         except CacheError:
             raise
         except Exception as exc:  # noqa: BLE001 - zarr checksum mismatch, missing files, bad JSON, …
             raise self._damage(segment, key, f"reading it failed ({type(exc).__name__}: {exc})") from None
         if key not in self._verified:  # once per entry per reader: a hash of ~n·(6K+8) bytes
-            if len(lse) != n or entry_checksum(ids, bits, lse, label) != checksum:
+            if len(lse) != n or entry_checksum(ids, bits, lse, label, counts) != checksum:
                 raise self._damage(segment, key, "its data does not match the checksum written with it "
                                                  "(chunks changed, replaced or swapped after it was written)")
             self._verified.add(key)
-        return {"ids": ids, "logp": fmt.decode(bits), "lse": lse, "label_logp": label,
+        logp = fmt.decode(bits)
+        if counts is None:
+            k = np.full(n, ids.shape[1] if ids.ndim == 2 else 0, dtype=np.int64)
+        else:
+            k = counts.astype(np.int64)
+            ids, logp = pad_slots(ids, logp, k, int(k.max()) if n else 0)
+        return {"ids": ids, "logp": logp, "lse": lse, "label_logp": label, "k": k,
                 "prompt_len": prompt_len}
+
+
+def pad_slots(ids, logp, k, width: int):
+    """Adaptive K: (n, ≥k) or flat (Σk,) slots → (n, width) numpy ids and log-probs, token r keeping
+    its first k[r] slots. The others are absent, *zero-probability* slots: log-prob −inf and ids
+    that name none of the token's kept ids (the smallest such ids, each once), so every K+1-bin
+    loss sees the same bins as with the token's own k_t slots — a duplicated id would count its
+    student probability twice. Which ids they name is arbitrary: losses must treat a −inf teacher
+    slot as absent (docs/METHODS.md §1, adaptive K)."""
+    import numpy as np
+
+    k = np.asarray(k, dtype=np.int64)
+    n = len(k)
+    keep = np.arange(width)[None, :] < k[:, None]  # (n, width)
+    out_ids = np.zeros((n, width), dtype=np.int32)
+    out_lp = np.full((n, width), -np.inf, dtype=np.float32)
+    if ids.ndim == 1:  # flat, a token's slots in a row
+        out_ids[keep], out_lp[keep] = ids, logp
+    else:
+        w = min(width, ids.shape[1])
+        out_ids[:, :w] = np.where(keep[:, :w], ids[:, :w], 0)
+        out_lp[:, :w] = np.where(keep[:, :w], logp[:, :w], -np.inf)
+    short = np.flatnonzero(k < width)
+    if len(short):
+        cand = np.arange(2 * width, dtype=np.int32)  # ≥ width of them are not kept ids
+        used = ((out_ids[short, :, None] == cand[None, None, :]) & keep[short, :, None]).any(1)  # (s, 2w)
+        free = cand[np.argsort(used, axis=1, kind="stable")]  # unused candidates first, ascending
+        j = np.arange(width)[None, :] - k[short, None]  # (s, width): index among a token's pads
+        pads = np.take_along_axis(free, np.clip(j, 0, None), axis=1)
+        out_ids[short] = np.where(j >= 0, pads, out_ids[short])
+    return out_ids, out_lp
 
 
 def aligned_teacher_tensors(reader: CacheReader, rows: list[tuple[str, list[int], int]], width: int, top_k: int):
     """Teacher tensors aligned with the student's shifted logits (position j predicts token j+1):
-    ids/logp (B, width-1, K), lse/label_logp/mask (B, width-1)."""
+    ids/logp (B, width-1, K), lse/label_logp/mask (B, width-1). K is `top_k` for a fixed-K cache;
+    for an adaptive-K cache it is the batch's largest k, each token's slots past its own k padded
+    as absent, zero-probability slots (`pad_slots`: log-prob −inf)."""
     import torch
 
     B, T = len(rows), width - 1
-    ids = torch.zeros((B, T, top_k), dtype=torch.long)  # (B, T, K)
-    logp = torch.zeros((B, T, top_k), dtype=torch.float32)  # (B, T, K)
-    lse = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
-    label = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
-    mask = torch.zeros((B, T), dtype=torch.bool)  # (B, T)
-    for b, (key, seq, prompt_len) in enumerate(rows):
+    entries = []
+    for key, seq, prompt_len in rows:
         e = reader.get(key, expect_tokens=seq)
         if e["prompt_len"] != prompt_len:
             raise TokenMismatch(f"cache entry {key[:16]}…: prompt length {e['prompt_len']} ≠ {prompt_len}")
+        entries.append(e)
+    ragged = any(e["ids"].shape[1] != top_k or (e["k"] != top_k).any() for e in entries)
+    K = max((e["ids"].shape[1] for e in entries), default=top_k) if ragged else top_k
+    ids = torch.zeros((B, T, K), dtype=torch.long)  # (B, T, K)
+    logp = torch.zeros((B, T, K), dtype=torch.float32)  # (B, T, K)
+    lse = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    label = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    mask = torch.zeros((B, T), dtype=torch.bool)  # (B, T)
+    for b, ((key, seq, prompt_len), e) in enumerate(zip(rows, entries)):
         n = len(e["lse"])
         s = slice(prompt_len - 1, prompt_len - 1 + n)
-        ids[b, s] = torch.from_numpy(e["ids"]).long()
-        logp[b, s] = torch.from_numpy(e["logp"])
+        e_ids, e_lp = e["ids"], e["logp"]
+        if ragged and e_ids.shape[1] != K:
+            e_ids, e_lp = pad_slots(e_ids, e_lp, e["k"], K)
+        ids[b, s] = torch.from_numpy(e_ids).long()
+        logp[b, s] = torch.from_numpy(e_lp)
         lse[b, s] = torch.from_numpy(e["lse"])
         label[b, s] = torch.from_numpy(e["label_logp"])
         mask[b, s] = True

@@ -11,6 +11,10 @@
         label_logp/ (N,)   float32         log-prob of the actual next token
         index.parquet                      one row per (sequence, teacher) entry: key, teacher,
                                            offset, n_tokens, prompt_len, token_ids, checksum
+      adaptive K (attrs.format.top_mass set): ragged, a token's slots are consecutive
+        counts/     (N,)   uint16          slots kept per token (min_k ≤ k ≤ top_k)
+        ids/        (M,)   int32           flat: row r's ids at [Σ counts[:r], Σ counts[:r+1]),
+        logp/       (M,)   uint16|uint32   M = Σ counts = attrs.n_slots; chunked FLAT_CHUNK
     <root>/commits/<segment id>.json       the segment's commit record: every file's size and
                                            sha256, and its manifest (written after the segment;
                                            on object stores, the marker that publishes it)
@@ -44,6 +48,7 @@ from typing import Any
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat
 
 CHUNK_ROWS = 4096
+FLAT_CHUNK = CHUNK_ROWS * 32  # slots per chunk of an adaptive-K segment's flat ids/logp arrays
 PACK_AT = 64    # per-segment index files that are packed into one
 MAX_PACKS = 8   # packs that are merged into one
 FIELDS = ("ids", "logp", "lse", "label_logp")
@@ -58,7 +63,7 @@ STORE_META = {"schema_version": SCHEMA_VERSION, "kind": "distill-pipeline teache
 INDEX_COLUMNS = ["key", "teacher", "offset", "n_tokens", "prompt_len", "token_ids", "checksum"]
 KEY_COLUMNS = ["key", "teacher", "offset", "n_tokens", "prompt_len", "checksum"]  # + segment
 _SEGMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_SEGMENT_FILE = re.compile(r"(zarr\.json|index\.parquet|(ids|logp|lse|label_logp)/(zarr\.json|c(/[0-9]{1,9}){1,2}))")
+_SEGMENT_FILE = re.compile(r"(zarr\.json|index\.parquet|(ids|logp|lse|label_logp|counts)/(zarr\.json|c(/[0-9]{1,9}){1,2}))")
 
 
 class SegmentRejected(CacheError):
@@ -93,9 +98,10 @@ def default_root() -> Path:
     return Path(base) / "teacher-logits"
 
 
-def entry_checksum(ids, logp_bits, lse, label) -> str:
+def entry_checksum(ids, logp_bits, lse, label, counts=None) -> str:
+    """One entry's data: (n, K) ids and bits, or for adaptive K its (n,) counts and flat slots."""
     h = hashlib.sha256()
-    for a in (ids, logp_bits, lse, label):
+    for a in ((counts,) if counts is not None else ()) + (ids, logp_bits, lse, label):
         h.update(a.tobytes())
     return h.hexdigest()[:32]
 
@@ -208,7 +214,7 @@ def _check_claims(name: str, files: dict[str, bytes], total: int) -> None:
     if segment_id(keys) != name:
         raise SegmentRejected(f"segment id {name} is not the hash of its entries' keys "
                               f"({segment_id(keys)}); segments are named by their content")
-    decoded = n_tokens * (top_k * 8 + 8)
+    decoded = n_tokens * (top_k * 8 + 10)
     if decoded > 64 * total + (1 << 20):
         raise SegmentRejected(f"segment {name}: its manifest declares {n_tokens} tokens x K={top_k} "
                               f"({decoded} bytes decoded), more than {total} bytes of upload can hold")
@@ -221,12 +227,27 @@ def segment_format(attrs: dict) -> CacheFormat:
 
 @dataclass
 class SegmentData:
-    """What a worker hands to `Store.publish`: concatenated rows and one index row per entry."""
-    ids: Any          # (N, K) int32
-    logp_bits: Any    # (N, K) uint16/uint32
+    """What a worker hands to `Store.publish`: concatenated rows and one index row per entry.
+    Adaptive K: `counts` (N,) uint16 and ids/logp_bits flat (Σ counts,), a token's slots in a row."""
+    ids: Any          # (N, K) int32, or (M,) flat with counts
+    logp_bits: Any    # (N, K) uint16/uint32, or (M,) flat with counts
     lse: Any          # (N,) float32
     label_logp: Any   # (N,) float32
     entries: list[dict]  # key, teacher, offset, n_tokens, prompt_len, token_ids
+    counts: Any = None   # (N,) uint16: slots kept per token (adaptive K only)
+
+    def slots(self, offset: int, n: int) -> tuple[int, int]:
+        """Where rows [offset, offset + n) lie in the flat arrays (adaptive K)."""
+        start = int(self.counts[:offset].sum(dtype="int64"))
+        return start, start + int(self.counts[offset:offset + n].sum(dtype="int64"))
+
+    def checksum(self, offset: int, n: int) -> str:
+        s = slice(offset, offset + n)
+        if self.counts is None:
+            return entry_checksum(self.ids[s], self.logp_bits[s], self.lse[s], self.label_logp[s])
+        a, b = self.slots(offset, n)
+        return entry_checksum(self.ids[a:b], self.logp_bits[a:b], self.lse[s], self.label_logp[s],
+                              self.counts[s])
 
 
 class Store:
@@ -615,24 +636,30 @@ class Store:
         from zarr.codecs.numcodecs import Delta
 
         group = zarr.open_group(str(tmp), mode="w", attributes=manifest)
-        zstd = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
         n = len(data.lse)
         rows = max(1, min(CHUNK_ROWS, n))
+        if data.counts is None:
+            slot_chunks = (rows, data.ids.shape[1])
+        else:  # ragged: a token's slots follow each other in flat arrays
+            slot_chunks = (max(1, min(FLAT_CHUNK, len(data.ids))),)
         specs = {
-            "ids": (data.ids, [], (rows, data.ids.shape[1])),
-            "logp": (data.logp_bits, [Delta(dtype=data.logp_bits.dtype.str)], (rows, data.ids.shape[1])),
+            "ids": (data.ids, [], slot_chunks),
+            "logp": (data.logp_bits, [Delta(dtype=data.logp_bits.dtype.str)], slot_chunks),
             "lse": (data.lse, [], (rows,)),
             "label_logp": (data.label_logp, [], (rows,)),
         }
+        if data.counts is not None:
+            specs["counts"] = (data.counts, [], (rows,))
         for name, (arr, filters, chunks) in specs.items():
+            # one blosc block per chunk: zstd sees the whole chunk (ids 103.1 → 102.4 B/token on
+            # the synthetic sample, within 5% of their order-0 entropy; benchmarks/id_coding_bench.py)
+            block = int(np.prod(chunks)) * arr.dtype.itemsize
+            zstd = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", blocksize=block)
             z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
                                    filters=filters, compressors=[zstd, Crc32cCodec()])
             z[...] = arr
         offsets = np.array([e["offset"] for e in data.entries])
-        checks = []
-        for e in data.entries:
-            s = slice(e["offset"], e["offset"] + e["n_tokens"])
-            checks.append(entry_checksum(data.ids[s], data.logp_bits[s], data.lse[s], data.label_logp[s]))
+        checks = [data.checksum(e["offset"], e["n_tokens"]) for e in data.entries]
         table = pa.table({
             "key": [e["key"] for e in data.entries],
             "teacher": [e["teacher"] for e in data.entries],

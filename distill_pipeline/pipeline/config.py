@@ -215,6 +215,10 @@ class TeacherLogits(Node):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     logp_keep_bits: int | None = Field(None, ge=1, le=22, description="lossy mode: mantissa bits of "
                                        "the log-probs kept (default: all); `cache info` reports the KL")
+    top_mass: float | None = Field(None, gt=0, lt=1, description="adaptive K: per token keep the "
+                                   "smallest k <= top_k whose probabilities reach this mass (e.g. "
+                                   "0.999); the rest joins the tail bin. Default: always top_k")
+    min_k: int = Field(1, ge=1, le=1024, description="adaptive K: keep at least this many per token")
     store: str | None = Field(None, description="cache root (shared path for a team); default: "
                               "$DISTILL_CACHE_DIR or ~/.cache/distill-pipeline/teacher-logits")
     unit_tokens: int = Field(16384, ge=1, description="response tokens per published segment")
@@ -236,7 +240,7 @@ class TeacherLogits(Node):
     @property
     def format(self) -> CacheFormat:
         """What the extraction writes: the one place K, dtype and kept bits become a format."""
-        return CacheFormat(self.top_k, self.dtype, self.logp_keep_bits)
+        return CacheFormat(self.top_k, self.dtype, self.logp_keep_bits, self.top_mass, self.min_k)
 
 
 class Train(TrainHP):

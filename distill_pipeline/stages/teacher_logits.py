@@ -33,6 +33,8 @@ class TeacherLogitsView(View):
     # Which store, and how entries are grouped into segments, decide where the entries live, not
     # their values: a change re-extracts (or finds) the entries, and what trained on them stays.
     LAYOUT = frozenset({"extraction.store", "extraction.unit_tokens"})
+    # adaptive K came later: a fixed-K extraction's fingerprint stays what it was (View.ADDED)
+    ADDED = {"extraction.top_mass": None, "extraction.min_k": 1}
 
     def origins(self) -> dict[str, str | None]:
         return {"source": None, "extraction": "teacher_logits", "data": None}

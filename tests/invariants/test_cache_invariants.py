@@ -284,3 +284,60 @@ def test_lossy_mode_is_smaller_and_reports_its_kl(teacher, tmp_path):
     seg = lambda root: sum(f.stat().st_size for f in (root / "segments").rglob("logp/**/*") if f.is_file())  # noqa: E731
     assert seg(tmp_path / "lossy") < seg(tmp_path / "exact")
     assert verify(Store(tmp_path / "lossy"))[1] == []
+
+
+ADAPTIVE = CacheFormat(TOP_K, DTYPE, top_mass=0.035)  # the tiny teacher is flat: ~4 of 8 slots
+
+
+def test_adaptive_k_store_is_bit_identical_after_lost_units_and_other_batches(teacher, tmp_path):
+    """Adaptive K keeps each token's k from the *stored* log-probs, so the ragged store is as
+    reproducible as a fixed-K one: other batch sizes and units lost mid-run (removed, as after a
+    kill -9, then extracted again) give the same bytes; and it reads back as the fixed-K store
+    truncated to each token's k."""
+    clean = run_extraction(teacher, tmp_path / "clean", 40, unit_tokens=64, fmt=ADAPTIVE)
+    assert clean["units"] >= 4
+    run_extraction(teacher, tmp_path / "other", 40, unit_tokens=64, fmt=ADAPTIVE, batch_tokens=4096)
+    assert tree_bytes(tmp_path / "other") == tree_bytes(tmp_path / "clean")
+    store = Store(tmp_path / "other")
+    for seg in store.segments()[1::2]:
+        store.remove_segment(seg.name)
+    again = run_extraction(teacher, tmp_path / "other", 40, unit_tokens=64, fmt=ADAPTIVE, batch_tokens=4096)
+    assert again["extracted"] < 40 and again["units"] == clean["units"] // 2
+    assert tree_bytes(tmp_path / "other") == tree_bytes(tmp_path / "clean")
+    assert verify(store)[1] == []
+    r = info(store)
+    assert 1 <= r["mean_k"] < TOP_K and r["top_k"] == [f"≤{TOP_K} @ mass 0.035 (mean k {r['mean_k']:.2f})"]
+
+    run_extraction(teacher, tmp_path / "fixed", 40, unit_tokens=64)
+    fixed, ad = CacheReader(tmp_path / "fixed"), CacheReader(tmp_path / "clean")
+    ks = set()
+    for f, a in zip(requests(teacher, sequences(40))[0], requests(teacher, sequences(40), ADAPTIVE)[0]):
+        ef, ea = fixed.get(f.key), ad.get(a.key)
+        for row, k in enumerate(ea["k"]):
+            ks.add(int(k))
+            assert np.array_equal(ef["ids"][row, :k], ea["ids"][row, :k])
+            assert np.array_equal(ef["logp"][row, :k], ea["logp"][row, :k])
+        assert np.array_equal(ef["lse"], ea["lse"]) and np.array_equal(ef["label_logp"], ea["label_logp"])
+    assert len(ks) > 1  # k really varies on this data
+
+
+def test_adaptive_k_streams_padded_batches(teacher, tmp_path):
+    """Training batches from an adaptive-K store: padded to the batch's largest k with −inf
+    (absent) slots; every kept slot is the fixed-K store's."""
+    seqs = sequences(8)
+    run_extraction(teacher, tmp_path / "ad", 8, unit_tokens=1000, fmt=ADAPTIVE)
+    run_extraction(teacher, tmp_path / "fixed", 8, unit_tokens=1000)
+    ident = requests(teacher, seqs)[0][0].teacher
+    examples = [{"prompt_ids": p, "chosen_ids": r} for p, r in seqs]
+
+    def first(root, fmt):
+        source = TeacherSource(CacheReader(root), fmt, {"teacher": ident})
+        return next(iter(Batches(examples, [Field("chosen", "w", ("teacher",))], batch_size=8, pad_id=0,
+                                 cache=source).epoch(0)))["w"]["teacher"]
+    ad, fixed = first(tmp_path / "ad", ADAPTIVE), first(tmp_path / "fixed", FMT)
+    m = ad["mask"]
+    kept = torch.isfinite(ad["logp"])
+    assert ad["ids"].shape[-1] == int(kept[m].sum(-1).max()) <= TOP_K and int(kept[m].sum(-1).min()) < TOP_K
+    assert torch.equal(ad["ids"][kept & m[..., None]],
+                       fixed["ids"][..., :ad["ids"].shape[-1]][kept & m[..., None]])
+    assert torch.equal(ad["lse"], fixed["lse"]) and torch.equal(ad["mask"], fixed["mask"])

@@ -27,6 +27,29 @@ def test_replication_smoke(tmp_path):
     assert "| adpa+ |" in (tmp_path / "replication.md").read_text()
 
 
+@pytest.mark.slow
+def test_adaptive_k_bench_smoke(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/adaptive_k_bench.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DISTILL_PROGRESS": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "adaptive_k.json").read_text())
+    assert list(report["formats"]) == ["fixed K=50", "top_mass 0.999", "top_mass 0.99"]
+    for row in report["formats"].values():
+        assert row["bytes_per_token"] > 0 and 1 <= row["mean_k"] <= 50
+        assert set(row["methods"]) == {"adpa", "dckd"}
+
+
+def test_id_coding_bench_smoke(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/id_coding_bench.py", "--tokens", "8192",
+                          "--out", str(tmp_path / "ids.json")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["option"]: r for r in json.loads((tmp_path / "ids.json").read_text())["rows"]}
+    today = rows["same, blosc blocksize = the whole chunk (store.py since issue 12)"]
+    assert today["lossless"] and today["B_per_token"] < rows["zarr today: int32, blosc zstd-5 byte shuffle"]["B_per_token"]
+
+
 def test_identity_bench_smoke():
     out = subprocess.run([sys.executable, "benchmarks/identity_bench.py", "--shards", "2", "--shard-mb", "8"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -63,6 +63,8 @@ def perturb(path: str, value: Any, method: str, tmp) -> Any:
         "run_dir": str(tmp / "other-run"), "teacher_logits.store": str(tmp / "other-store"),
         "data.chat_template": "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}",
         "rollouts.max_model_len": 4096, "resources.gpu_memory_gb": 80.0,
+        "teacher_logits.top_mass": 0.999,
+        "teacher_logits.min_k": None,  # only valid beside top_mass (a config error alone)
     }
     if path in special:
         return special[path]
