@@ -2,6 +2,8 @@
 held-out metrics (task accuracy, reward accuracy, mean generated length) and their table."""
 from __future__ import annotations
 
+from typing import Any
+
 METRICS = ("task_accuracy", "reward_accuracy", "mean_length")
 # With a reward model (`rm_*`) and the teacher judge (`judge_*`): mean score of the greedy
 # responses, and win rate vs the SFT student (evaluate stage).
@@ -38,24 +40,31 @@ def pair_logps(model, examples, pad_id, batch_size=64):
     return sw, nw, sl, nl
 
 
-def attach_policy_ref(examples: list[dict], ref, pad_id: int, strategy: str = "ddp") -> None:
+def attach_policy_ref(examples: list[dict], ref, pad_id: int, strategy: str = "ddp", *,
+                      model: Any = None, batch_size: int = 64) -> None:
     """Store the reference model's summed log-probs of chosen and rejected on every pair, as
     `policy_ref_logp_w` / `policy_ref_logp_l` (the DPO-style losses' inputs of those names).
-    `ref` is the reference's `models.ModelRef`. Under data parallelism each worker scores every
-    N-th pair (the same number on every rank) with the reference placed like the policy
-    (`strategy`: a replica, or FSDP shards), and the workers exchange the results."""
+    `ref` is the reference's `models.ModelRef`; `model`: that model, already loaded (the policy
+    before training when it starts from the reference: no second copy is loaded). Under data
+    parallelism each worker scores every N-th pair (the same number on every rank) and the
+    workers exchange the results; a reference loaded here is placed like the policy (`strategy`:
+    a replica, or FSDP shards). `batch_size` pairs are scored at a time (their logits over the
+    vocabulary are the scoring's peak memory)."""
     from distill_pipeline import parallel
     from distill_pipeline.losses import POLICY_REF
     from distill_pipeline.models import load_ref
 
-    reference, _ = load_ref(ref)
+    if not examples:
+        return
     group = parallel.group()
+    if model is None:
+        model, _ = load_ref(ref)
+        if group.world > 1 and strategy == "fsdp":
+            parallel.shard(model, "fsdp")
     mine = list(range(group.rank, len(examples), group.world))
     share = -(-len(examples) // group.world)
     mine += (mine[-1:] or [0]) * (share - len(mine))  # pad: FSDP's forward is collective
-    if group.world > 1 and strategy == "fsdp":
-        parallel.shard(reference, "fsdp")
-    sw, _, sl, _ = pair_logps(reference, [examples[i] for i in mine], pad_id)
+    sw, _, sl, _ = pair_logps(model, [examples[i] for i in mine], pad_id, batch_size)
     for part in parallel.all_gather(list(zip(mine, sw.tolist(), sl.tolist()))):
         for i, w, l in part:
             examples[i][f"{POLICY_REF}_w"], examples[i][f"{POLICY_REF}_l"] = w, l

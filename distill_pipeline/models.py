@@ -685,10 +685,17 @@ def teacher_identity(model_dir: Path) -> str:
     return content_identity(Path(model_dir))
 
 
-def save_model(model, tok, folder: Path, state_dict: dict | None = None) -> None:
+def save_model(model, tok, folder: Path, state_dict: dict | None = None, dtype: Any = None) -> None:
     """save_pretrained for weights (`state_dict`: these instead of the model's own, e.g. gathered
-    from FSDP shards) and tokenizer, then the identity memo (teacher_identity)."""
+    from FSDP shards; `dtype`: the dtype they are in, when it is not the model's — config.json
+    says it, so a load with dtype "auto" gets it) and tokenizer, then the identity memo."""
     model.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))
+    if dtype is not None:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        for field in ("dtype", "torch_dtype"):
+            if field in config:
+                config[field] = str(dtype).replace("torch.", "")
+        (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tok.save_pretrained(folder)
     teacher_identity(folder)
 

@@ -75,13 +75,17 @@ def _decoder_layers(model: Any) -> list[Any]:
 
 
 def prepare(model: Any, hp: Any) -> Any:
-    """Apply `precision` (bf16 weights), `gradient_checkpointing` and, with several workers, the
-    strategy. Returns what the loss calls (the DDP wrapper, or the model itself: FSDP2 and one
-    worker change it in place); the optimizer takes `model.parameters()` afterwards."""
+    """Apply `precision`, `gradient_checkpointing` and, with several workers, the strategy.
+    `fp32` and `bf16-mixed` train float32 weights (a model loaded in bfloat16 is upcast: AdamW on
+    bfloat16 weights loses small updates), `bf16` trains bfloat16 ones. Returns what the loss
+    calls (the DDP wrapper, or the model itself: FSDP2 and one worker change it in place); the
+    optimizer takes `model.parameters()` afterwards."""
     import torch
 
-    if getattr(hp, "precision", "fp32") == "bf16":
-        model.to(torch.bfloat16)
+    precision = getattr(hp, "precision", "fp32")
+    # saved back in the dtype it was loaded in (`training.save_trained`): models.*.dtype
+    model.distill_saved_dtype = next(model.parameters()).dtype
+    model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
     if getattr(hp, "gradient_checkpointing", False):
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
@@ -90,19 +94,22 @@ def prepare(model: Any, hp: Any) -> Any:
             model.config.use_cache = False
     if group().world == 1:
         return model
-    return shard(model, hp.strategy)
+    return shard(model, hp.strategy, mixed=precision == "bf16-mixed")
 
 
-def shard(model: Any, strategy: str) -> Any:
-    """The model placed for data parallelism: DDP-wrapped, or FSDP2-sharded in place."""
+def shard(model: Any, strategy: str, *, mixed: bool = False) -> Any:
+    """The model placed for data parallelism: DDP-wrapped, or FSDP2-sharded in place (`mixed`:
+    layers gathered and computed in bfloat16, gradients reduced in float32)."""
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        import torch
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if mixed else MixedPrecisionPolicy())
         for layer in _decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
-    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     dev = next(model.parameters()).device
@@ -121,16 +128,16 @@ def autocast(model: Any, hp: Any):
 
 @contextlib.contextmanager
 def accumulating(net: Any, sync: bool) -> Iterator[None]:
-    """Gradients of this backward are reduced across workers only when `sync` (the step's last
-    micro-batch of this rank); before that they accumulate locally."""
+    """DDP: gradients of this backward are all-reduced only when `sync` (the step's last
+    micro-batch of this rank); before that they accumulate locally. FSDP reduce-scatters after
+    every micro-batch and accumulates its gradient shards: skipping that would keep a whole
+    unsharded gradient between micro-batches, which is what sharding is for avoiding."""
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(net, DistributedDataParallel) and not sync:
         with net.no_sync():
             yield
         return
-    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
-        net.set_requires_gradient_sync(sync)
     yield
 
 
@@ -160,6 +167,17 @@ def clip_grad_norm(model: Any, max_norm: float) -> Any:
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if group().world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_gather(obj: Any) -> list[Any]:
@@ -200,12 +218,10 @@ def save_checkpoint(ckpt: Path, model: Any, opt: Any, loop: dict) -> None:
     torch.save(torch.get_rng_state(), tmp / f"rng-{g.rank}.pt")
     barrier()
     if g.main:
+        from distill_pipeline.training import swap_in
+
         (tmp / "loop.json").write_text(json.dumps({**loop, "workers": g.world}))
-        old = ckpt.with_name(ckpt.name + ".old")
-        if ckpt.exists():
-            ckpt.rename(old)
-        tmp.rename(ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, ckpt)
     barrier()
 
 
@@ -216,9 +232,15 @@ def load_checkpoint(ckpt: Path, model: Any, opt: Any) -> dict | None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    if not (ckpt / "loop.json").exists():
+    loop = None
+    if group().main:  # rank 0 decides for all (each rank's view of a shared disk may lag)
+        from distill_pipeline.training import recover
+
+        if recover(ckpt, "loop.json"):
+            loop = json.loads((ckpt / "loop.json").read_text())
+    loop = broadcast(loop)
+    if loop is None:
         return None
-    loop = json.loads((ckpt / "loop.json").read_text())
     if loop.get("workers") != group().world:
         raise RuntimeError(f"{ckpt} was written by {loop.get('workers')} workers, not {group().world}")
     msd, osd = get_state_dict(model, opt)
@@ -259,6 +281,7 @@ def launch(stage: str, view: Any, inputs: dict[str, str], out: Path, *, cpus: fl
     workers = workers_of(view)
     (out / SUMMARY).unlink(missing_ok=True)
     storage = out.with_name(out.name + ".ray-train")
+    shutil.rmtree(storage, ignore_errors=True)  # a failed attempt's run state: resuming is ours
     per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         _worker,

@@ -65,6 +65,29 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
 
 
+def swap_in(tmp: Path, ckpt: Path) -> None:
+    """Make the complete checkpoint `tmp` the checkpoint: `ckpt` → `.old`, `tmp` → `ckpt`, drop
+    `.old`. A crash anywhere leaves a state `recover` resolves to the newest complete one."""
+    old = ckpt.with_name(ckpt.name + ".old")
+    if ckpt.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a crash while it was being deleted last time
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(ckpt: Path, marker: str) -> bool:
+    """Resolve what an interrupted `swap_in` left, keeping the newest complete checkpoint; True
+    when there is one. `tmp` is complete exactly when `.old` exists beside it without `ckpt`
+    (`ckpt` is renamed away only once `tmp` was fully written)."""
+    tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
+    if not ckpt.exists() and old.exists():
+        (tmp if (tmp / marker).exists() else old).rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return (ckpt / marker).exists()
+
+
 def _save(ckpt: Path, model: Any, opt: Any, state: dict) -> None:
     import torch
 
@@ -72,11 +95,7 @@ def _save(ckpt: Path, model: Any, opt: Any, state: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), **state}, tmp / "state.pt")
-    old = ckpt.with_name(ckpt.name + ".old")
-    if ckpt.exists():
-        ckpt.rename(old)
-    tmp.rename(ckpt)  # atomic: a crash leaves either the old or the new checkpoint
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, ckpt)  # a crash leaves the old or the new checkpoint (`recover`)
 
 
 def step_norm(window: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -146,7 +165,7 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     resumed = None
     if group.world > 1:
         resumed = parallel.load_checkpoint(ckpt, net, opt)
-    elif (ckpt / "state.pt").exists():
+    elif recover(ckpt, "state.pt"):
         resumed = torch.load(ckpt / "state.pt", weights_only=False)
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["opt"])
@@ -265,14 +284,21 @@ def _tensorboard(work_dir: Path):
 
 
 def save_trained(model: Any, tok: Any, folder: Path) -> None:
-    """Save the trained model (rank 0; with several workers every rank must call this: FSDP's
-    shards are gathered into one state dict first)."""
+    """Save the trained model in the dtype it was loaded in (models.*.dtype; training may have
+    kept float32 master weights) — rank 0; with several workers every rank must call this:
+    FSDP's shards are gathered into one state dict first."""
     from distill_pipeline import parallel
     from distill_pipeline.models import save_model
 
     state = parallel.full_state_dict(model)
     if parallel.group().main:
-        save_model(model, tok, folder, state_dict=state)
+        dtype = getattr(model, "distill_saved_dtype", None)  # what `parallel.prepare` found
+        if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+            state = {k: v.to(dtype) if v.is_floating_point() else v
+                     for k, v in (state if state is not None else model.state_dict()).items()}
+        else:
+            dtype = None
+        save_model(model, tok, folder, state_dict=state, dtype=dtype)
     parallel.barrier()
 
 

@@ -716,7 +716,8 @@ class FlightRemote:
 
     def entries(self, keys: Iterable[str]) -> dict[str, dict]:
         """key → {"ids" (n, K) int32, "logp" (n, K) float32, "lse" (n,), "label_logp" (n,),
-        "prompt_len"}, as `CacheReader.get`; keys the service does not hold are left out."""
+        "k" (n,), "prompt_len"}, as `CacheReader.get` (adaptive K: rows padded with −inf slots,
+        `k` counts the others); keys the service does not hold are left out."""
         keys, out = list(dict.fromkeys(keys)), {}
         for i in range(0, len(keys), MAX_TICKET_KEYS):
             for batch in self._stream({"kind": "entries", "keys": keys[i:i + MAX_TICKET_KEYS]}, "send entries"):
@@ -728,8 +729,10 @@ class FlightRemote:
                     k = max(1, cols["top_k"][r].as_py())
                     row = {f: np.asarray(cols[f][r].values.to_numpy(zero_copy_only=False))
                            for f in ("ids", "logp", "lse", "label_logp")}
-                    out[key] = {"ids": row["ids"].reshape(-1, k), "logp": row["logp"].reshape(-1, k),
+                    logp = row["logp"].reshape(-1, k)
+                    out[key] = {"ids": row["ids"].reshape(-1, k), "logp": logp,
                                 "lse": row["lse"], "label_logp": row["label_logp"],
+                                "k": (logp > -np.inf).sum(1).astype(np.int64),
                                 "prompt_len": cols["prompt_len"][r].as_py()}
         return out
 

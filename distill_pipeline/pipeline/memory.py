@@ -5,8 +5,8 @@ weights read), against the device's memory. `distill-pipeline plan -c CONFIG` pr
 
 The estimates are deliberately simple sums (bytes):
 
-- training nodes: weights + gradients + AdamW's two moments (in the model's dtype, as torch
-  keeps them; bfloat16 with `precision: bf16`) + activations kept for backward (`ACT_PER_TOKEN`
+- training nodes: weights + gradients + AdamW's two moments (float32, bfloat16 with
+  `precision: bf16`; `parallel.prepare` casts the loaded model) + activations kept for backward (`ACT_PER_TOKEN`
   × hidden-size units per token per layer, plus the MLP's intermediate units; with
   `gradient_checkpointing` one hidden-size unit per layer plus one layer's full set, recomputed)
   + the logits over the vocabulary (logits, their gradient and the causal shift's gradient:
@@ -15,6 +15,7 @@ The estimates are deliberately simple sums (bytes):
   `workers` > 1 the batch is per worker; `strategy: fsdp` divides weights, gradients and
   optimizer state by the workers and adds the gathered root (embeddings, LM head) and two
   gathered layers; `ddp` adds its gradient buckets (one more copy of the gradients);
+  `bf16-mixed` without FSDP or checkpointing keeps autocast's bfloat16 copy of every weight;
 - extraction: every teacher it holds + one forward's activations (no gradients) + the LM head's
   chunk (`head_chunk_rows` × V float32, twice);
 - rollouts: the policy + its KV cache (2 × layers × batch × length × hidden);
@@ -113,8 +114,8 @@ def training(shape: Shape, sequences: int, length: int, hp: Any = None) -> dict[
     checkpointing = getattr(hp, "gradient_checkpointing", False)
     workers = getattr(hp, "workers", 1)
     fsdp = workers > 1 and getattr(hp, "strategy", "ddp") == "fsdp"
-    b = 2 if precision == "bf16" else shape.bytes_per_param  # weights, gradients, AdamW moments
-    act = 2 if precision in ("bf16", "bf16-mixed") else shape.bytes_per_param  # the forward's dtype
+    b = 2 if precision == "bf16" else 4  # weights, gradients, AdamW moments (parallel.prepare)
+    act = 2 if precision in ("bf16", "bf16-mixed") else 4  # the forward's dtype
     tokens = sequences * length
     layer = ACT_PER_TOKEN * shape.hidden + MLP_PER_TOKEN * shape.intermediate
     if checkpointing:  # each layer's input kept, one layer's activations live while it recomputes
@@ -129,9 +130,12 @@ def training(shape: Shape, sequences: int, length: int, hp: Any = None) -> dict[
     if fsdp:
         per_layer = shape.params // max(1, shape.layers)  # an upper bound: embeddings counted in
         root = min(shape.params, 2 * shape.vocab * shape.hidden)
-        parts["FSDP gathered (root + 2 layers)"] = (root + 2 * per_layer) * b
+        gathered = 2 if precision == "bf16-mixed" else b  # FSDP gathers bfloat16 copies then
+        parts["FSDP gathered (root + 2 layers)"] = (root + 2 * per_layer) * gathered
     elif workers > 1:
         parts["DDP gradient buckets"] = shape.params * b
+    if precision == "bf16-mixed" and not fsdp and not checkpointing:
+        parts["bf16 weight copies (autocast)"] = shape.params * 2  # each layer's, kept for backward
     return parts
 
 
@@ -221,8 +225,8 @@ def advice(est: NodeEstimate, cfg: Any) -> str:
     tips = []
     parts = est.parts
     if "optimizer (AdamW)" in parts:  # a training node: the node's own options
-        tips.append(f"`workers: N` with `strategy: fsdp` on {est.node} (weights, gradients and "
-                    "optimizer state divided by N)")
+        more = "more `workers`" if any(k.startswith("FSDP") for k in parts) else "`workers: N` with `strategy: fsdp`"
+        tips.append(f"{more} on {est.node} (weights, gradients and optimizer state divided by the workers)")
         tips.append(f"`gradient_checkpointing: true` and `precision: bf16-mixed` on {est.node}")
     if "activations" in parts or any(k.startswith("logits") for k in parts):
         tips.append("a smaller batch_size with a larger grad_accum (same effective batch) or a smaller "

@@ -40,7 +40,9 @@ def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
     reference = model_ref(inputs["reference"])
     policy, tok = load_ref(reference)
     examples = pair_examples(view.data, tok)
-    attach_policy_ref(examples, reference, tok.pad_token_id, hp.strategy)
+    # the policy starts as the reference: score the pairs with it before training (no second copy)
+    attach_policy_ref(examples, reference, tok.pad_token_id, hp.strategy, model=policy,
+                      batch_size=hp.batch_size)
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, extras=(f"{POLICY_REF}_w", f"{POLICY_REF}_l"))
     summary = train_loop(policy, hp=hp, examples=len(examples), batches=stream.epoch,

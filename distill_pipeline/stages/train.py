@@ -68,7 +68,9 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
     cache = TeacherSource(*open_node(inputs["cache"])) if spec.cache else None
     extras = ()
     if spec.policy_ref:
-        attach_policy_ref(examples, model_ref(inputs["reference"]), tok.pad_token_id, hp.strategy)
+        same = inputs["reference"] == inputs["init"]  # DPO/WPO: the SFT student is both
+        attach_policy_ref(examples, model_ref(inputs["reference"]), tok.pad_token_id, hp.strategy,
+                          model=model if same else None, batch_size=hp.batch_size)
         extras = (f"{POLICY_REF}_w", f"{POLICY_REF}_l")
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, cache=cache, extras=extras)

@@ -231,7 +231,7 @@ def test_round_trip_reproduces_the_store(base, tmp_path, servers, monkeypatch):
         want = original.get(key)
         for got in (via_mirror.get(key), entries[key]):
             assert got["prompt_len"] == want["prompt_len"]
-            for f in FIELDS:
+            for f in (*FIELDS, "k"):
                 assert got[f].dtype == want[f].dtype and np.array_equal(got[f], want[f]), (key, f)
     assert remote.has(base["keys"][:3] + ["0" * 64]) == set(base["keys"][:3])
     assert remote.stats() == {"segments": len(base["names"]), "entries": N_SEQ}

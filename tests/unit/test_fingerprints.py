@@ -302,3 +302,21 @@ def test_options_added_later_leave_existing_fingerprints_alone(tiny_config):
     assert other.node("train").view.fingerprint_payload()["hp"]["precision"] == "bf16"
     assert other.fingerprints["train"] != plan.fingerprints["train"]
     assert other.fingerprints["sft.student"] == plan.fingerprints["sft.student"]
+
+
+# The quickstart's fingerprints as computed before the training options and adaptive K existed
+# (commit b36442a), on any machine. Options added at their defaults must leave them alone (View.ADDED); a change
+# here reruns every existing quickstart run: update the table only for a deliberate change (a
+# stage version bump), and say so in the change.
+QUICKSTART_FINGERPRINTS = {
+    "sft.teacher": "259677bf924a4071", "sft.student": "42d3832e7c6e25ff", "teacher_dpo": "4ea61d4cd6230411",
+    "rollouts": "1f094452c777b289", "train": "3db421491858554a", "evaluate": "8309bb1cf90e8967"}
+
+
+def test_quickstart_fingerprints_are_pinned():
+    from tests.conftest import ROOT
+
+    plan = runner.make_plan(load_config(ROOT / "configs/quickstart.yaml"))
+    pinned = {k: v[:16] for k, v in plan.fingerprints.items()
+              if k != "teacher_logits.rollouts"}  # its own folder names the default store's path
+    assert pinned == QUICKSTART_FINGERPRINTS

@@ -85,7 +85,7 @@ def test_an_8b_teacher_is_refused_on_one_80gb_gpu_and_fits_sharded_over_8(tmp_pa
     tree = tiny_tree(tmp_path / "run", method="dckd")
     tree["models"]["teacher"] = {"name_or_path": str(teacher), "dtype": "bfloat16"}
     tree["data"]["max_length"] = 1024
-    tree["sft"]["teacher"] = {"batch_size": 8, "grad_accum": 16}
+    tree["sft"]["teacher"] = {"batch_size": 8, "grad_accum": 16, "precision": "bf16"}  # bf16 weights
     tree["resources"] = {"gpus": 1, "gpu_memory_gb": 80}
     estimate = {e.node: e for e in plan_memory(runner.make_plan(config_from_dict(tree)))}["sft.teacher"]
     assert estimate.parts["weights"] == 8_030_261_248 * 2  # Llama-3.1-8B, counted on the meta device
@@ -96,6 +96,19 @@ def test_an_8b_teacher_is_refused_on_one_80gb_gpu_and_fits_sharded_over_8(tmp_pa
     sharded = runner.make_plan(config_from_dict(tree))
     assert not [p for p in check(sharded) if p.startswith("sft.teacher")]
     assert "sft.teacher" in report(sharded) and "FSDP gathered" in report(sharded)
+    # float32 master weights (bf16-mixed) double weights, gradients and AdamW state: on 8 FSDP
+    # workers it still fits; on one GPU the advice names sharding and checkpointing
+    def teacher(plan):
+        return {e.node: e for e in plan_memory(plan)}["sft.teacher"]
+
+    tree["sft"]["teacher"].update(precision="bf16-mixed")
+    mixed = runner.make_plan(config_from_dict(tree))
+    assert teacher(mixed).parts["weights"] == 8_030_261_248 * 4 // 8
+    assert not [p for p in check(mixed) if p.startswith("sft.teacher")]
+    tree["sft"]["teacher"].update(workers=1)
+    single = check(runner.make_plan(config_from_dict(tree)))
+    assert single[0].startswith("sft.teacher") and "bf16 weight copies (autocast)" in single[0]
+    assert "`workers: N` with `strategy: fsdp`" in single[0] and "`gradient_checkpointing: true`" in single[0]
 
 
 def test_every_node_is_estimated_and_small_devices_refused(tmp_path):
