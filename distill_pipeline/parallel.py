@@ -200,6 +200,26 @@ def full_state_dict(model: Any) -> dict | None:
     return sd if group().main else None
 
 
+def rng_state() -> dict:
+    """This process's CPU and (when used) CUDA RNG states: dropout resumes where it was."""
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Any) -> None:
+    import torch
+
+    if not isinstance(state, dict):  # a checkpoint from before the CUDA state was kept
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_checkpoint(ckpt: Path, model: Any, opt: Any, loop: dict) -> None:
     """A sharded checkpoint (torch.distributed.checkpoint) of model + optimizer, the loop position
     and every rank's RNG state; swapped in atomically by rank 0 once every rank has written."""
@@ -215,7 +235,7 @@ def save_checkpoint(ckpt: Path, model: Any, opt: Any, loop: dict) -> None:
     barrier()
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
-    torch.save(torch.get_rng_state(), tmp / f"rng-{g.rank}.pt")
+    torch.save(rng_state(), tmp / f"rng-{g.rank}.pt")
     barrier()
     if g.main:
         from distill_pipeline.training import swap_in
@@ -247,7 +267,7 @@ def load_checkpoint(ckpt: Path, model: Any, opt: Any) -> dict | None:
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(ckpt / "state"))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    torch.set_rng_state(torch.load(ckpt / f"rng-{group().rank}.pt"))
+    set_rng_state(torch.load(ckpt / f"rng-{group().rank}.pt", weights_only=False))
     return loop
 
 

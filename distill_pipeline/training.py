@@ -169,7 +169,7 @@ def train_loop(model: Any, *, hp: Any, examples: int,
         resumed = torch.load(ckpt / "state.pt", weights_only=False)
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["opt"])
-        torch.set_rng_state(resumed["rng"])
+        parallel.set_rng_state(resumed["rng"])
     if resumed is not None:
         step, epoch, consumed = resumed["step"], resumed["epoch"], resumed["consumed"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup),
@@ -240,7 +240,7 @@ def train_loop(model: Any, *, hp: Any, examples: int,
                 if group.world > 1:
                     parallel.save_checkpoint(ckpt, net, opt, position)
                 else:
-                    _save(ckpt, model, opt, {**position, "rng": torch.get_rng_state()})
+                    _save(ckpt, model, opt, {**position, "rng": parallel.rng_state()})
                 if on_checkpoint:
                     on_checkpoint(step)
     if writer:

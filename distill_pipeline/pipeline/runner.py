@@ -389,6 +389,9 @@ def check_worker_resources(plan: Plan, todo: list[str], cluster: dict) -> None:
         workers = workers_of(plan.node(name).view)
         if workers == 1:
             continue
+        if res.gpus and res.gpus != int(res.gpus):
+            raise PipelineError(f"{name}: {workers} workers with resources.gpus={res.gpus:g} would share "
+                                "GPUs, which NCCL does not allow; give each worker whole GPUs")
         for what, each, unit in (("CPU", res.train_cpus, "resources.train_cpus"),
                                  ("GPU", res.gpus, "resources.gpus")):
             have = cluster.get(what, 0)

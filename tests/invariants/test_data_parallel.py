@@ -199,3 +199,7 @@ def test_workers_without_ray_and_beyond_the_cluster_are_refused(tmp_path):
                        match=r"train: 3 workers × resources.train_cpus=1 need 3 CPUs; the Ray cluster has 2"):
         runner.check_worker_resources(plan, ["train"], {"CPU": 2.0})
     runner.check_worker_resources(plan, ["train"], {"CPU": 3.0})  # enough: no error
+    shared = runner.make_plan(load_config(write_config(tmp_path / "g.yaml", {
+        **_tree(tmp_path / "run", "sft", workers=2), "resources": {"gpus": 0.5}})))
+    with pytest.raises(runner.PipelineError, match="would share GPUs"):
+        runner.check_worker_resources(shared, ["train"], {"CPU": 4.0, "GPU": 4.0})
