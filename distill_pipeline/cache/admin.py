@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill_pipeline.cache.format import SCHEMA_VERSION
+from distill_pipeline.cache.format import SCHEMA_VERSION, NewerFormat
 from distill_pipeline.cache.reader import damage_advice, node_keys, node_store  # noqa: F401 (CLI)
 from distill_pipeline.cache.store import (CHUNK_ROWS, FIELDS, INDEX_COLUMNS, CacheError, Store,
                                           entry_checksum, segment_format, writer_alive)
@@ -56,6 +56,7 @@ class SegmentCheck:
     index: list[dict] | None = None
     arrays: dict = field(default_factory=dict)  # deep checks only: field → decoded array
     problems: list[str] = field(default_factory=list)
+    newer: bool = False  # written by a newer version: listed as unreadable, never removed as damaged
 
     @property
     def damaged(self) -> bool:
@@ -109,6 +110,9 @@ def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
         n_tokens, n_entries = int(check.manifest["n_tokens"]), int(check.manifest["n_entries"])
     except FileNotFoundError:
         check.problem("zarr.json (the segment manifest) is missing")
+    except NewerFormat as exc:
+        check.newer = True
+        check.problem(str(exc))
     except Exception as exc:  # noqa: BLE001 - bad JSON, missing fields
         check.problem(f"zarr.json (the segment manifest) is unreadable: {_why(exc)}")
     try:
@@ -452,7 +456,9 @@ def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = N
                 why = f"stale: {stale_reason(manifest)}"
         if why is None and damaged:
             check = check_segment(seg, deep=True)
-            if check.damaged:
+            if check.newer:
+                report.kept.append(f"segments/{seg.name} ({check.problems[0].split(': ', 1)[1]})")
+            elif check.damaged:
                 report.damaged[seg.name] = check.problems
                 why = "damaged"
         if why:

@@ -22,6 +22,11 @@ class FormatError(ValueError):
     """A cache format that cannot exist (unknown dtype, K < 1, too many kept bits)."""
 
 
+class NewerFormat(FormatError):
+    """A segment written by a newer distill-pipeline, in a format with fields this version does not
+    know: not damaged — readable after an upgrade (`cache gc --damaged` leaves it alone)."""
+
+
 @dataclass(frozen=True)
 class CacheFormat:
     top_k: int
@@ -108,6 +113,10 @@ class CacheFormat:
 
     @classmethod
     def from_json(cls, data: dict) -> "CacheFormat":
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise NewerFormat(f"written by a newer distill-pipeline (format fields {', '.join(unknown)} are "
+                              "unknown to this version); upgrade distill-pipeline to read it")
         return cls(**data)
 
     @classmethod

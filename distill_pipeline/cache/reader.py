@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
+from distill_pipeline.cache.format import NewerFormat
 from distill_pipeline.cache.store import CacheError, entry_checksum, segment_format
 
 
@@ -76,7 +77,10 @@ class CacheReader:
     def _format(self, segment: str):
         fmt = self._formats.get(segment)
         if fmt is None:
-            fmt = self._formats[segment] = segment_format(dict(self._group(segment).attrs))
+            try:
+                fmt = self._formats[segment] = segment_format(dict(self._group(segment).attrs))
+            except NewerFormat as exc:  # not damage: nothing to remove, a version to upgrade
+                raise CacheError(f"cache segment {segment} was {exc}") from None
         return fmt
 
     def _chunk(self, segment: str, field: str, c: int):

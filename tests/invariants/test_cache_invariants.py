@@ -17,7 +17,7 @@ from distill_pipeline.cache.admin import info, verify
 from distill_pipeline.batches import Batches, Field, TeacherSource
 from distill_pipeline.cache.format import CacheFormat
 from distill_pipeline.cache.reader import CacheReader, TokenMismatch
-from distill_pipeline.cache.store import Store
+from distill_pipeline.cache.store import CacheError, Store
 from tests.conftest import ROOT
 from tests.invariants.helpers import (DTYPE, FMT, TOP_K, make_teacher, requests, run_extraction,
                                       sequences, tree_bytes)
@@ -171,6 +171,28 @@ def test_segments_written_before_the_format_object_still_read(teacher, tmp_path)
     assert info(Store(tmp_path / "s"))["dtype"] == ["float16-keep6"]
     reqs, _ = requests(teacher, sequences(6), CacheFormat(TOP_K, DTYPE, 6))
     assert CacheReader(tmp_path / "s").get(reqs[0].key)["logp"].shape[1] == TOP_K
+
+
+def test_a_segment_from_a_newer_version_is_kept_not_treated_as_damage(teacher, tmp_path):
+    """A format field this version does not know means a newer writer, not damage: verify lists it
+    with the upgrade advice, the reader refuses it saying so, `gc --damaged` keeps it."""
+    import json
+
+    from distill_pipeline.cache.admin import gc
+
+    run_extraction(teacher, tmp_path / "s", 6, unit_tokens=1000)
+    seg = Store(tmp_path / "s").segments()[0]
+    meta = json.loads((seg / "zarr.json").read_text())
+    meta["attributes"]["format"]["future_field"] = 3
+    (seg / "zarr.json").write_text(json.dumps(meta))
+    problems = verify(Store(tmp_path / "s"))[1]
+    assert len(problems) == 1 and "written by a newer distill-pipeline" in problems[0]
+    report = gc(Store(tmp_path / "s"), damaged=True)
+    assert not report.removed and any("newer distill-pipeline" in k for k in report.kept)
+    assert seg.exists()
+    reqs, _ = requests(teacher, sequences(6), CacheFormat(TOP_K, DTYPE))
+    with pytest.raises(CacheError, match="upgrade distill-pipeline"):
+        CacheReader(tmp_path / "s").get(reqs[0].key)
 
 
 def test_cached_loss_equals_live_teacher_loss(teacher, tmp_path):
