@@ -11,12 +11,12 @@ Teacher and reference tensors never receive gradient.
 
 Memory: no loss materialises a (B, T, V) log-softmax. Every log-probability a loss reads is at a
 few ids per position (the label, the teacher's top-K), so `gather_logp` takes the log-softmax
-`CHUNK_ROWS` positions at a time and keeps only those ids, and its backward recomputes the softmax
-chunk by chunk into one gradient buffer of the logits' dtype. Autograd keeps the logits
+`CHUNK_ROWS` positions at a time and keeps only those ids, and its backward replays the same ops
+(cast, log-softmax, gather) on one chunk at a time into one gradient buffer of the logits' dtype —
+so values and gradients are bit for bit those of the unchunked path. Autograd keeps the logits
 themselves (not a float32 copy); forward and backward add one gradient of the logits' dtype and a
-chunk's float32 temporaries (two in the forward when the logits are not float32), whatever the
-batch (benchmarks/loss_memory_bench.py). WPO's weight, which needs all of V, is computed chunk by
-chunk without gradient.
+few chunks' float32 temporaries, whatever the batch (benchmarks/loss_memory_bench.py). WPO's
+weight, which needs all of V, is computed chunk by chunk without gradient.
 
 Normalisation (docs/METHODS.md, "Normalisation"): every loss is a weighted sum of terms, each a
 sum over valid tokens of one response or over pairs, divided by a count. `norm=None` uses the
@@ -96,11 +96,17 @@ Fraction = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1, allow_in
 
 # ---------------------------------------------------------------------------- helpers
 
-CHUNK_ROWS = 1024  # positions per chunk of the vocabulary-wide work (gather_logp, WPO's weight)
+CHUNK_ROWS = 256  # positions per chunk of the vocabulary-wide work (gather_logp, WPO's weight)
 
 
 def _compute_dtype(logits: Tensor):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _chunk_logsoftmax(x: Tensor) -> Tensor:
+    """log_softmax over the vocabulary in float32 (float64 stays float64), as the unchunked path
+    always computed it: the same cast, then the same kernel."""
+    return torch.log_softmax(x if x.dtype == torch.float64 else x.float(), dim=-1)
 
 
 def _as_3d(x: Tensor) -> Tensor:
@@ -141,39 +147,28 @@ def _gather_logp_function():
 
         @staticmethod
         def forward(ctx, logits, index, rows):
-            cd = _compute_dtype(logits)
             B, T, _ = logits.shape
-            out = torch.empty(index.shape, dtype=cd, device=logits.device)  # (B, T, K)
-            # per position, the max and log Σ exp(x − max): log_softmax computes (x − max) − log Σ,
-            # and its largest value is exactly −log Σ, so the backward recomputes the very same
-            # probabilities from the logits and these two numbers
-            shift = torch.empty(B, T, dtype=cd, device=logits.device)  # (B, T)
-            log_sum = torch.empty(B, T, dtype=cd, device=logits.device)  # (B, T)
+            out = torch.empty(index.shape, dtype=_compute_dtype(logits), device=logits.device)  # (B, T, K)
             for b, t in _blocks(B, T, rows):
-                lp = torch.log_softmax(logits[b, t], dim=-1, dtype=cd)  # (b, t, V): one chunk
-                out[b, t] = lp.gather(-1, index[b, t])
-                log_sum[b, t] = lp.amax(-1).neg_()
-                shift[b, t] = logits[b, t].amax(-1).to(cd)
-                del lp
-            ctx.save_for_backward(logits, index, shift, log_sum)
+                out[b, t] = _chunk_logsoftmax(logits[b, t]).gather(-1, index[b, t])  # one chunk
+            ctx.save_for_backward(logits, index)
             ctx.rows = rows
             return out
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out):
-            logits, index, shift, log_sum = ctx.saved_tensors
-            cd = shift.dtype
-            grad_out = grad_out.to(cd)  # (B, T, K)
-            total = grad_out.sum(-1, keepdim=True)  # (B, T, 1)
+            logits, index = ctx.saved_tensors
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # (B, T, V)
             B, T, _ = logits.shape
             for b, t in _blocks(B, T, ctx.rows):
-                # d/dx_v Σ_k g_k log p(i_k) = Σ_k g_k [v = i_k] − p_v Σ_k g_k (log_softmax's backward)
-                x = logits[b, t].to(cd, copy=True)  # (b, t, V): the chunk's one temporary
-                p = x.sub_(shift[b, t].unsqueeze(-1)).sub_(log_sum[b, t].unsqueeze(-1)).exp_()
-                grad[b, t] = p.mul_(-total[b, t]).scatter_add_(-1, index[b, t], grad_out[b, t])
-                del x, p  # before the next chunk's temporary is allocated
+                # the unchunked path's own ops (cast, log_softmax, gather) replayed on one chunk:
+                # rows are independent, so the gradient is bit for bit the unchunked one
+                with torch.enable_grad():
+                    x = logits[b, t].detach().requires_grad_(True)
+                    _chunk_logsoftmax(x).gather(-1, index[b, t]).backward(grad_out[b, t])
+                grad[b, t] = x.grad
+                del x  # before the next chunk's temporaries are allocated
             return grad, None, None
 
     _GATHER_LOGP = GatherLogp
@@ -184,15 +179,21 @@ def gather_logp(logits: Tensor, index: Tensor, chunk_rows: int | None = None) ->
     """log softmax(logits)[…, index]: (…, K) for `logits` (…, V) and `index` (…, K), in float32
     (float64 stays float64), differentiable w.r.t. `logits`.
 
-    `log_softmax(logits.float(), -1).gather(-1, index)` without its memory: the log-softmax runs
+    `log_softmax(logits.float(), -1).gather(-1, index)` — literally, for float32/float64 logits
+    (there is no upcast copy to save) — and for narrower logits without its memory: the log-softmax runs
     on `chunk_rows` positions at a time (default `CHUNK_ROWS`, read at call time; it is computed
     row by row, so the values do not depend on the chunk), autograd keeps the logits themselves
-    (no float32 copy) and two (…,) statistics, and the backward writes the gradient, chunk by
-    chunk, into one buffer of the logits' dtype (equal to the full path's to float rounding). The
-    float32 temporaries are a chunk's (chunk_rows × V), whatever the number of positions."""
+    (no float32 copy), and the backward replays the unchunked path's ops on one chunk at a time,
+    writing into one gradient buffer of the logits' dtype: values and gradients are bit for bit
+    the full path's. The float32 temporaries are a few chunks' (chunk_rows × V each), whatever
+    the number of positions."""
     rows = CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
     if rows < 1:
         raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
+    if logits.dtype in (torch.float32, torch.float64):
+        # no upcast copy to save: the full path keeps one log-softmax the size of the logits, the
+        # chunked one a gradient buffer plus chunk temporaries — no smaller, measured
+        return _chunk_logsoftmax(logits).gather(-1, index.long())
     shape = index.shape
     x = _as_3d(logits)
     idx = index.long().reshape(*x.shape[:2], shape[-1])  # (B, T, K)

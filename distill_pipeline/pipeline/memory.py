@@ -10,8 +10,8 @@ The estimates are deliberately simple sums (bytes):
   × hidden-size units per token per layer, plus the MLP's intermediate units; with
   `gradient_checkpointing` one hidden-size unit per layer plus one layer's full set, recomputed)
   + the logits over the vocabulary (logits, their gradient and the causal shift's gradient:
-  3 copies of B × T × V in the forward's dtype, plus the losses' float32 chunk when that dtype
-  is narrower). With
+  3 copies of B × T × V in the forward's dtype, plus the losses' float32 chunks — about three of
+  `losses.CHUNK_ROWS` × V, measured — when that dtype is narrower). With
   `workers` > 1 the batch is per worker; `strategy: fsdp` divides weights, gradients and
   optimizer state by the workers and adds the gathered root (embeddings, LM head) and two
   gathered layers; `ddp` adds its gradient buckets (one more copy of the gradients);
@@ -126,7 +126,7 @@ def training(shape: Shape, sequences: int, length: int, hp: Any = None) -> dict[
     parts = {"weights": shape.params * b // shard, "gradients": shape.params * b // shard,
              "optimizer (AdamW)": 2 * shape.params * b // shard, "activations": acts,
              "logits (B x T x V)": LOGIT_COPIES * tokens * shape.vocab * act
-             + (min(CHUNK_ROWS, tokens) * shape.vocab * 4 if act < 4 else 0)}
+             + (3 * min(CHUNK_ROWS, tokens) * shape.vocab * 4 if act < 4 else 0)}
     if fsdp:
         per_layer = shape.params // max(1, shape.layers)  # an upper bound: embeddings counted in
         root = min(shape.params, 2 * shape.vocab * shape.hidden)
