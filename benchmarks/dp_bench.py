@@ -21,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill_pipeline.pipeline import runner  # noqa: E402
-from distill_pipeline.pipeline.config import load_config  # noqa: E402
+from distill_pipeline.config import load_config  # noqa: E402
 from tests.conftest import tiny_tree  # noqa: E402
 
 

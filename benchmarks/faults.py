@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill_pipeline.pipeline import runner  # noqa: E402
-from distill_pipeline.pipeline.config import load_config  # noqa: E402
+from distill_pipeline.config import load_config  # noqa: E402
 
 COMPARED = ("model/model.safetensors", "rollouts.jsonl", "metrics.jsonl", "validation.jsonl",
             "results.json", "keys.parquet")

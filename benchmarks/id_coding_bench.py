@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rans_idcodec import IdModel, decode, encode  # noqa: E402
-from distill_pipeline.cache.store import CHUNK_ROWS  # noqa: E402
+from distill_pipeline.cache.segment import CHUNK_ROWS  # noqa: E402
 
 # train_speed.py (README): a cached DCKD step of 8 pairs took 2.3562 s; its responses are 16–95
 # tokens (mean 55.5), chosen + rejected → 8 × 2 × 55.5 = 888 teacher rows per step

@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     from distill_pipeline.identity import content_identity, forget
     from distill_pipeline.models import load_model, load_tokenizer, save_model
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "model"

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill_pipeline.pipeline import runner  # noqa: E402
-from distill_pipeline.pipeline.config import config_from_dict  # noqa: E402
+from distill_pipeline.config import config_from_dict  # noqa: E402
 
 METHODS = ["sft", "dpo", "dckd", "tvkd", "adpa", "adpa+"]
 CLAIM = [("adpa+", ">=", "adpa"), ("adpa", ">", "dckd"), ("dckd", ">=", "dpo"), ("dpo", ">=", "sft")]

@@ -46,7 +46,8 @@ def main() -> None:
     from distill_pipeline.cache.extract import extract, make_request
     from distill_pipeline.cache.format import CacheFormat
     from distill_pipeline.cache.reader import CacheReader
-    from distill_pipeline.cache.remote import copy_segments, open_store
+    from distill_pipeline.cache.remote import open_store
+    from distill_pipeline.cache.transfer import copy_segments
     from distill_pipeline.cache.store import Store
     from distill_pipeline.losses import dckd_loss
     from distill_pipeline.models import teacher_identity

@@ -564,7 +564,7 @@ def load_ref_tokenizer(ref: ModelRef):
 
 
 def _spec(ref: ModelRef) -> Any:
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     return ModelSpec(name_or_path=ref.path, dtype=ref.dtype)
 

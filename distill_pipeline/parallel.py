@@ -1,33 +1,18 @@
-"""Data-parallel training: one stage body, run by N workers under Ray Train.
+"""torch.distributed for the training loop: who this process is among a node's data-parallel
+workers, and the collectives and model placement the loop needs.
 
-A training node with `workers: 1` (the default) runs its stage in one plain Ray task, exactly as
-before. With `workers: N > 1` the node's task starts a Ray Train `TorchTrainer` of N workers
-(gloo on CPU, nccl on GPU); every worker runs the same stage function with the process group up,
-and the pieces that care ask `group()` who they are:
-
-- `training.train_loop` wraps the model (`prepare`: DDP, or FSDP2 `fully_shard` per decoder layer),
-  gives rank r the micro-batches r·A … r·A+A−1 of every step of N·A (so N workers × accumulation A
-  see exactly what one worker with accumulation N·A sees, normalised by the same step totals),
-  all-reduces the step's metrics, and writes sharded checkpoints with torch.distributed.checkpoint;
-- rank 0 alone logs, writes files and saves the model (`save_trained` gathers FSDP shards first);
-- the DPO reference is placed like the policy and scores a 1/N slice of the pairs on each rank.
-
-Ray Train starts its workers in their own working directory, without the driver's environment:
-each worker applies the driver's context first (`raysetup.apply_driver_context`), like every other
-stage task. The workers' results come back through a summary file that rank 0 writes into the
-node's partial folder (the run dir is shared storage on a cluster anyway).
+A training node with `workers: N > 1` runs its stage on N Ray Train workers (`pipeline/launch.py`)
+with the process group up; `training.train_loop` asks `group()` for its rank, places the model
+(`prepare`: precision, gradient checkpointing, DDP or FSDP2 `fully_shard` per decoder layer),
+accumulates (`accumulating`), all-reduces the step's metrics (`all_reduce_sums`) and clips the
+global gradient norm (`clip_grad_norm`). With one process every helper is a no-op.
+Ground floor: imports nothing from the package.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
-
-SUMMARY = ".workers-summary.json"
 
 
 @dataclass(frozen=True)
@@ -56,14 +41,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def workers_of(view: Any) -> int:
-    """How many data-parallel workers a node's view asks for (1 for every non-training stage)."""
-    hp = getattr(view, "hp", None)
-    return int(getattr(hp, "workers", 1) or 1)
-
-
-# ------------------------------------------------------------------ inside a worker
-
 def _decoder_layers(model: Any) -> list[Any]:
     """The modules FSDP shards one by one: Hugging Face names them in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or ())
@@ -82,11 +59,11 @@ def prepare(model: Any, hp: Any) -> Any:
     optimizer takes `model.parameters()` afterwards."""
     import torch
 
-    precision = getattr(hp, "precision", "fp32")
+    precision = hp.precision
     # saved back in the dtype it was loaded in (`training.save_trained`): models.*.dtype
     model.distill_saved_dtype = next(model.parameters()).dtype
     model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
-    if getattr(hp, "gradient_checkpointing", False):
+    if hp.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -120,7 +97,7 @@ def autocast(model: Any, hp: Any):
     """bfloat16 autocast around the forward for `precision: bf16-mixed`, else nothing."""
     import torch
 
-    if getattr(hp, "precision", "fp32") != "bf16-mixed":
+    if hp.precision != "bf16-mixed":
         return contextlib.nullcontext()
     dev = next(model.parameters()).device
     return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
@@ -198,124 +175,3 @@ def full_state_dict(model: Any) -> dict | None:
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if group().main else None
-
-
-def rng_state() -> dict:
-    """This process's CPU and (when used) CUDA RNG states: dropout resumes where it was."""
-    import torch
-
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Any) -> None:
-    import torch
-
-    if not isinstance(state, dict):  # a checkpoint from before the CUDA state was kept
-        state = {"cpu": state}
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(ckpt: Path, model: Any, opt: Any, loop: dict) -> None:
-    """A sharded checkpoint (torch.distributed.checkpoint) of model + optimizer, the loop position
-    and every rank's RNG state; swapped in atomically by rank 0 once every rank has written."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    g = group()
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if g.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
-    torch.save(rng_state(), tmp / f"rng-{g.rank}.pt")
-    barrier()
-    if g.main:
-        from distill_pipeline.training import swap_in
-
-        (tmp / "loop.json").write_text(json.dumps({**loop, "workers": g.world}))
-        swap_in(tmp, ckpt)
-    barrier()
-
-
-def load_checkpoint(ckpt: Path, model: Any, opt: Any) -> dict | None:
-    """The loop position of a checkpoint written by `save_checkpoint` (None: there is none),
-    with model, optimizer and this rank's RNG restored."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    loop = None
-    if group().main:  # rank 0 decides for all (each rank's view of a shared disk may lag)
-        from distill_pipeline.training import recover
-
-        if recover(ckpt, "loop.json"):
-            loop = json.loads((ckpt / "loop.json").read_text())
-    loop = broadcast(loop)
-    if loop is None:
-        return None
-    if loop.get("workers") != group().world:
-        raise RuntimeError(f"{ckpt} was written by {loop.get('workers')} workers, not {group().world}")
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(ckpt / "state"))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    set_rng_state(torch.load(ckpt / f"rng-{group().rank}.pt", weights_only=False))
-    return loop
-
-
-# ------------------------------------------------------------------ the launcher
-
-def _worker(config: dict) -> None:
-    from distill_pipeline.pipeline.raysetup import apply_driver_context
-    from distill_pipeline.stages import get_stage
-
-    apply_driver_context(config["context"])
-    if config["threads"]:
-        import torch
-
-        torch.set_num_threads(config["threads"])
-    out = Path(config["out"])
-    summary = get_stage(config["stage"]).run(config["view"], {k: Path(v) for k, v in config["inputs"].items()},
-                                             out)
-    if group().main:
-        tmp = out / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summary))
-        os.replace(tmp, out / SUMMARY)
-
-
-def launch(stage: str, view: Any, inputs: dict[str, str], out: Path, *, cpus: float, gpus: float,
-           context: dict | None) -> dict:
-    """Run `stage` on `workers_of(view)` Ray Train workers; returns rank 0's summary. A worker
-    that dies fails the node (its checkpoint stays: rerunning resumes from it)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    workers = workers_of(view)
-    (out / SUMMARY).unlink(missing_ok=True)
-    storage = out.with_name(out.name + ".ray-train")
-    shutil.rmtree(storage, ignore_errors=True)  # a failed attempt's run state: resuming is ours
-    per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"stage": stage, "view": view, "inputs": inputs, "out": str(out),
-                           "context": context, "threads": max(1, int(cpus))},
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
-                                     resources_per_worker=per_worker),
-        run_config=RunConfig(storage_path=str(storage), name="workers",
-                             failure_config=FailureConfig(max_failures=0)))
-    result = trainer.fit()
-    if getattr(result, "error", None):
-        raise RuntimeError(f"a training worker failed: {result.error}")
-    summary = json.loads((out / SUMMARY).read_text())
-    (out / SUMMARY).unlink()
-    shutil.rmtree(storage, ignore_errors=True)
-    return summary

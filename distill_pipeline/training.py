@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from distill_pipeline import checkpoint, parallel
 from distill_pipeline.progress import progress
 
 
@@ -54,7 +55,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 
 def total_steps(hp: Any, examples: int) -> int:
-    per_step = hp.batch_size * hp.grad_accum * getattr(hp, "workers", 1)
+    per_step = hp.batch_size * hp.grad_accum * hp.workers
     return hp.max_steps or max(1, math.ceil(hp.epochs * examples / per_step))
 
 
@@ -63,39 +64,6 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
         return (step + 1) / (warmup + 1)
     progress_ = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-
-
-def swap_in(tmp: Path, ckpt: Path) -> None:
-    """Make the complete checkpoint `tmp` the checkpoint: `ckpt` → `.old`, `tmp` → `ckpt`, drop
-    `.old`. A crash anywhere leaves a state `recover` resolves to the newest complete one."""
-    old = ckpt.with_name(ckpt.name + ".old")
-    if ckpt.exists():
-        shutil.rmtree(old, ignore_errors=True)  # a crash while it was being deleted last time
-        ckpt.rename(old)
-    tmp.rename(ckpt)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(ckpt: Path, marker: str) -> bool:
-    """Resolve what an interrupted `swap_in` left, keeping the newest complete checkpoint; True
-    when there is one. `tmp` is complete exactly when `.old` exists beside it without `ckpt`
-    (`ckpt` is renamed away only once `tmp` was fully written)."""
-    tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
-    if not ckpt.exists() and old.exists():
-        (tmp if (tmp / marker).exists() else old).rename(ckpt)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return (ckpt / marker).exists()
-
-
-def _save(ckpt: Path, model: Any, opt: Any, state: dict) -> None:
-    import torch
-
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), **state}, tmp / "state.pt")
-    swap_in(tmp, ckpt)  # a crash leaves the old or the new checkpoint (`recover`)
 
 
 def step_norm(window: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -143,10 +111,8 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     logs and writes; `on_checkpoint` runs on every rank (FSDP's forward is collective)."""
     import torch
 
-    from distill_pipeline import parallel
-
     group = parallel.group()
-    workers, accum = getattr(hp, "workers", 1), hp.grad_accum
+    workers, accum = hp.workers, hp.grad_accum
     if group.world != workers:
         raise RuntimeError(f"{desc}: workers={workers} but {group.world} process(es) train; a node with "
                            "several workers runs through the pipeline, on Ray Train")
@@ -162,14 +128,7 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     ckpt = work_dir / "checkpoint"
     log_path = work_dir / "metrics.jsonl"
     step, epoch, consumed = 0, 0, 0
-    resumed = None
-    if group.world > 1:
-        resumed = parallel.load_checkpoint(ckpt, net, opt)
-    elif recover(ckpt, "state.pt"):
-        resumed = torch.load(ckpt / "state.pt", weights_only=False)
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["opt"])
-        parallel.set_rng_state(resumed["rng"])
+    resumed = checkpoint.load(ckpt, net, opt)
     if resumed is not None:
         step, epoch, consumed = resumed["step"], resumed["epoch"], resumed["consumed"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup),
@@ -236,11 +195,7 @@ def train_loop(model: Any, *, hp: Any, examples: int,
             if step % hp.checkpoint_every == 0 or step == steps:
                 if log:
                     log.flush()
-                position = {"step": step, "epoch": epoch, "consumed": consumed}
-                if group.world > 1:
-                    parallel.save_checkpoint(ckpt, net, opt, position)
-                else:
-                    _save(ckpt, model, opt, {**position, "rng": parallel.rng_state()})
+                checkpoint.save(ckpt, net, opt, {"step": step, "epoch": epoch, "consumed": consumed})
                 if on_checkpoint:
                     on_checkpoint(step)
     if writer:
@@ -287,7 +242,6 @@ def save_trained(model: Any, tok: Any, folder: Path) -> None:
     """Save the trained model in the dtype it was loaded in (models.*.dtype; training may have
     kept float32 master weights) — rank 0; with several workers every rank must call this:
     FSDP's shards are gathered into one state dict first."""
-    from distill_pipeline import parallel
     from distill_pipeline.models import save_model
 
     state = parallel.full_state_dict(model)
@@ -304,7 +258,5 @@ def save_trained(model: Any, tok: Any, folder: Path) -> None:
 
 def finish(work_dir: Path) -> None:
     """Drop the resume checkpoint once the final model is saved."""
-    from distill_pipeline import parallel
-
     if parallel.group().main:
         shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)

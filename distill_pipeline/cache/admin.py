@@ -1,9 +1,12 @@
 """`distill-pipeline cache ls | info | verify | gc`: inspect, check and clean a cache store.
 
-Every command looks at a segment through `check_segment`: the cheap checks (manifest, index,
-array shapes, entries tiling the arrays) for `ls`/`info`, plus every chunk, key and per-entry
-checksum for `verify` and `gc --damaged`. A segment that fails any of them is *damaged*: listed,
-counted, and removable with `cache gc --damaged` so its entries can be extracted again.
+Every command looks at a segment through `segment.check_segment`: the cheap checks (manifest,
+index, array shapes, entries tiling the arrays) for `ls`/`info`, plus every chunk, key and
+per-entry checksum for `verify` and `gc --damaged`. A segment that fails any of them is
+*damaged*: listed, counted, and removable with `cache gc --damaged` so its entries can be
+extracted again. A remote store is inspected through its mirror, brought in line with it first
+(`inspect`). `verify` also checks a run dir's extraction nodes against the stores they name.
+The CLI (`cli/cache.py`) only prints what these functions return.
 """
 from __future__ import annotations
 
@@ -15,15 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill_pipeline.cache.format import SCHEMA_VERSION, NewerFormat
-from distill_pipeline.cache.reader import damage_advice, node_keys, node_store  # noqa: F401 (CLI)
-from distill_pipeline.cache.store import (CHUNK_ROWS, FIELDS, INDEX_COLUMNS, CacheError, Store,
-                                          entry_checksum, segment_format, writer_alive)
+from distill_pipeline.cache.format import SCHEMA_VERSION
+from distill_pipeline.cache.node import node_keys, node_store, run_nodes
+from distill_pipeline.cache.remote import MirroredStore, open_store
+from distill_pipeline.cache.segment import (CHUNK_ROWS, CacheError, SegmentCheck, check_segment,
+                                            damage_advice, read_array, read_manifest)
+from distill_pipeline.cache.store import CacheStore, Store, writer_alive
 from distill_pipeline.identity import IDENTITY_VERSION
-
-
-def _manifest(seg: Path) -> dict:
-    return json.loads((seg / "zarr.json").read_text()).get("attributes", {})
 
 
 def stale_reason(manifest: dict) -> str | None:
@@ -40,180 +41,10 @@ def stale_reason(manifest: dict) -> str | None:
             f"version {IDENTITY_VERSION}): no run looks these keys up again")
 
 
-def _why(exc: Exception, limit: int = 160) -> str:
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-@dataclass
-class SegmentCheck:
-    """What `check_segment` found: the parts it could read, and every problem (each names the
-    segment and what is broken)."""
-    name: str
-    path: Path
-    manifest: dict | None = None
-    fmt: Any = None
-    index: list[dict] | None = None
-    arrays: dict = field(default_factory=dict)  # deep checks only: field → decoded array
-    problems: list[str] = field(default_factory=list)
-    newer: bool = False  # written by a newer version: listed as unreadable, never removed as damaged
-
-    @property
-    def damaged(self) -> bool:
-        return bool(self.problems)
-
-    def problem(self, text: str) -> None:
-        self.problems.append(f"{self.name}: {text}")
-
-
 def segment_dirs(store: Store) -> list[Path]:
     """Every folder under segments/, complete or not."""
     seg = store.root / "segments"
     return sorted(p for p in seg.iterdir() if p.is_dir()) if seg.is_dir() else []
-
-
-def read_array(check: SegmentCheck, group: Any, name: str):
-    """One array decoded chunk by chunk (so a bad chunk is named), or None (problem recorded)."""
-    import numpy as np
-
-    try:
-        arr = group[name]
-        rows = arr.chunks[0]
-    except Exception as exc:  # noqa: BLE001
-        check.problem(f"array {name} missing or unreadable: {_why(exc)}")
-        return None
-    parts = []
-    for c in range(0, arr.shape[0], rows):
-        try:
-            parts.append(arr[c:c + rows])
-        except Exception as exc:  # noqa: BLE001 - CRC32C mismatch, bad compressed data, …
-            check.problem(f"array {name} chunk {c // rows} (rows {c}–{min(c + rows, arr.shape[0]) - 1}) "
-                          f"is corrupt: {_why(exc)}")
-            return None
-    return np.concatenate(parts) if parts else np.zeros((0,) + tuple(arr.shape[1:]), arr.dtype)
-
-
-def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
-    """Cheap checks (always): manifest readable with a format and counts, index readable with its
-    columns, entries tiling the arrays, array shapes as the manifest says. Deep (verify): also
-    decode every chunk (CRC32C) and check every key and per-entry checksum."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    check = SegmentCheck(seg.name, seg)
-    if not (seg / "index.parquet").exists():
-        check.problem("no index.parquet (incomplete segment; `cache gc` removes it)")
-        return check
-    try:
-        check.manifest = _manifest(seg)
-        check.fmt = segment_format(check.manifest)
-        n_tokens, n_entries = int(check.manifest["n_tokens"]), int(check.manifest["n_entries"])
-    except FileNotFoundError:
-        check.problem("zarr.json (the segment manifest) is missing")
-    except NewerFormat as exc:
-        check.newer = True
-        check.problem(str(exc))
-    except Exception as exc:  # noqa: BLE001 - bad JSON, missing fields
-        check.problem(f"zarr.json (the segment manifest) is unreadable: {_why(exc)}")
-    try:
-        check.index = pq.read_table(seg / "index.parquet", columns=INDEX_COLUMNS).to_pylist()
-    except Exception as exc:  # noqa: BLE001 - truncated (ArrowInvalid), missing columns
-        check.problem(f"index.parquet is unreadable (truncated or corrupt): {_why(exc)}")
-    if check.problems:
-        return check
-    index, fmt = check.index, check.fmt
-    if len(index) != n_entries:
-        check.problem(f"index.parquet has {len(index)} entries, manifest says {n_entries}")
-    expected_offset = 0
-    for i, row in enumerate(index):
-        where = f"entry {i} ({row['key'][:12]}…)"
-        if row["offset"] != expected_offset:
-            check.problem(f"{where}: offset {row['offset']} ≠ {expected_offset} (entries must tile the arrays)")
-        expected_offset = row["offset"] + row["n_tokens"]
-        if row["n_tokens"] != len(row["token_ids"]) - row["prompt_len"]:
-            check.problem(f"{where}: n_tokens {row['n_tokens']} ≠ response length "
-                          f"{len(row['token_ids']) - row['prompt_len']}")
-        if deep and fmt.key(row["teacher"], row["token_ids"], row["prompt_len"]) != row["key"]:
-            check.problem(f"{where}: key does not match its teacher/tokens/K/dtype")
-    if expected_offset != n_tokens:
-        check.problem(f"entries cover {expected_offset} rows of {n_tokens}")
-    try:
-        import zarr
-
-        group = zarr.open_group(str(seg), mode="r")
-    except Exception as exc:  # noqa: BLE001
-        check.problem(f"zarr group cannot be opened: {_why(exc)}")
-        return check
-    arrays = {}
-    n_slots = None
-    if fmt.adaptive:
-        try:
-            n_slots = int(check.manifest["n_slots"])
-        except Exception as exc:  # noqa: BLE001 - missing or not a number
-            check.problem(f"adaptive-K segment without a readable n_slots in its manifest: {_why(exc)}")
-            return check
-        if not n_tokens * fmt.min_k <= n_slots <= n_tokens * fmt.top_k:
-            check.problem(f"manifest n_slots {n_slots} is outside [{n_tokens * fmt.min_k}, "
-                          f"{n_tokens * fmt.top_k}] for {n_tokens} tokens of k in [{fmt.min_k}, {fmt.top_k}]")
-    for name in FIELDS + (("counts",) if fmt.adaptive else ()):
-        try:
-            arr = arrays[name] = group[name]
-        except Exception as exc:  # noqa: BLE001
-            check.problem(f"array {name} missing or unreadable: {_why(exc)}")
-            continue
-        if name in ("ids", "logp") and fmt.adaptive:
-            if tuple(arr.shape) != (n_slots,):
-                check.problem(f"array {name} has shape {tuple(arr.shape)}, manifest says ({n_slots},) "
-                              "slots (adaptive K: flat)")
-        elif arr.shape[0] != n_tokens:
-            check.problem(f"array {name} has {arr.shape[0]} rows, manifest says {n_tokens}")
-        if name in ("ids", "logp") and not fmt.adaptive and tuple(arr.shape[1:]) != (fmt.top_k,):
-            check.problem(f"array {name} has K={tuple(arr.shape[1:])} but manifest top_k={fmt.top_k}")
-        # zarr reads a missing chunk file as zeros: every chunk must be there
-        expected = -(-arr.shape[0] // arr.chunks[0]) if arr.shape[0] else 0
-        present = sum(1 for f in (seg / name / "c").rglob("*") if f.is_file()) if (seg / name / "c").is_dir() else 0
-        if present != expected:
-            check.problem(f"array {name} has {present} chunk file(s), its shape needs {expected}")
-    if check.problems:  # decode nothing whose shape or tiling is already wrong (sizes are untrusted)
-        return check
-    if deep:
-        for name, arr in arrays.items():
-            data = read_array(check, group, name)
-            if data is not None:
-                check.arrays[name] = data
-    if not deep or len(check.arrays) != len(arrays) or check.damaged:
-        return check
-    a = check.arrays
-    starts = None
-    if fmt.adaptive:
-        counts = a["counts"].astype(np.int64)
-        if len(counts) and (counts.min() < fmt.min_k or counts.max() > fmt.top_k):
-            check.problem(f"counts outside [{fmt.min_k}, {fmt.top_k}] (min {counts.min()}, max {counts.max()})")
-            return check
-        if int(counts.sum()) != n_slots:
-            check.problem(f"counts add up to {int(counts.sum())} slots, manifest says {n_slots}")
-            return check
-        starts = np.concatenate([[0], np.cumsum(counts)])
-    for i, row in enumerate(index):
-        where = f"entry {i} ({row['key'][:12]}…)"
-        s = slice(row["offset"], row["offset"] + row["n_tokens"])
-        if starts is None:
-            ok = entry_checksum(a["ids"][s], a["logp"][s], a["lse"][s], a["label_logp"][s]) == row["checksum"]
-            lp = fmt.decode(a["logp"][s])
-            unsorted = (np.diff(lp, axis=1) > 0).any()
-        else:
-            f = slice(int(starts[s.start]), int(starts[s.stop]))
-            ok = entry_checksum(a["ids"][f], a["logp"][f], a["lse"][s], a["label_logp"][s],
-                                a["counts"][s]) == row["checksum"]
-            lp = fmt.decode(a["logp"][f])
-            # descending within each token's slots: a rise is allowed only where a token starts
-            rise = np.flatnonzero(np.diff(lp) > 0) + 1 + f.start
-            unsorted = not np.isin(rise, starts[s.start:s.stop + 1]).all()
-        if not ok:
-            check.problem(f"{where}: checksum mismatch (data changed after it was written)")
-        if unsorted or (lp > 1e-3).any():
-            check.problem(f"{where}: top-K log-probs not sorted descending / not ≤ 0")
-    return check
 
 
 def ls(store: Store) -> list[dict]:
@@ -232,7 +63,7 @@ def ls(store: Store) -> list[dict]:
     return rows
 
 
-def info(store: Store) -> dict:
+def info(store: Store, name: str | None = None) -> dict:
     """Entries, tokens, bytes on disk and per token, K, dtype, teachers, and the mean probability
     mass the top-K keeps (quality of the truncation). Counts cover healthy segments; damaged
     ones (cheap checks, or a log-prob chunk that does not decode) are listed under `damaged`.
@@ -279,7 +110,7 @@ def info(store: Store) -> dict:
         for start in range(0, len(lp), CHUNK_ROWS):  # rows, or flat slots (adaptive K)
             mass_sum += float(np.exp(fmt.decode(lp[start:start + CHUNK_ROWS]).astype(np.float64)).sum())
     disk = store.disk_bytes()
-    return {"root": store.display, "schema_version": SCHEMA_VERSION, "segments": healthy,
+    return {"root": name or store.url, "schema_version": SCHEMA_VERSION, "segments": healthy,
             "entries": entries, "tokens": tokens, "bytes_on_disk": disk,
             "bytes_per_token": round(disk / tokens, 2) if tokens else None,
             "top_k": sorted(ks) + sorted(f"{fmt.label} (mean k {a[1] / a[0]:.2f})" if a[0] else fmt.label
@@ -332,26 +163,6 @@ class NodeCheck:
         return self.error is None and self.missing == 0 and self.in_damaged == 0
 
 
-def run_nodes(run_dir: Path) -> list[Path]:
-    """Published `teacher_logits` node folders of a run dir (their manifest.json says so)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "is not a directory" if run_dir.exists() else "does not exist"
-        raise CacheError(f"run dir {run_dir} {what}; give --run the run_dir of a config "
-                         "(the folder holding its node folders)")
-    nodes = []
-    for manifest in sorted(run_dir.glob("*/manifest.json")):
-        if manifest.parent.name.startswith("."):
-            continue
-        try:
-            stage = json.loads(manifest.read_text()).get("stage")
-        except Exception:  # noqa: BLE001 - not ours to judge here
-            continue
-        if stage == "teacher_logits":
-            nodes.append(manifest.parent)
-    return nodes
-
-
 def check_nodes(run_dir: Path, damaged_keys: dict[str, set[str]] | None = None) -> list[NodeCheck]:
     """For every extraction node of the run: is each key it stands for in its store?
     `damaged_keys`: store root → keys found in damaged segments (counted separately)."""
@@ -366,8 +177,6 @@ def check_nodes(run_dir: Path, damaged_keys: dict[str, set[str]] | None = None) 
             nc.store = node_store(folder)
             keys = set(node_keys(folder))
             nc.expected = len(keys)
-            from distill_pipeline.cache.remote import open_store
-
             missing = open_store(nc.store, create=False).missing(keys)
         except CacheError as exc:
             nc.error = str(exc)
@@ -382,6 +191,7 @@ def check_nodes(run_dir: Path, damaged_keys: dict[str, set[str]] | None = None) 
 
 @dataclass
 class GcReport:
+    notes: list[str] = field(default_factory=list)     # for stderr: what is odd about the store
     removed: list[str] = field(default_factory=list)   # "tmp/x (why)", "segments/y (why)"
     kept: list[str] = field(default_factory=list)      # in-flight writes of live processes
     damaged: dict[str, list[str]] = field(default_factory=dict)  # segment → problems
@@ -409,13 +219,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = None,
+def gc(store: CacheStore, *, older_than_s: float = 3600, drop_teacher: str | None = None,
        damaged: bool = False, stale: bool = False, dry_run: bool = False) -> GcReport:
+    """`cache gc` on any store: `gc_local` for a local one, `gc_remote` for an object store or the
+    service (through its mirror)."""
+    clean = gc_remote if isinstance(store, MirroredStore) else gc_local
+    return clean(store, older_than_s=older_than_s, drop_teacher=drop_teacher, damaged=damaged,
+                 stale=stale, dry_run=dry_run)
+
+
+def gc_local(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = None,
+             damaged: bool = False, stale: bool = False, dry_run: bool = False) -> GcReport:
     """Remove abandoned in-flight writes (tmp/ entries older than `older_than_s` whose writing
     process is gone — a live writer's are never touched), incomplete segments, and, if asked,
     every segment of one teacher, every segment `verify` flags (`damaged`) and every segment
     keyed under an older teacher identity scheme (`stale`, see `stale_reason`)."""
     report = GcReport()
+    if not (store.root / "segments").is_dir():
+        report.notes.append(missing_segments_note(store))
     now = time.time()
     tmp = store.root / "tmp"
     for p in sorted(tmp.iterdir()) if tmp.is_dir() else []:
@@ -447,7 +268,7 @@ def gc(store: Store, *, older_than_s: float = 3600, drop_teacher: str | None = N
             why = "incomplete segment"
         elif drop_teacher or stale:
             try:
-                manifest = _manifest(seg)
+                manifest = read_manifest(seg)
             except Exception:  # noqa: BLE001 - unreadable manifest: a damaged segment, not this teacher's
                 manifest = None
             if manifest is not None and drop_teacher and str(manifest.get("teacher", "")).startswith(drop_teacher):
@@ -482,7 +303,7 @@ def human_bytes(n: Any) -> str:
 
 
 
-def gc_remote(store: Any, *, older_than_s: float = 3600, drop_teacher: str | None = None,
+def gc_remote(store: MirroredStore, *, older_than_s: float = 3600, drop_teacher: str | None = None,
               damaged: bool = False, stale: bool = False, dry_run: bool = False) -> GcReport:
     """`gc` for a remote store (`remote.MirroredStore`): the files of segments that were never
     committed (a writer died mid-upload) once older than `older_than_s`, and, if asked, one
@@ -490,12 +311,12 @@ def gc_remote(store: Any, *, older_than_s: float = 3600, drop_teacher: str | Non
     a segment that fails is removed from the remote)."""
     report = GcReport()
     remote = store.remote
-    uncommitted = getattr(remote, "uncommitted", None)
+    uncommitted = remote.uncommitted()
     if uncommitted is None:
         report.kept.append("uploads to the service are written under its store's tmp/ and renamed "
                            "into place: run `cache gc --store <its store>` on the server")
     else:
-        for name, age in sorted(uncommitted().items()):
+        for name, age in sorted(uncommitted.items()):
             if age > older_than_s:
                 report.removed.append(f"segments/{name} (never committed, {age / 60:.0f} min old)")
                 if not dry_run and name not in set(remote.segment_names()):  # not committed meanwhile
@@ -521,3 +342,127 @@ def gc_remote(store: Any, *, older_than_s: float = 3600, drop_teacher: str | Non
                 if not dry_run:
                     store.remove_segment(name)
     return report
+
+
+@dataclass
+class Inspected:
+    """A store as local files, for ls/info/verify: a local store itself, or a remote store's
+    mirror brought in line with it (every committed segment fetched and verified)."""
+    store: Store
+    url: str                                   # how users name the store
+    fetch_failures: dict[str, str] = field(default_factory=dict)  # remote segments that failed
+    notes: list[str] = field(default_factory=list)  # for stderr: what was done, what is odd
+
+    def failures(self) -> list[str]:
+        return [f"{name}: DAMAGED in the remote store: {why}" for name, why in self.fetch_failures.items()]
+
+
+def inspect(store: CacheStore) -> Inspected:
+    if isinstance(store, MirroredStore):
+        failed = store.sync()
+        out = Inspected(store.local, store.url, failed,
+                        [f"note: {store.url}: {len(store.local.segment_names())} segment(s) fetched into "
+                         f"its mirror {store.local.root}"])
+    else:
+        out = Inspected(store, store.url)
+    if not (out.store.root / "segments").is_dir():
+        out.notes.append(missing_segments_note(out.store))
+    return out
+
+
+def missing_segments_note(store: Store) -> str:
+    return (f"note: {store.root / 'segments'} is missing: the store holds no entries "
+            "(`distill-pipeline run teacher_logits` extracts them again)")
+
+
+@dataclass
+class Verification:
+    """What `verify_all` found, line by line as it went (kind "info", "problem" or "note"), and its
+    verdict: `failure()` is the closing message when anything is wrong, else None."""
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    checked: int = 0     # entries decoded and checked
+    problems: int = 0
+    nodes: int = 0       # published extraction nodes of the run dir
+    lacking: list[NodeCheck] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+    run_dir: Path | None = None
+
+    def add(self, kind: str, text: str) -> None:
+        self.lines.append((kind, text))
+
+    def failure(self) -> str | None:
+        if not self.problems and not self.lacking:
+            return None
+        parts = [f"{self.problems} problem(s) in {self.checked} entries"]
+        if self.lacking:
+            parts.append(f"{len(self.lacking)} teacher_logits node(s) of {self.run_dir} lack entries")
+        return "; ".join(parts) + (". To fix: " + "; then ".join(self.advice) if self.advice else "")
+
+    def summary(self) -> str:
+        return f"ok: {self.checked} entries verified" + (
+            f", {self.nodes} teacher_logits node(s) complete" if self.run_dir else "")
+
+
+def verify_all(store: str | None, run_dir: Path | None = None) -> Verification:
+    """`cache verify`: every segment of `store` decoded and checked (a remote store through its
+    mirror); with `run_dir`, also every entry its published extraction nodes stand for looked up
+    in the store each names (without `store`: those stores are the ones verified)."""
+    v = Verification(run_dir=run_dir)
+    nodes = run_nodes(run_dir) if run_dir else []
+    v.nodes = len(nodes)
+    roots: list = [store]
+    if run_dir and store is None:
+        found = set()
+        for folder in nodes:
+            try:
+                found.add(node_store(folder))
+            except CacheError:
+                pass  # reported with the node below
+        roots = sorted(found) or [None]
+    bad_keys: dict[str, set[str]] = {}
+    for root in roots:
+        try:
+            opened = open_store(root, create=False)
+        except CacheError as exc:
+            if not (run_dir and store is None):
+                raise
+            v.add("problem", str(exc))  # a store a node names that is gone: reported, go on
+            v.problems += 1
+            continue
+        seen = inspect(opened)
+        for note in seen.notes:
+            v.add("note", note)
+        for text in seen.failures():
+            v.add("problem", text)
+        v.problems += len(seen.fetch_failures)
+        checks = check_segments(seen.store)
+        for c in checks:
+            v.checked += len(c.index or [])
+            for p in c.problems:
+                v.add("problem", p)
+            v.problems += len(c.problems)
+        if any(c.damaged for c in checks) or seen.fetch_failures:
+            v.advice.append(damage_advice(seen.url, listed=True))
+        bad_keys[store_id(seen.url)] = damaged_keys(checks)
+        if run_dir:
+            v.add("info", f"store {seen.url}: {len(checks)} segment(s) checked")
+    if not run_dir:
+        return v
+    if not nodes:
+        v.add("info", f"{run_dir}: no published teacher_logits node (nothing of the run to check)")
+    for nc in check_nodes(run_dir, bad_keys):
+        if nc.error:
+            v.add("problem", nc.error)
+            v.lacking.append(nc)
+        elif not nc.ok:
+            more = f"; {nc.in_damaged} more in damaged segments" if nc.in_damaged else ""
+            v.add("problem", f"node {nc.folder}: {nc.missing} of {nc.expected} entries missing from "
+                             f"{nc.store}{more}")
+            v.lacking.append(nc)
+        else:
+            v.add("info", f"node {nc.folder}: all {nc.expected} entries present in {nc.store}")
+    if v.lacking:
+        names = sorted({nc.node for nc in v.lacking})
+        v.advice.append(f"rerun `distill-pipeline run {' '.join(names)} -c <the run's config>` to "
+                        "re-extract the missing entries (the node is out of date while any is missing)")
+    return v

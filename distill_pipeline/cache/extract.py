@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, reconstruction_kl
-from distill_pipeline.cache.store import SegmentData, Store
-from distill_pipeline.pipeline.raysetup import ray_running
+from distill_pipeline.cache.remote import open_store
+from distill_pipeline.cache.segment import SegmentData
+from distill_pipeline.cache.store import CacheStore
+from distill_pipeline.env import ray_running, worker_options
 from distill_pipeline.identity import IDENTITY_VERSION
 from distill_pipeline.progress import progress
 from distill_pipeline.provenance import package_versions
@@ -189,8 +191,6 @@ class Extractor:
             import torch
 
             torch.set_num_threads(threads)
-        from distill_pipeline.cache.remote import open_store
-
         self.store = open_store(store_root)
         self.teacher_dirs = teacher_dirs
         self.fmt, self.batch_tokens, self.head_chunk_rows = fmt, batch_tokens, head_chunk_rows
@@ -236,7 +236,7 @@ class Extractor:
         return unit.id, offset, published
 
 
-def extract(requests: Sequence[Request], store: Store, teacher_dirs: dict[str, Any], fmt: CacheFormat, *,
+def extract(requests: Sequence[Request], store: CacheStore, teacher_dirs: dict[str, Any], fmt: CacheFormat, *,
             num_workers: int = 1, batch_tokens: int = 4096, unit_tokens: int = 16384,
             threads_per_worker: int = 1, gpus_per_worker: float = 0,
             head_chunk_rows: int | None = None) -> dict:
@@ -284,15 +284,7 @@ def _extract_ray(units, store, teacher_dirs, kw, num_workers, gpus, bar) -> None
     import ray
 
     n = min(num_workers, len(units))
-    # Fractional CPUs so N workers fit beside the stage task on a small machine; a GPU worker's
-    # real resource is its GPU.
-    free = ray.available_resources().get("CPU", 1.0)
-    cpus = 1.0 if gpus else max(0.01, min(1.0, free / n))
-    from distill_pipeline.pipeline.raysetup import forwarded_env
-
-    # an actor is a new worker process with its node's environment: give it the driver's
-    actor = ray.remote(Extractor).options(num_cpus=cpus, num_gpus=gpus,
-                                          runtime_env={"env_vars": forwarded_env()})
+    actor = ray.remote(Extractor).options(**worker_options(n, gpus))
     workers = [actor.remote(store.url, teacher_dirs, **kw) for _ in range(n)]
     queue = list(units)
     running = {}

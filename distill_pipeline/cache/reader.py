@@ -8,25 +8,19 @@ student's shifted positions, checking every cached row's token ids against the s
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
 from distill_pipeline.cache.format import NewerFormat
-from distill_pipeline.cache.store import CacheError, entry_checksum, segment_format
+from distill_pipeline.cache.remote import open_store
+from distill_pipeline.cache.segment import CacheError, damage_advice, entry_checksum, segment_format
+from distill_pipeline.cache.store import CacheStore
 
 
 class TokenMismatch(CacheError):
     """A cached entry's token ids differ from the student sequence it is paired with."""
-
-
-def damage_advice(root: Any, *, listed: bool = False) -> str:
-    """What to do about a damaged segment (said by the reader, `cache ls/info/verify`); `listed`:
-    the damage was just listed by a full verify, so that step is left out."""
-    remove = (f"run `distill-pipeline cache gc --damaged --store {root}` to remove the damaged segment(s)"
-              if listed else f"run `distill-pipeline cache verify --store {root}` to list the damage, then "
-              f"`distill-pipeline cache gc --damaged --store {root}`")
-    return remove + " and rerun `distill-pipeline run teacher_logits -c <config>` to extract the removed entries again"
 
 
 class CacheReader:
@@ -34,10 +28,9 @@ class CacheReader:
     time this reader decodes it (so chunks that are intact but swapped or replaced are caught);
     any failure to read raises `CacheError` naming the segment, the entry and the fix."""
 
-    def __init__(self, root: Any, *, max_cached_bytes: int = 256 << 20):
-        from distill_pipeline.cache.remote import open_store
-
-        self.store = root if hasattr(root, "index_table") else open_store(root, create=False)
+    def __init__(self, store: CacheStore | str | os.PathLike | None, *, max_cached_bytes: int = 256 << 20):
+        """`store`: an open store, or how users name one (a path or URL, opened read-only)."""
+        self.store = open_store(store, create=False) if store is None or isinstance(store, (str, os.PathLike)) else store
         self.damaged: dict[str, str] = {}  # segments left out: their index cannot be read
         idx = self.store.index(columns=["key", "offset", "n_tokens", "prompt_len", "checksum"],
                                damaged=self.damaged).to_pydict()
@@ -275,91 +268,3 @@ def aligned_teacher_tensors(reader: CacheReader, rows: list[tuple[str, list[int]
         label[b, s] = torch.from_numpy(e["label_logp"])
         mask[b, s] = True
     return {"ids": ids, "logp": logp, "lse": lse, "label_logp": label, "mask": mask}
-
-
-# An extraction node's published files: `teachers.json` (which store, in which format, which
-# teachers) and `keys.parquet` (every entry key the node stands for: what its dependents read).
-NODE_FILE = "teachers.json"
-KEYS_FILE = "keys.parquet"
-
-
-def write_node_file(out: Any, store: Any, fmt: Any, source: str, teachers: dict[str, dict],
-                    keys: Sequence[str]) -> None:
-    """teachers: role → {"identity", "path"}. Written once per extraction node, with each key's
-    segment, so that checking the node against its store later costs a stat per segment."""
-    import json
-    from pathlib import Path
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    (Path(out) / NODE_FILE).write_text(json.dumps(
-        {"store": store.url, "format": fmt.to_json(), "source": source, "teachers": teachers},
-        indent=2))
-    wanted = pa.array(sorted(set(keys)), pa.string())
-    index = store.index(columns=["key"])
-    index = index.filter(pc.is_in(index.column("key"), value_set=wanted))
-    where = dict(zip(index.column("key").to_pylist(), index.column("segment").to_pylist()))
-    pq.write_table(pa.table({"key": wanted, "segment": pa.array([where.get(k) for k in wanted.to_pylist()],
-                                                                 pa.string())}), Path(out) / KEYS_FILE)
-
-
-def node_segments_missing(folder: Any) -> tuple[int, int]:
-    """(segments gone, segments) of those that held the node's entries when it was published."""
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-
-    try:
-        segments = pq.read_table(Path(folder) / KEYS_FILE, columns=["segment"]).column("segment").to_pylist()
-    except Exception as exc:  # noqa: BLE001 - missing, truncated, written before segments were recorded
-        raise _node_damaged(folder, KEYS_FILE, exc) from None
-    from distill_pipeline.cache.remote import open_store
-
-    held = set(segments) - {None}  # None: an entry that was not in the store when published
-    gone = len(held - set(open_store(node_store(folder), create=False).segment_names()))
-    return gone + (None in segments), len(held) + (None in segments)
-
-
-def _node_damaged(folder: Any, name: str, exc: Exception) -> CacheError:
-    return CacheError(f"extraction node {folder}: {name} cannot be read ({type(exc).__name__}: {exc}); "
-                      f"delete the folder {folder} and rerun `distill-pipeline run teacher_logits -c <config>` to "
-                      "write it again")
-
-
-def node_keys(folder: Any) -> list[str]:
-    """The entry keys an extraction node's dependents read."""
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(Path(folder) / KEYS_FILE, columns=["key"]).column("key").to_pylist()
-    except Exception as exc:  # noqa: BLE001 - missing, truncated, no key column
-        raise _node_damaged(folder, KEYS_FILE, exc) from None
-
-
-def _node_meta(folder: Any) -> dict:
-    import json
-    from pathlib import Path
-
-    try:
-        meta = json.loads((Path(folder) / NODE_FILE).read_text())
-        meta["store"], meta["format"], meta["teachers"]  # noqa: B018 - required fields
-        return meta
-    except Exception as exc:  # noqa: BLE001 - missing file, bad JSON, missing field
-        raise _node_damaged(folder, NODE_FILE, exc) from None
-
-
-def node_store(folder: Any) -> str:
-    return _node_meta(folder)["store"]
-
-
-def open_node(folder: Any) -> tuple[CacheReader, Any, dict[str, str]]:
-    """(reader over the node's store, its CacheFormat, teacher identity by role)."""
-    from distill_pipeline.cache.format import CacheFormat
-
-    meta = _node_meta(folder)
-    return (CacheReader(meta["store"]), CacheFormat.from_json(meta["format"]),
-            {role: t["identity"] for role, t in meta["teachers"].items()})

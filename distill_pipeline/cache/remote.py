@@ -25,7 +25,6 @@ than the grace period (a writer that died mid-upload).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -33,27 +32,33 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
-from distill_pipeline.cache.store import (KEY_COLUMNS, MAX_PACKS, PACK_AT, STORE_META, CacheError,
-                                          SegmentRejected, Store, check_against_record, dedupe_index,
-                                          default_root, index_files_by_age, record_for,
-                                          validate_segment_file, validate_segment_name)
+from distill_pipeline.cache import index as key_index
 from distill_pipeline.cache.format import SCHEMA_VERSION
+from distill_pipeline.cache.index import KEY_COLUMNS, FsspecIndexFiles
+from distill_pipeline.cache.segment import (CacheError, SegmentData, SegmentRejected, check_against_record,
+                                            record_for, validate_segment_file, validate_segment_name)
+from distill_pipeline.cache.store import STORE_META, Store
+from distill_pipeline.env import default_root
 
 REMOTE_SCHEMES = ("grpc://", "grpc+tls://")
 
 
 class Remote(Protocol):
-    """What `MirroredStore` (and `cache push/pull`) need of a place segments live."""
+    """What `MirroredStore` needs of a place segments live (`FsspecRemote`, `flight.FlightRemote`)."""
     url: str
 
     def segment_names(self) -> list[str]: ...             # committed segments
     def commit_record(self, name: str) -> dict: ...        # {"segment", "files", "manifest"}
     def index_table(self) -> Any: ...                      # KEY_COLUMNS + segment, committed only
+    def has(self, keys: Iterable[str]) -> set[str]: ...    # those of `keys` it holds
     def get_segment(self, name: str) -> dict[str, bytes]: ...  # checked against the record
     def put_segment(self, name: str, files: dict[str, bytes]) -> bool: ...  # False: already there
     def remove_segment(self, name: str) -> None: ...
+    # segment folders without a commit record → age in seconds (a writer died mid-upload);
+    # None where uploads are published by rename on the remote's side (the service)
+    def uncommitted(self) -> dict[str, float] | None: ...
 
 
 _ALMOST_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)")
@@ -78,29 +83,12 @@ def open_store(url: str | os.PathLike | None = None, *, create: bool = True):
     if text.startswith("file://"):
         return Store(text[len("file://"):], create=create)
     if text.startswith(REMOTE_SCHEMES):
-        from distill_pipeline.cache.service import FlightRemote
+        from distill_pipeline.cache.flight import FlightRemote  # pyarrow.flight only when asked for
 
         return MirroredStore(FlightRemote(text))
     if "://" in text:
         return MirroredStore(FsspecRemote(text, create=create))
     return Store(text, create=create)
-
-
-def key_rows(name: str, index_parquet: bytes):
-    """A segment's rows of the consolidated index, from its index.parquet bytes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(pa.BufferReader(index_parquet), columns=KEY_COLUMNS)
-    return t.append_column("segment", pa.array([name] * len(t), pa.string()))
-
-
-def _parquet_bytes(table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 def _transport_errors(what: str):
@@ -185,39 +173,25 @@ class FsspecRemote:
         except FileNotFoundError:
             raise CacheError(f"no segment {name} in {self.url}") from None
 
+    def _index_files(self) -> FsspecIndexFiles:
+        return FsspecIndexFiles(self.fs, self._p("index"))
+
     @_transport_errors("read the key index of")
     def index_table(self):
+        def rebuild(name: str):  # committed without an index file
+            try:
+                return key_index.segment_rows(name, self.fs.cat_file(self._p("segments", name, "index.parquet")))
+            except Exception:  # noqa: BLE001 - unreadable: its entries count as absent
+                return None
+        return key_index.read_index(self._index_files(), self.segment_names(), rebuild)
+
+    def has(self, keys: Iterable[str]) -> set[str]:
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
-        names = self.segment_names()
-        files = [self._p("index", n) for n in index_files_by_age(
-            [n for n in self._names("index") if n.endswith(".parquet")])]
-        data = self.fs.cat(files, on_error="omit") if files else {}
-        tables, covered, overlap = [], set(), False
-        for blob in (data.get(f) for f in files):  # oldest first
-            if blob is None or isinstance(blob, Exception):
-                continue
-            try:
-                t = pq.read_table(pa.BufferReader(blob), columns=KEY_COLUMNS + ["segment"])
-            except Exception:  # noqa: BLE001 - a damaged index file: rebuilt from the segment
-                continue
-            tables.append(t)
-            segs = set(pc.unique(t.column("segment")).to_pylist())
-            overlap = overlap or bool(segs & covered)
-            covered |= segs
-        for name in sorted(set(names) - covered):  # committed without an index file
-            try:
-                tables.append(key_rows(name, self.fs.cat_file(self._p("segments", name, "index.parquet"))))
-            except Exception:  # noqa: BLE001 - unreadable: its entries count as absent
-                continue
-        if not tables:
-            return pa.table({c: pa.array([], pa.string()) for c in KEY_COLUMNS + ["segment"]})
-        table = pa.concat_tables(tables, promote_options="permissive")
-        if covered - set(names):  # rows of removed segments, packed before their removal
-            table = table.filter(pc.is_in(table.column("segment"), value_set=pa.array(names, pa.string())))
-        return dedupe_index(table) if overlap else table
+        wanted = pa.array(sorted(set(keys)), pa.string())
+        present = pc.is_in(wanted, value_set=self.index_table().column("key"))
+        return set(wanted.filter(present).to_pylist())
 
     @_transport_errors("fetch a segment from")
     def get_segment(self, name: str) -> dict[str, bytes]:
@@ -245,7 +219,8 @@ class FsspecRemote:
             validate_segment_file(rel)
         record = record_for(name, files)
         self.fs.pipe({self._p("segments", name, rel): bytes(data) for rel, data in files.items()})
-        self.fs.pipe_file(self._p("index", f"{name}.parquet"), _parquet_bytes(key_rows(name, files["index.parquet"])))
+        self._index_files().write(f"{name}.parquet",
+                                  key_index.parquet_bytes(key_index.segment_rows(name, files["index.parquet"])))
         self.fs.pipe_file(self._p("commits", f"{name}.json"), json.dumps(record).encode())  # publishes it
         present = {p.rsplit(f"/segments/{name}/", 1)[-1] for p in self.fs.find(self._p("segments", name))}
         if not set(files) <= present:  # a `cache gc` of an older, abandoned upload raced this one
@@ -253,42 +228,10 @@ class FsspecRemote:
             raise CacheError(f"upload of segment {name} to {self.url} lost files to a concurrent "
                              "`cache gc`; nothing was published — run the command again")
         try:
-            self._pack_index()
+            key_index.pack(self._index_files(), self.segment_names)
         except Exception:  # noqa: BLE001 - packing is an optimisation: the segment is published
             pass
         return True
-
-    def _pack_index(self) -> None:
-        """As `Store._pack_index`: a pack is written before the files it replaces are removed."""
-        names = [n for n in self._names("index") if n.endswith(".parquet")]
-        loose = [n for n in names if not n.startswith("packed-")]
-        if len(loose) >= PACK_AT:
-            self._merge(loose)
-        packs = [n for n in self._names("index") if n.startswith("packed-")]
-        if len(packs) > MAX_PACKS:
-            self._merge(packs)
-
-    def _merge(self, names: list[str]) -> None:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        paths = [self._p("index", n) for n in index_files_by_age(names)]
-        data = self.fs.cat(paths, on_error="omit")
-        parts = []
-        for blob in (data[p] for p in paths if p in data):  # oldest first
-            try:
-                parts.append(pq.read_table(pa.BufferReader(blob), columns=KEY_COLUMNS + ["segment"]))
-            except Exception:  # noqa: BLE001 - damaged: rebuilt from the segments when read
-                pass
-        if not parts:
-            return
-        table = dedupe_index(pa.concat_tables(parts, promote_options="permissive"))
-        live = pa.array(self.segment_names(), pa.string())
-        table = table.filter(pc.is_in(table.column("segment"), value_set=live))
-        self.fs.pipe_file(self._p("index", f"packed-{time.time_ns()}-{os.getpid()}.parquet"),
-                          _parquet_bytes(table))
-        self.fs.rm(list(data))
 
     @_transport_errors("remove a segment from")
     def remove_segment(self, name: str) -> None:
@@ -384,10 +327,6 @@ class MirroredStore:
     def url(self) -> str:
         return self.remote.url
 
-    @property
-    def root(self) -> str:  # for messages: the store as the user named it
-        return self.remote.url
-
     def __repr__(self) -> str:
         return f"MirroredStore({self.remote.url!r}, local={str(self.local.root)!r})"
 
@@ -408,18 +347,14 @@ class MirroredStore:
 
     def missing(self, keys) -> set[str]:
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         wanted = pa.array(sorted(set(keys)), pa.string())
         if not len(wanted):
             return set()
-        if hasattr(self.remote, "has"):  # the service looks the keys up itself
-            return set(wanted.to_pylist()) - self.remote.has(wanted.to_pylist())
-        present = pc.is_in(wanted, value_set=self.index_table().column("key"))
-        return set(wanted.filter(pc.invert(present)).to_pylist())
+        return set(wanted.to_pylist()) - self.remote.has(wanted.to_pylist())
 
     # ------------------------------------------------------------------ segments
-    def publish(self, segment_id: str, data: Any, manifest: dict) -> bool:
+    def publish(self, segment_id: str, data: SegmentData, manifest: dict) -> bool:
         """Stage the segment in the mirror, then upload it (also when an earlier upload of it
         was interrupted: the mirror has it, the remote has no commit record). When another writer
         committed the same segment first, with other bytes (another machine's rounding), the
@@ -528,50 +463,3 @@ class MirroredStore:
             return False
         self.local.import_segment(name, files, max_bytes=max_bytes)
         return self.remote.put_segment(name, self.local.segment_files(name))  # the verified copy
-
-
-def copy_segments(src, dst, *, teacher: str | None = None, keys=None, dry_run: bool = False,
-                  echo=print) -> dict:
-    """Copy the segments `dst` lacks from `src` (any two stores: local, object store, service),
-    optionally only one teacher's (identity prefix) or only those holding `keys`. Each segment
-    arrives checked against its commit record and verified in full before it is published, and
-    is published whole or not at all — so a killed copy leaves nothing half-published, and
-    running it again copies what is still missing."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from distill_pipeline.progress import progress
-
-    names = src.segment_names()
-    if keys is not None:
-        index = src.index_table()
-        wanted = pa.array(sorted(set(keys)), pa.string())
-        holding = index.filter(pc.is_in(index.column("key"), value_set=wanted))
-        names = sorted(set(pc.unique(holding.column("segment")).to_pylist()))
-    have = set(dst.segment_names())
-    todo = [n for n in names if n not in have]
-    records = {n: src.commit_record(n) for n in todo}
-    if teacher:
-        todo = [n for n in todo if str(records[n]["manifest"].get("teacher", "")).startswith(teacher)]
-    total_bytes = sum(sum(f["size"] for f in records[n]["files"].values()) for n in todo)
-    stats = {"segments": len(todo), "already_there": len([n for n in names if n in have]),
-             "bytes": total_bytes, "entries": sum(int(records[n]["manifest"].get("n_entries", 0)) for n in todo),
-             "copied": 0}
-    if dry_run or not todo:
-        return stats
-    t0 = time.perf_counter()
-    with progress(total=total_bytes, desc=f"copy {len(todo)} segment(s)", unit="B") as bar:
-        entries = 0
-        throttle = float(os.environ.get("DISTILL_COPY_THROTTLE_S", "0"))  # crash tests, demos
-        for n in todo:
-            files = src.segment_files(n)
-            if dst.import_segment(n, files):
-                stats["copied"] += 1
-            entries += int(records[n]["manifest"].get("n_entries", 0))
-            bar.update(sum(len(b) for b in files.values()))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(entries=entries)
-            if throttle:
-                time.sleep(throttle)
-    stats["seconds"] = round(time.perf_counter() - t0, 3)
-    return stats

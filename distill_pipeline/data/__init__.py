@@ -1,6 +1,6 @@
 """Datasets as the stages use them: read, report bad rows, tokenise.
 
-A stage that reads a dataset holds a `DataView` (built by `data_view(cfg, which)`): the dataset's
+A stage that reads a dataset holds a `DataView` (built by `data_view(cfg.data, which)`): the dataset's
 spec, the shared reading limits, the built-in task's settings when the source is built in, and
 the file's sha256 when it is a local file (so a changed file reruns what reads it).
 `sft_examples` and `pair_examples` take that view and a tokenizer and return tokenised rows;
@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from distill_pipeline.config import Data, DataSpec, Layout, NumbersTask
 from distill_pipeline.data.readers import BadRows, DataError, check_readable, read_dataset
 from distill_pipeline.data.tokenize import encode_rows
 from distill_pipeline.identity import sha256_file
-from distill_pipeline.pipeline.config import DataSpec, Layout, NumbersTask
 from distill_pipeline.view import View
 
 __all__ = ["BadRows", "DataError", "DataView", "data_view", "sft_examples", "pair_examples",
@@ -73,14 +73,15 @@ def file_digest(path: str, which: str = "") -> str:
     return _DIGESTS[key]
 
 
-def data_view(cfg: Any, which: str) -> DataView:
-    spec = getattr(cfg.data, which)
+def data_view(data: Data, which: str) -> DataView:
+    """The view of one dataset (`data.<which>`) of the config's `data` section."""
+    spec = getattr(data, which)
     builtin, hub = spec.source.startswith("builtin:"), spec.source.startswith("hf://")
     return DataView(which=which, source=spec.source,
                     layout=None if builtin else spec.layout, split=spec.split if hub else None,
                     limit=None if builtin else spec.limit,
-                    max_length=cfg.data.max_length, max_bad_fraction=cfg.data.max_bad_fraction,
-                    numbers=cfg.data.numbers if builtin else None,
+                    max_length=data.max_length, max_bad_fraction=data.max_bad_fraction,
+                    numbers=data.numbers if builtin else None,
                     sha256=None if builtin or hub else file_digest(spec.source, which))
 
 

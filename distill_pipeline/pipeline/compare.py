@@ -17,7 +17,7 @@ from distill_pipeline.metrics import METRICS, SCORES, results_table
 def _run_dir(path: str) -> Path:
     p = Path(path)
     if p.suffix in (".yaml", ".yml"):
-        from distill_pipeline.pipeline.config import load_config
+        from distill_pipeline.config import load_config
 
         return Path(load_config(p).run_dir)
     if not p.is_dir():

@@ -30,6 +30,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from distill_pipeline.config import TrainHP
+
 ACT_PER_TOKEN = 10   # hidden-size-wide tensors a decoder layer keeps per token for backward
 MLP_PER_TOKEN = 4    # intermediate-size-wide ones (gate, up, their product, the down input)
 LOGIT_COPIES = 3     # logits, their gradient, the causal shift's gradient (forward dtype)
@@ -105,15 +107,15 @@ def model_shape(spec: Any) -> Shape:
                  kv_hidden=hidden * kv_heads // heads, bytes_per_param=_dtype_bytes(spec, config))
 
 
-def training(shape: Shape, sequences: int, length: int, hp: Any = None) -> dict[str, int]:
+def training(shape: Shape, sequences: int, length: int, hp: TrainHP = TrainHP()) -> dict[str, int]:
     """One training step of `sequences` × `length` tokens per worker with AdamW, under `hp`'s
     precision, gradient checkpointing, workers and strategy (defaults: fp32, none, 1)."""
     from distill_pipeline.losses import CHUNK_ROWS
 
-    precision = getattr(hp, "precision", "fp32")
-    checkpointing = getattr(hp, "gradient_checkpointing", False)
-    workers = getattr(hp, "workers", 1)
-    fsdp = workers > 1 and getattr(hp, "strategy", "ddp") == "fsdp"
+    precision = hp.precision
+    checkpointing = hp.gradient_checkpointing
+    workers = hp.workers
+    fsdp = workers > 1 and hp.strategy == "fsdp"
     b = 2 if precision == "bf16" else 4  # weights, gradients, AdamW moments (parallel.prepare)
     act = 2 if precision in ("bf16", "bf16-mixed") else 4  # the forward's dtype
     tokens = sequences * length

@@ -1,4 +1,5 @@
-"""Ray: a private embedded instance by default, or a cluster via `ray.address` / RAY_ADDRESS.
+"""Starting or attaching Ray for a run: a private embedded instance by default, or a cluster via
+`ray.address` / RAY_ADDRESS. (What a task needs of the driver's environment: `env.py`.)
 
 The embedded instance is started with `address="local"`: a plain `ray.init()` would join any
 cluster someone else started on this host (and then refuse our resource settings). A cluster
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 from typing import Any
+
+from distill_pipeline.progress import decide_for_workers
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -35,24 +38,10 @@ def _probe(address: str) -> None:
             "--ray-address / RAY_ADDRESS to run on an embedded local Ray") from None
 
 
-def ray_running() -> bool:
-    """Is this process a Ray driver or worker (so work can be handed to more Ray workers)?
-    Never imports Ray when nothing has."""
-    import sys
-
-    if "ray" not in sys.modules:
-        return False
-    import ray
-
-    return ray.is_initialized()
-
-
 def ensure_ray(cfg: Any) -> bool:
     """Start or attach Ray; True when this call started an embedded instance (its caller shuts
     it down), False when Ray was already up or a cluster was attached."""
     import ray
-
-    from distill_pipeline.progress import decide_for_workers
 
     if ray.is_initialized():
         return False
@@ -74,39 +63,3 @@ def ensure_ray(cfg: Any) -> bool:
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, …
         where = f"the Ray cluster at {address}" if address else "an embedded local Ray"
         raise RayUnavailable(f"cannot start {where}: {type(exc).__name__}: {exc}") from None
-
-
-# Environment a stage reads, by prefix: the pipeline's own settings (cache dir, mirror, service
-# token, progress), the Hugging Face hub and cache, and object-store credentials/endpoints.
-FORWARDED_PREFIXES = ("DISTILL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "AWS_", "GOOGLE_",
-                      "AZURE_", "S3_")
-
-
-def forwarded_env() -> dict[str, str]:
-    """What a stage running on another node needs of the driver's environment (workers started
-    by `ray start` have that node's environment, not the driver's). `DISTILL_CACHE_DIR` is
-    always set, to the driver's absolute default when unset, so the default store is the
-    driver's — which must then be on storage every node shares."""
-    from distill_pipeline.cache.store import default_root
-
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
-    env["DISTILL_CACHE_DIR"] = str(default_root().parent.resolve())
-    return env
-
-
-def driver_context() -> dict[str, Any]:
-    """Passed with every stage task: the driver's forwarded environment and working directory
-    (relative paths in a config — data files, a store, a model directory — then mean on a
-    worker what they mean on the driver)."""
-    return {"env": forwarded_env(), "cwd": os.getcwd()}
-
-
-def apply_driver_context(context: dict[str, Any] | None) -> None:
-    """In a stage task or extraction worker: take the driver's environment and, when the
-    directory exists here (shared storage), its working directory."""
-    if not context:
-        return
-    os.environ.update(context.get("env") or {})
-    cwd = context.get("cwd")
-    if cwd and os.path.isdir(cwd):
-        os.chdir(cwd)

@@ -27,7 +27,7 @@ class NodeSpec:
 
 def build_graph(cfg: Any) -> list[NodeSpec]:
     """The nodes of `cfg.method`, in a valid execution order."""
-    from distill_pipeline.pipeline.config import IMPORTS, trained_nodes
+    from distill_pipeline.config import IMPORTS, trained_nodes
     from distill_pipeline.stages import (evaluate, import_model, rollouts, sft, teacher_dpo,
                                          teacher_logits, train)
 

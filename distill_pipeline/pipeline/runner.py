@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from distill_pipeline.parallel import workers_of
+from distill_pipeline.env import driver_context
+from distill_pipeline.pipeline.launch import execute_node, workers_of
 from distill_pipeline.pipeline.recipes import NodeSpec, build_graph
 from distill_pipeline.provenance import package_versions
 from distill_pipeline.stages import ANY_ROLE, STAGE_NAMES, flatten, get_stage
@@ -197,29 +198,6 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
 
 # ---------------------------------------------------------------------------- execution
 
-def execute_node(stage_name: str, view: Any, inputs: dict[str, str], partial: str,
-                 num_threads: int | None = None, context: dict | None = None,
-                 worker_resources: tuple[float, float] = (1, 0)) -> dict:
-    """Run one stage into its partial folder; returns the stage summary. Runs in a Ray task,
-    with the driver's environment and working directory (`raysetup.driver_context`). A training
-    node with `workers > 1` runs on that many Ray Train workers, each holding
-    `worker_resources` (CPUs, GPUs); this task only waits for them."""
-    from distill_pipeline import parallel
-    from distill_pipeline.pipeline.raysetup import apply_driver_context
-
-    apply_driver_context(context)
-    out = Path(partial)
-    out.mkdir(parents=True, exist_ok=True)
-    if parallel.workers_of(view) > 1:
-        cpus, gpus = worker_resources
-        return parallel.launch(stage_name, view, inputs, out, cpus=cpus, gpus=gpus, context=context)
-    if num_threads:
-        import torch
-
-        torch.set_num_threads(num_threads)
-    return get_stage(stage_name).run(view, {k: Path(v) for k, v in inputs.items()}, out)
-
-
 def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
     node, stage = plan.node(name), get_stage(plan.node(name).stage)
     partial, final = plan.partial(name), plan.folder(name)
@@ -351,9 +329,9 @@ def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = 
                 echo(f"{n}: up to date")
         if not todo:
             return []
-        parallel = [n for n in todo if workers_of(plan.node(n).view) > 1]
-        if parallel and not use_ray:
-            raise PipelineError(f"{', '.join(parallel)}: workers > 1 runs on Ray Train; run without "
+        multi = [n for n in todo if workers_of(plan.node(n).view) > 1]
+        if multi and not use_ray:
+            raise PipelineError(f"{', '.join(multi)}: workers > 1 runs on Ray Train; run without "
                                 "--no-ray (or set the node's workers to 1)")
         preflight(plan, todo, echo, memory_check=memory_check)
         for n in todo:
@@ -419,8 +397,6 @@ def _run_ray(plan: Plan, todo: list[str], echo: Callable[[str], None]) -> None:
 
 def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: threading.Event) -> None:
     import ray
-
-    from distill_pipeline.pipeline.raysetup import driver_context
 
     res = plan.cfg.resources
     remote = ray.remote(execute_node)

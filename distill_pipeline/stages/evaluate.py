@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from distill_pipeline.data import DataView, data_view
-from distill_pipeline.pipeline.config import Evaluate
+from distill_pipeline.config import Evaluate
 from distill_pipeline.stages import ANY_ROLE, Stage, View
 
 BASELINE = "sft.student"                      # what win rates are measured against
@@ -40,7 +40,7 @@ def view_for(cfg) -> EvaluateView:
 
         identity = content_identity(import_path(rm.name_or_path, f"evaluate.reward_model: "
                                                                  f"{rm.name_or_path!r}"))
-    return EvaluateView(evaluate=cfg.evaluate, data=data_view(cfg, "eval"), reward_identity=identity)
+    return EvaluateView(evaluate=cfg.evaluate, data=data_view(cfg.data, "eval"), reward_identity=identity)
 
 
 def run(view: EvaluateView, inputs: dict, out: Path) -> dict:

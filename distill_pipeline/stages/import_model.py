@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from distill_pipeline.pipeline.config import IMPORTS, ModelSpec
+from distill_pipeline.config import IMPORTS, ModelSpec
 from distill_pipeline.stages import Stage, View
 
 Role = Literal[tuple(IMPORTS)]  # type: ignore[valid-type]

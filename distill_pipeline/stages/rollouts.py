@@ -49,7 +49,7 @@ def view_for(cfg) -> RolloutsView:
     r, sampling = cfg.rollouts, cfg.rollouts.temperature > 0
     return RolloutsView(backend=r.backend, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                         top_p=r.top_p if sampling else None, seed=r.seed if sampling else None,
-                        batch_size=r.batch_size, data=data_view(cfg, "preferences"),
+                        batch_size=r.batch_size, data=data_view(cfg.data, "preferences"),
                         num_workers=r.num_workers, tensor_parallel_size=r.tensor_parallel_size,
                         gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len)
 
@@ -58,8 +58,8 @@ def run(view: RolloutsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.data.tokenize import decode_response
     from distill_pipeline.generation import batch_plan, pick_backend
+    from distill_pipeline.env import ray_running
     from distill_pipeline.models import load_ref_tokenizer, model_ref
-    from distill_pipeline.pipeline.raysetup import ray_running
 
     backend = pick_backend(view.backend)
     policy = model_ref(inputs["policy"])
@@ -119,13 +119,10 @@ def _generate_on_workers(policy, backend: str, view: RolloutsView, prompts: list
     """One Ray task per shard (each loads the policy: one engine per worker), merged in order."""
     import ray
 
-    from distill_pipeline.pipeline.raysetup import forwarded_env
+    from distill_pipeline.env import worker_options
 
     gpus = 1.0 * view.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    free = ray.available_resources().get("CPU", 1.0)
-    cpus = 1.0 if gpus else max(0.01, min(1.0, free / len(shards)))
-    task = ray.remote(_shard_task).options(num_cpus=cpus, num_gpus=gpus,
-                                           runtime_env={"env_vars": forwarded_env()})
+    task = ray.remote(_shard_task).options(**worker_options(len(shards), gpus))
     parts = ray.get([task.remote(policy, backend, view, prompts, shard) for shard in shards])
     return [next(p[i] for p in parts if p[i] is not None) for i in range(len(prompts))]
 

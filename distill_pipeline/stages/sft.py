@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from distill_pipeline.data import DataView, data_view
-from distill_pipeline.pipeline.config import HP_ADDED, ModelSpec, TrainHP
+from distill_pipeline.config import HP_ADDED, ModelSpec, TrainHP
 from distill_pipeline.stages import Stage, View
 
 
@@ -31,7 +31,7 @@ class SftView(View):
 
 def view_for(cfg, role: str) -> SftView:
     return SftView(role=role, model=getattr(cfg.models, role), hp=getattr(cfg.sft, role),
-                   data=data_view(cfg, "sft"), chat_template=cfg.data.template())
+                   data=data_view(cfg.data, "sft"), chat_template=cfg.data.template())
 
 
 def run(view: SftView, inputs: dict, out: Path) -> dict:

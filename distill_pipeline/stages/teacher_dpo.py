@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill_pipeline.data import DataView, data_view
-from distill_pipeline.pipeline.config import HP_ADDED, TeacherDpo
+from distill_pipeline.config import HP_ADDED, TeacherDpo
 from distill_pipeline.stages import Stage, View
 
 
@@ -25,7 +25,7 @@ class TeacherDpoView(View):
 
 
 def view_for(cfg) -> TeacherDpoView:
-    return TeacherDpoView(hp=cfg.teacher_dpo, data=data_view(cfg, "preferences"))
+    return TeacherDpoView(hp=cfg.teacher_dpo, data=data_view(cfg.data, "preferences"))
 
 
 def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from distill_pipeline.data import DataView, data_view
-from distill_pipeline.pipeline.config import TeacherLogits
+from distill_pipeline.config import TeacherLogits
 from distill_pipeline.stages import Stage, View
 
 
@@ -42,7 +42,7 @@ class TeacherLogitsView(View):
 
 def view_for(cfg, source: str) -> TeacherLogitsView:
     return TeacherLogitsView(source=source, extraction=cfg.teacher_logits,
-                             data=data_view(cfg, "preferences") if source == "pairs" else None)
+                             data=data_view(cfg.data, "preferences") if source == "pairs" else None)
 
 
 def sequences(view: TeacherLogitsView, inputs: dict, tok) -> list[tuple[list[int], list[int]]]:
@@ -57,7 +57,7 @@ def sequences(view: TeacherLogitsView, inputs: dict, tok) -> list[tuple[list[int
 
 def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
-    from distill_pipeline.cache.reader import write_node_file
+    from distill_pipeline.cache.node import write_node_file
     from distill_pipeline.cache.remote import open_store
     from distill_pipeline.models import load_ref_tokenizer, model_ref, ref_identity
 
@@ -83,8 +83,8 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
 def check_output(folder: Path) -> str | None:
     """Up to date only while the segments holding its entries are still in its store (a stat per
     segment; `cache verify --run` checks entry by entry)."""
-    from distill_pipeline.cache.reader import node_segments_missing, node_store
-    from distill_pipeline.cache.store import CacheError
+    from distill_pipeline.cache.node import node_segments_missing, node_store
+    from distill_pipeline.cache.segment import CacheError
 
     try:
         gone, total = node_segments_missing(folder)

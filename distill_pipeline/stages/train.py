@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from distill_pipeline.data import DataView, data_view
 from distill_pipeline.losses import LOSSES
-from distill_pipeline.pipeline.config import HP_ADDED, TrainHP, loss_options
+from distill_pipeline.config import HP_ADDED, TrainHP
 from distill_pipeline.stages import Stage, View
 
 
@@ -43,17 +43,17 @@ class TrainView(View):
 
 def view_for(cfg, loss: str, options_key: str = "loss") -> TrainView:
     spec = LOSSES[loss]
-    validation = data_view(cfg, "validation") if cfg.data.validation is not None else None
-    return TrainView(loss=loss, options_key=options_key, options=loss_options(cfg, f"train.{options_key}"),
+    validation = data_view(cfg.data, "validation") if cfg.data.validation is not None else None
+    return TrainView(loss=loss, options_key=options_key, options=cfg.loss_options(options_key),
                      hp=TrainHP(**cfg.train.model_dump(include=set(TrainHP.model_fields))),
-                     data=data_view(cfg, "preferences") if "r" not in spec.responses else None,
+                     data=data_view(cfg.data, "preferences") if "r" not in spec.responses else None,
                      validation=validation,
                      max_new_tokens=cfg.evaluate.max_new_tokens if validation else None)
 
 
 def run(view: TrainView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.batches import Batches, TeacherSource, fields_for, loss_fn_for
-    from distill_pipeline.cache.reader import open_node
+    from distill_pipeline.cache.node import open_node
     from distill_pipeline.data import pair_examples, rollout_examples
     from distill_pipeline.losses import POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref, evaluate_model

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from distill_pipeline.cache.reader import CacheReader, write_node_file
-from distill_pipeline.cache.store import CacheError, Store
+from distill_pipeline.cache.node import write_node_file
+from distill_pipeline.cache.reader import CacheReader
+from distill_pipeline.cache.segment import CacheError
+from distill_pipeline.cache.store import Store
 from tests.conftest import ROOT
 from tests.invariants.helpers import FMT, make_teacher, requests, run_extraction, sequences
 
@@ -518,11 +520,11 @@ def test_a_segment_published_again_after_packing_is_read_with_its_new_values(sto
     import pyarrow.parquet as pq
     import zarr
 
-    from distill_pipeline.cache import store as store_mod
+    from distill_pipeline.cache import index as index_mod
     from distill_pipeline.cache.reader import CacheReader
-    from distill_pipeline.cache.store import SegmentData
+    from distill_pipeline.cache.segment import SegmentData
 
-    monkeypatch.setattr(store_mod, "PACK_AT", 1)
+    monkeypatch.setattr(index_mod, "PACK_AT", 1)
     s = Store(store)
     first = segments(store)[0]
     s._pack_index()  # every index row is now in a pack

@@ -19,7 +19,7 @@ import pytest
 from distill_pipeline.data import DataView, file_digest, validate_dataset
 from distill_pipeline.data import readers
 from distill_pipeline.data.readers import DataError, read_dataset
-from distill_pipeline.pipeline.config import DataSpec, NumbersTask
+from distill_pipeline.config import DataSpec, NumbersTask
 
 
 def J(**row) -> str:
@@ -336,7 +336,7 @@ def test_stage_path_explains_empty_result(tmp_path):
     """sft_examples (the stage's path, with tokenisation) says why nothing is usable too."""
     from distill_pipeline.data import sft_examples
     from distill_pipeline.models import load_tokenizer
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     tok = load_tokenizer(ModelSpec(preset="tiny-student"))
     path = put(tmp_path, "d.jsonl", "".join(J(prompt="digits: " + "one " * 80, completion="1") + "\n" for _ in range(3)))

@@ -18,7 +18,7 @@ from distill_pipeline import models
 from distill_pipeline.models import (ModelError, build_tiny_tokenizer_json, check_model_spec,
                                      load_checkpoint, load_model, load_tokenizer,
                                      load_tokenizer_dir, save_model)
-from distill_pipeline.pipeline.config import ModelSpec
+from distill_pipeline.config import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 HINT_TOK = "expected tokenizer.json, or tokenizer.model / vocab files + tokenizer_config.json"

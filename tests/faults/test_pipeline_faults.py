@@ -115,7 +115,7 @@ def test_a_bad_model_is_refused_by_the_preflight_through_the_cli(tmp_path, break
     """The model corpus (tests/faults/test_model_faults.py) runs in-process; this checks the same
     errors reach a CLI user as one message, before any stage runs."""
     from distill_pipeline.models import load_model, load_tokenizer, save_model
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     model_dir = tmp_path / "student"
     if breakage != "missing":
@@ -178,7 +178,7 @@ def test_an_unexpected_error_is_one_line_and_a_saved_traceback(config):
 def test_non_finite_loss_stops_the_stage_and_publishes_nothing(tmp_path, monkeypatch):
     from distill_pipeline import batches
     from distill_pipeline.pipeline import runner
-    from distill_pipeline.pipeline.config import load_config
+    from distill_pipeline.config import load_config
 
     real = batches.loss_fn_for
 

@@ -22,12 +22,14 @@ import pyarrow.flight as fl
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.cache.admin import check_segment, gc
+from distill_pipeline.cache.admin import gc
+from distill_pipeline.cache.flight import (FILE_SCHEMA, MAX_TICKET_KEYS, FlightRemote, assemble_files,
+                                           file_batches)
 from distill_pipeline.cache.reader import CacheReader
 from distill_pipeline.cache.remote import MirroredStore, open_store
-from distill_pipeline.cache.service import (FILE_SCHEMA, MAX_TICKET_KEYS, FlightRemote, assemble_files,
-                                            file_batches, serve)
-from distill_pipeline.cache.store import CacheError, SegmentRejected, Store, segment_id
+from distill_pipeline.cache.segment import CacheError, SegmentRejected, check_segment, segment_id
+from distill_pipeline.cache.service import serve
+from distill_pipeline.cache.store import Store
 from tests.conftest import ROOT
 from tests.invariants.helpers import make_teacher, run_extraction, tree_bytes
 

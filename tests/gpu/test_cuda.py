@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 def _tiny_teacher():
     from distill_pipeline.models import load_model, load_tokenizer
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     spec = ModelSpec(preset="tiny-teacher")
     return load_model(spec, seed=0), load_tokenizer(spec)
@@ -35,7 +35,7 @@ def test_extraction_on_cuda_matches_cpu():
 def test_a_training_step_on_cuda_matches_cpu(tmp_path):
     from distill_pipeline.batches import Batches, Field, loss_fn_for
     from distill_pipeline.losses import LOSSES
-    from distill_pipeline.pipeline.config import TrainHP
+    from distill_pipeline.config import TrainHP
     from distill_pipeline.training import train_loop
 
     hp = TrainHP(lr=1e-3, max_steps=2, batch_size=2, checkpoint_every=2)
@@ -72,7 +72,7 @@ def test_extraction_top_k_sets_agree_where_the_gaps_are_clear():
 def test_a_bf16_mixed_step_on_cuda_keeps_float32_weights(tmp_path):
     from distill_pipeline.batches import Batches, Field, loss_fn_for
     from distill_pipeline.losses import LOSSES
-    from distill_pipeline.pipeline.config import TrainHP
+    from distill_pipeline.config import TrainHP
     from distill_pipeline.training import train_loop
 
     examples = [{"prompt_ids": [3, 4, 5], "response_ids": [6, 7, 8]}, {"prompt_ids": [3, 9], "response_ids": [10, 11]}]

@@ -15,7 +15,7 @@ FMT = CacheFormat(TOP_K, DTYPE)
 
 def make_teacher(folder: Path, seed: int = 0) -> Path:
     from distill_pipeline.models import load_model, load_tokenizer, save_model
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     spec = ModelSpec(preset="tiny-teacher")
     save_model(load_model(spec, seed=seed), load_tokenizer(spec), folder)
@@ -27,7 +27,7 @@ def sequences(n: int, offset: int = 0) -> list[tuple[list[int], list[int]]]:
     from distill_pipeline.data.tokenize import encode_prompt, encode_response
     from distill_pipeline.data.toy import number_to_words
     from distill_pipeline.models import load_tokenizer
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     tok = load_tokenizer(ModelSpec(preset="tiny-teacher"))
     out = []

@@ -17,7 +17,8 @@ from distill_pipeline.cache.admin import info, verify
 from distill_pipeline.batches import Batches, Field, TeacherSource
 from distill_pipeline.cache.format import CacheFormat
 from distill_pipeline.cache.reader import CacheReader, TokenMismatch
-from distill_pipeline.cache.store import CacheError, Store
+from distill_pipeline.cache.segment import CacheError
+from distill_pipeline.cache.store import Store
 from tests.conftest import ROOT
 from tests.invariants.helpers import (DTYPE, FMT, TOP_K, make_teacher, requests, run_extraction,
                                       sequences, tree_bytes)

@@ -21,7 +21,7 @@ import torch
 
 from distill_pipeline.models import load_checkpoint
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
+from distill_pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import torch
 from distill_pipeline import training
 from distill_pipeline.models import load_checkpoint
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
+from distill_pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 
 RTOL = 1e-5

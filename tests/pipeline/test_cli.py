@@ -54,7 +54,7 @@ def test_run_twice_then_set_change(tmp_path):
 
     third = cli("run", "all", "-c", str(config), "--set", "teacher_dpo.beta=0.3")
     assert third.returncode == 0, third.stderr[-3000:]
-    from distill_pipeline.pipeline.config import load_config
+    from distill_pipeline.config import load_config
     from distill_pipeline.pipeline.runner import make_plan
     before = make_plan(load_config(config)).fingerprints
     after = make_plan(load_config(config, ["teacher_dpo.beta=0.3"])).fingerprints
@@ -80,7 +80,7 @@ def test_config_error_is_one_clean_message(tmp_path):
 
 def test_tokenizer_mismatch_refused_before_any_stage(tmp_path):
     from distill_pipeline.models import load_model, load_tokenizer
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
     import json
 
     spec = ModelSpec(preset="tiny-student")

@@ -9,7 +9,7 @@ import torch
 
 from distill_pipeline.models import load_ref, model_ref
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
+from distill_pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 from tests.unit.test_reward import _save_reward_dir
 

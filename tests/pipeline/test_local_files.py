@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 from distill_pipeline.data.readers import read_dataset
 from distill_pipeline.data.toy import make_task
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import DataSpec, load_config
+from distill_pipeline.config import DataSpec, load_config
 from tests.conftest import tiny_tree, write_config
 
 
 def test_pipeline_on_local_models_and_files(tmp_path, monkeypatch):
     from distill_pipeline.models import load_model, load_tokenizer, save_model
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     for role in ("teacher", "student"):
         spec = ModelSpec(preset=f"tiny-{role}")

@@ -10,7 +10,7 @@ import pytest
 
 from distill_pipeline.losses import LOSSES, METHODS, method_loss
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
+from distill_pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 from tests.loss_inputs import random_inputs
 
@@ -73,7 +73,7 @@ def test_adpa_plus_nodes(shared):
 
 
 def test_unknown_loss_option_is_a_config_error(shared):
-    from distill_pipeline.pipeline.config import ConfigError
+    from distill_pipeline.config import ConfigError
     path = write_config(shared / "bad.yaml", tiny_tree(shared / "run", method="tvkd"))
     with pytest.raises(ConfigError, match="train.loss.potential: 'nope' is not one of teacher_value, student_entropy"):
         load_config(path, ["train.loss.potential=nope"])

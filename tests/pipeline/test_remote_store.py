@@ -136,7 +136,7 @@ def test_two_teams_share_one_bucket(tmp_path, monkeypatch):
     """Team A runs the pipeline with its cache in the bucket; team B — another run dir, an empty
     local mirror — runs the same recipe and extracts nothing, trains and evaluates."""
     from distill_pipeline.pipeline import runner
-    from distill_pipeline.pipeline.config import load_config
+    from distill_pipeline.config import load_config
 
     url = "s3://team-cache/pipeline"
     tree = tiny_tree(tmp_path / "run-a", method="adpa")

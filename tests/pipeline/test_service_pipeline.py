@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
+from distill_pipeline.config import load_config
 from tests.conftest import ROOT, tiny_tree, write_config
 
 pytestmark = pytest.mark.slow

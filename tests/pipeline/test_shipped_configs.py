@@ -51,7 +51,7 @@ def test_import_recipe_offline_with_the_models_cached(tmp_path):
     shows the identity it imports (the same files under two ids: one identity)."""
     from distill_pipeline.identity import content_identity
     from distill_pipeline.models import load_model, load_tokenizer, save_model
-    from distill_pipeline.pipeline.config import ModelSpec, load_config
+    from distill_pipeline.config import ModelSpec, load_config
 
     saved = tmp_path / "saved"
     spec = ModelSpec(preset="tiny-teacher")

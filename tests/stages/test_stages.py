@@ -7,7 +7,7 @@ import pytest
 
 from distill_pipeline.generation import BackendError, gpu_available, pick_backend
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
+from distill_pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 
 MODEL_FILES = {".distill-identity.json", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from distill_pipeline.pipeline.config import TrainHP
+from distill_pipeline.config import TrainHP
 from distill_pipeline.training import train_loop
 
 

@@ -36,7 +36,7 @@ def test_counts_match_the_built_labels():
 @pytest.mark.parametrize("name", ["sft", "dpo", "simpo", "wpo"])
 def test_a_single_micro_batch_with_its_counts_is_the_batch_mean(name):
     from distill_pipeline.models import load_model
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     model = load_model(ModelSpec(preset="tiny-student"))
     spec = LOSSES[name]

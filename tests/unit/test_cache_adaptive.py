@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from distill_pipeline.cache.admin import check_segment, info, verify
+from distill_pipeline.cache.admin import info, verify
 from distill_pipeline.cache.extract import segment_data
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, FormatError, reconstruction_kl
 from distill_pipeline.cache.reader import CacheReader, aligned_teacher_tensors, pad_slots
-from distill_pipeline.cache.store import Store, segment_id
+from distill_pipeline.cache.segment import check_segment, segment_id
+from distill_pipeline.cache.store import Store
 
 V, K = 40, 12
 ADAPTIVE = CacheFormat(K, top_mass=0.9)
@@ -224,7 +225,7 @@ def test_losses_on_padded_adaptive_tensors_equal_each_tokens_own_k(tmp_path):
 def test_ragged_segments_copy_between_stores_verified(tmp_path):
     """push/pull/upload path: every file name is accepted, the segment is decoded, re-keyed and
     checksummed on arrival (Store.import_segment), and reads back the same."""
-    from distill_pipeline.cache.remote import copy_segments
+    from distill_pipeline.cache.transfer import copy_segments
 
     keys = publish(tmp_path / "src", ADAPTIVE, SEQS, teacher_rows(N_TOKENS))
     out = copy_segments(Store(tmp_path / "src"), Store(tmp_path / "dst"), echo=lambda *a, **k: None)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from distill_pipeline.cache.format import CacheFormat, FormatError, reconstruction_kl
-from distill_pipeline.pipeline.config import TeacherLogits
+from distill_pipeline.config import TeacherLogits
 
 
 def sorted_logp(n=64, k=50, seed=0):

@@ -1,4 +1,4 @@
-"""A checkpoint is swapped in by renames (training.swap_in); a crash at any point leaves a state
+"""A checkpoint is swapped in by renames (checkpoint.swap_in); a crash at any point leaves a state
 `training.recover` resolves to the newest complete checkpoint, and the next save works."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from distill_pipeline.training import recover, swap_in
+from distill_pipeline.checkpoint import recover, swap_in
 
 
 def _ckpt(path, step):

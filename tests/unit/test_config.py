@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill_pipeline.pipeline.config import ConfigError, load_config
+from distill_pipeline.config import ConfigError, load_config
 from tests.conftest import ROOT, tiny_tree, write_config
 
 

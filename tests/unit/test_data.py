@@ -12,7 +12,7 @@ from distill_pipeline.data import DataView, pair_examples, sft_examples
 from distill_pipeline.data.readers import DataError, detect_layout, read_dataset
 from distill_pipeline.data.toy import drop_zeros, has_silent_zero, make_task, number_to_words
 from distill_pipeline.models import load_tokenizer
-from distill_pipeline.pipeline.config import DataSpec, ModelSpec, NumbersTask
+from distill_pipeline.config import DataSpec, ModelSpec, NumbersTask
 
 
 def write(tmp_path: Path, rows: list, fmt: str) -> str:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from distill_pipeline.losses import LOSSES, METHODS, method_loss
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import Config, config_from_dict, load_config
+from distill_pipeline.config import Config, config_from_dict, load_config
 from distill_pipeline.stages import flatten, get_stage
 from tests.conftest import tiny_tree, write_config
 
@@ -49,9 +49,9 @@ NOT_PERTURBED = {
     "method": "changes the graph itself (tests/pipeline/test_methods.py)",
     "models.teacher.name_or_path": "exclusive with preset, which is perturbed",
     "models.student.name_or_path": "exclusive with preset, which is perturbed",
-    "models.teacher_dpo": "an import changes the graph itself (tests/unit/test_imports.py)",
-    "models.reference": "an import changes the graph itself (tests/unit/test_imports.py)",
-    "models.student_init": "an import changes the graph itself (tests/unit/test_imports.py)",
+    "models.teacher_dpo": "an import changes the graph itself (tests/unit/test_import_config.py)",
+    "models.reference": "an import changes the graph itself (tests/unit/test_import_config.py)",
+    "models.student_init": "an import changes the graph itself (tests/unit/test_import_config.py)",
 }
 
 
@@ -289,7 +289,7 @@ def test_options_added_later_leave_existing_fingerprints_alone(tiny_config):
     """Training options added after runs existed (workers, strategy, precision, gradient
     checkpointing) are out of the payloads at their defaults — the fingerprints of existing runs do
     not move — and in them as soon as they are set."""
-    from distill_pipeline.pipeline.config import TRAIN_OPTIONS_ADDED
+    from distill_pipeline.config import TRAIN_OPTIONS_ADDED
 
     cfg = load_config(tiny_config)
     plan = runner.make_plan(cfg)

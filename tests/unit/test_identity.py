@@ -22,7 +22,7 @@ from distill_pipeline.models import teacher_identity
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     from distill_pipeline.models import load_model, load_tokenizer, save_model
-    from distill_pipeline.pipeline.config import ModelSpec
+    from distill_pipeline.config import ModelSpec
 
     spec = ModelSpec(preset="tiny-student")
     folder = tmp_path_factory.mktemp("identity") / "saved"

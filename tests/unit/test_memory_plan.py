@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import ModelSpec, config_from_dict
+from distill_pipeline.config import ModelSpec, config_from_dict
 from distill_pipeline.pipeline.memory import check, model_shape, plan_memory, report, training
 from tests.conftest import ROOT, tiny_tree, write_config
 

@@ -8,7 +8,7 @@ import pytest
 from distill_pipeline.models import (TINY_TOKENIZER, ModelError, build_tiny_tokenizer_json,
                                      check_same_tokenizer, load_model, load_tokenizer,
                                      teacher_identity)
-from distill_pipeline.pipeline.config import ModelSpec
+from distill_pipeline.config import ModelSpec
 
 
 def test_shipped_tokenizer_is_the_deterministic_build():

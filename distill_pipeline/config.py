@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from distill_pipeline.cache.format import CacheFormat, FormatError
 from distill_pipeline.losses import LOSSES, METHODS, TWO_PHASE, method_loss
@@ -23,7 +23,8 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the config path and the fix."""
 
 
-class Node(BaseModel):
+class Section(BaseModel):
+    """A section of the config tree: unknown keys refused, frozen once loaded."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("*", mode="before")
@@ -37,7 +38,7 @@ class Node(BaseModel):
         return value
 
 
-class ModelSpec(Node):
+class ModelSpec(Section):
     """A causal LM: a tiny offline preset, a local checkpoint directory, or a hub id."""
     preset: Literal["tiny-teacher", "tiny-student"] | None = None
     name_or_path: str | None = None
@@ -52,7 +53,7 @@ class ModelSpec(Node):
         return self
 
 
-class Models(Node):
+class Models(Section):
     """The models a run trains from, and the ones it imports instead of training.
 
     `teacher` / `student` are the starting points of `sft.teacher` / `sft.student`. An import
@@ -79,7 +80,7 @@ class Models(Node):
 IMPORTS = {"teacher_dpo": "teacher_dpo", "reference": "sft.teacher", "student_init": "sft.student"}
 
 
-class NumbersTask(Node):
+class NumbersTask(Section):
     """Sizes of the built-in numbers → digits task."""
     n_sft: int = Field(2000, ge=1)
     n_pairs: int = Field(2000, ge=1)
@@ -90,7 +91,7 @@ class NumbersTask(Node):
     seed: int = 0
 
 
-class DataSpec(Node):
+class DataSpec(Section):
     """One dataset: the built-in task, a local JSONL/Parquet file, or `hf://owner/name`."""
     source: str = Field(..., description="'builtin:numbers', a .jsonl/.parquet path, or hf://id")
     layout: Layout = "auto"
@@ -115,7 +116,7 @@ class DataSpec(Node):
         return self
 
 
-class Data(Node):
+class Data(Section):
     sft: DataSpec
     preferences: DataSpec
     eval: DataSpec
@@ -157,7 +158,7 @@ def chat_template_text(value: str) -> str:
     return text
 
 
-class TrainHP(Node):
+class TrainHP(Section):
     """Optimiser settings shared by every training stage."""
     lr: float = Field(1e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
@@ -184,7 +185,7 @@ TRAIN_OPTIONS_ADDED = {"workers": 1, "strategy": "ddp", "precision": "fp32", "gr
 HP_ADDED = {f"hp.{k}": v for k, v in TRAIN_OPTIONS_ADDED.items()}
 
 
-class Sft(Node):
+class Sft(Section):
     teacher: TrainHP = TrainHP()
     student: TrainHP = TrainHP()
 
@@ -196,7 +197,7 @@ class TeacherDpo(TrainHP):
     epochs: float = Field(2.0, gt=0)
 
 
-class Rollouts(Node):
+class Rollouts(Section):
     backend: Literal["auto", "hf", "vllm"] = "auto"
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
@@ -210,7 +211,7 @@ class Rollouts(Node):
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's)")
 
 
-class TeacherLogits(Node):
+class TeacherLogits(Section):
     top_k: int = Field(50, ge=1, le=1024)
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     logp_keep_bits: int | None = Field(None, ge=1, le=22, description="lossy mode: mantissa bits of "
@@ -249,7 +250,7 @@ class Train(TrainHP):
                                       description="adpa+ only: loss options of its DCKD phase")
 
 
-class RewardModel(Node):
+class RewardModel(Section):
     """A Hugging Face sequence-classification reward model (one output), with its own tokenizer
     and chat template: a local directory or a hub id."""
     name_or_path: str = Field(..., min_length=1)
@@ -257,7 +258,7 @@ class RewardModel(Node):
     batch_size: int = Field(16, ge=1)
 
 
-class Evaluate(Node):
+class Evaluate(Section):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     reward_model: RewardModel | None = Field(None, description="score every model's greedy "
@@ -266,7 +267,7 @@ class Evaluate(Node):
                                 "teacher's implicit reward log π_dpo(y|x) − log π_ref(y|x)")
 
 
-class Resources(Node):
+class Resources(Section):
     """Ray resource requests per task."""
     train_cpus: float = Field(1, gt=0)
     generate_cpus: float = Field(1, gt=0)
@@ -275,12 +276,12 @@ class Resources(Node):
                                         "plan (default: the visible GPU's)")
 
 
-class RayCfg(Node):
+class RayCfg(Section):
     address: str | None = Field(None, description="attach to a cluster; default: embedded local")
     num_cpus: int | None = Field(None, ge=1)
 
 
-class Config(Node):
+class Config(Section):
     run_dir: str = Field(..., min_length=1, description="where every node's output folder goes")
     method: Method = "adpa"
     models: Models
@@ -293,6 +294,15 @@ class Config(Node):
     evaluate: Evaluate = Evaluate()
     resources: Resources = Resources()
     ray: RayCfg = RayCfg()
+    _loss_options: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+
+    def loss_options(self, key: Literal["loss", "dckd_loss"] = "loss", source: str = "<config>") -> dict[str, Any]:
+        """The validated options (defaults filled in) of the loss that `train.loss` or, for adpa+,
+        `train.dckd_loss` configures: checked when the config is loaded (`config_from_dict`),
+        computed once. Types, bounds and choices come from the loss's signature."""
+        if key not in self._loss_options:
+            self._loss_options[key] = _validated_loss_options(self, f"train.{key}", source)
+        return self._loss_options[key]
 
     @model_validator(mode="after")
     def _models_needed(self):
@@ -454,17 +464,15 @@ def config_from_dict(tree: dict, *, source: str = "<dict>") -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
-    loss_options(cfg, "train.loss", source)
+    cfg.loss_options("loss", source)
     if cfg.train.dckd_loss and cfg.method not in TWO_PHASE:
         raise ConfigError(f"invalid config {source}:\n  train.dckd_loss: only used by method adpa+ "
                           f"(method is {cfg.method}); remove it or use train.loss")
-    loss_options(cfg, "train.dckd_loss", source)
+    cfg.loss_options("dckd_loss", source)
     return cfg
 
 
-def loss_options(cfg: Config, path: str, source: str = "<config>") -> dict[str, Any]:
-    """The validated options (defaults filled in) of the loss that `train.loss` or, for adpa+,
-    `train.dckd_loss` configures. Types, bounds and choices come from the loss's signature."""
+def _validated_loss_options(cfg: Config, path: str, source: str) -> dict[str, Any]:
     loss = TWO_PHASE[cfg.method][0] if path == "train.dckd_loss" and cfg.method in TWO_PHASE else method_loss(cfg.method)
     given = getattr(cfg.train, path.rsplit(".", 1)[1])
     model = LOSSES[loss].options_model

@@ -10,7 +10,7 @@ import pytest
 
 from distill_pipeline.models import ModelError, load_model, load_tokenizer, save_model
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import ConfigError, ModelSpec, config_from_dict, unused_models
+from distill_pipeline.config import ConfigError, ModelSpec, config_from_dict, unused_models
 from tests.conftest import tiny_tree
 
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>{% endfor %}" \

@@ -11,7 +11,7 @@ import pytest
 from distill_pipeline.identity import MEMO_NAME, content_identity
 from distill_pipeline.models import ModelError
 from distill_pipeline.pipeline import runner
-from distill_pipeline.pipeline.config import load_config
+from distill_pipeline.config import load_config
 from tests.conftest import tiny_tree, write_config
 
 pytestmark = pytest.mark.slow

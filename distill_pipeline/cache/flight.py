@@ -1,0 +1,307 @@
+"""The cache service's wire format (Arrow Flight) and its client, `FlightRemote`.
+
+The server is `service.py`; this module is all a client loads (`open_store("grpc://…")`).
+
+Wire formats (all JSON is UTF-8):
+- actions (`do_action`): `segments` → JSON list of committed segment names; `commit` (body: a
+  segment name) → its commit record; `has` (body: JSON list of keys, ≤ MAX_HAS_KEYS) → JSON list of
+  those present; `stats` → {"segments", "entries"}; `remove` (write; body: a segment name) →
+  {"removed": bool}.
+- tickets (`do_get`), JSON objects: {"kind": "index"} → the consolidated index (KEY_COLUMNS +
+  segment, as `Store.index_table`); {"kind": "segment", "name": N} → FILE_SCHEMA rows, every file
+  of N in order of path, cut into parts of ≤ PART_BYTES; {"kind": "entries", "keys": [...]}
+  (≤ MAX_TICKET_KEYS) → ENTRY_SCHEMA rows, one per key present (absent keys are left out).
+- uploads (`do_put`): descriptor path [b"segment", name], FILE_SCHEMA batches (parts of a file
+  consecutive, numbered from 0, each batch ≤ MAX_MESSAGE_BYTES); the server verifies everything
+  (`Store.import_segment`) and answers one metadata message {"published": bool} (false: it was
+  already there). Nothing is published unless all of it verifies.
+Errors come back as Flight errors whose message says what to do; `extra_info` carries b"not_found"
+or b"rejected" (an upload failed verification) so the client raises the matching CacheError.
+Clients send `DISTILL_CACHE_TOKEN` as `authorization: Bearer <token>` (and trust
+`DISTILL_CACHE_TLS_CA` for a self-signed grpc+tls server).
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from distill_pipeline.cache.segment import (CacheError, SegmentRejected, check_against_record,
+                                            validate_segment_file, validate_segment_name)
+
+PART_BYTES = 4 << 20                       # one file part: no message is much over 4 MiB
+MAX_MESSAGE_BYTES = PART_BYTES + (256 << 10)  # a batch of parts, with its paths and offsets
+DEFAULT_MAX_SEGMENT_BYTES = 1 << 30        # an upload (a segment is ~16k tokens: tens of MB)
+MAX_FILES = 65536                          # files in one segment (4 arrays × chunks + 6)
+MAX_TICKET_KEYS = 4096                     # keys in one entries ticket (the client splits)
+MAX_HAS_KEYS = 100_000                     # keys in one `has` action
+TOKEN_ENV = "DISTILL_CACHE_TOKEN"
+TLS_CA_ENV = "DISTILL_CACHE_TLS_CA"
+
+FILE_SCHEMA = pa.schema([("path", pa.string()), ("part", pa.int32()), ("data", pa.binary())])
+ENTRY_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("prompt_len", pa.int32()),
+    ("top_k", pa.int32()),
+    ("ids", pa.list_(pa.int32())),           # n × top_k, row-major (reshape to (n, top_k))
+    ("logp", pa.list_(pa.float32())),        # n × top_k decoded log-probs, row-major
+    ("lse", pa.list_(pa.float32())),         # n
+    ("label_logp", pa.list_(pa.float32())),  # n
+])
+ACTIONS = {
+    "segments": "JSON list of committed segment names",
+    "commit": "body: segment name → its commit record (JSON)",
+    "has": "body: JSON list of keys → JSON list of those present",
+    "stats": "JSON {segments, entries}",
+    "remove": "body: segment name → remove it (write token)",
+}
+
+# ---------------------------------------------------------------------------- wire helpers
+
+def file_batches(files: dict[str, bytes], part_bytes: int = PART_BYTES) -> Iterator[pa.RecordBatch]:
+    """A segment's files as FILE_SCHEMA batches: each file cut into parts of ≤ `part_bytes`
+    (an empty file is one empty part), parts grouped so a batch carries ≤ `part_bytes` of data."""
+    rows: list[tuple[str, int, bytes]] = []
+    held = 0
+    for rel in sorted(files):
+        data = bytes(files[rel])
+        parts = [data[i:i + part_bytes] for i in range(0, len(data), part_bytes)] or [b""]
+        for i, part in enumerate(parts):
+            if rows and held + len(part) > part_bytes:
+                yield _batch(rows)
+                rows, held = [], 0
+            rows.append((rel, i, part))
+            held += len(part)
+    if rows:
+        yield _batch(rows)
+
+
+def _batch(rows: list[tuple[str, int, bytes]]) -> pa.RecordBatch:
+    paths, parts, data = zip(*rows)
+    return pa.record_batch([pa.array(paths, pa.string()), pa.array(parts, pa.int32()),
+                            pa.array(data, pa.binary())], schema=FILE_SCHEMA)
+
+
+def assemble_files(batches: Iterable[pa.RecordBatch], name: str, *, max_bytes: int, max_files: int,
+                   max_message: int = MAX_MESSAGE_BYTES, stop: Callable[[], bool] | None = None
+                   ) -> tuple[dict[str, bytes], int]:
+    """FILE_SCHEMA batches → ({path: bytes}, total bytes), refusing (SegmentRejected) as soon as
+    something is wrong: another schema, nulls, a file name a segment never holds (`../x`), parts
+    missing, repeated or out of order, a message over `max_message`, more than `max_files` files
+    or `max_bytes` bytes — so a hostile or broken stream costs at most the bound in memory."""
+    parts: dict[str, list[bytes]] = {}
+    total = 0
+    for batch in batches:
+        if stop is not None and stop():
+            raise fl.FlightUnavailableError("the cache service is shutting down; upload again when it is back")
+        if not batch.schema.equals(FILE_SCHEMA):
+            raise SegmentRejected(f"segment {name}: batches must have the schema path: string, part: int32, "
+                                  f"data: binary, not {batch.schema.to_string(show_schema_metadata=False)!r}")
+        if batch.nbytes > max_message:
+            raise SegmentRejected(f"segment {name}: a message of {batch.nbytes} bytes is over the limit of "
+                                  f"{max_message}; cut files into parts of ≤ {PART_BYTES} bytes")
+        if any(col.null_count for col in batch.columns):
+            raise SegmentRejected(f"segment {name}: null path, part or data in the stream")
+        for rel, part, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                                   batch.column(2).to_pylist()):
+            validate_segment_file(rel)
+            have = parts.setdefault(rel, [])
+            if part != len(have):
+                raise SegmentRejected(f"segment {name}: {rel} part {part} arrived where part {len(have)} "
+                                      "was expected (parts must be consecutive, from 0)")
+            if len(parts) > max_files:
+                raise SegmentRejected(f"segment {name} has more than {max_files} files")
+            total += len(data)
+            if total > max_bytes:
+                raise SegmentRejected(f"segment {name} is over the limit of {max_bytes} bytes (the "
+                                      "server's --max-segment-bytes)")
+            have.append(data)
+    return {rel: b"".join(chunks) for rel, chunks in parts.items()}, total
+
+
+def record_batches(reader) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Flight stream (an upload's reader or a do_get's), as they come."""
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        if chunk.data is not None:
+            yield chunk.data
+
+
+def entry_batch(rows: list[tuple[str, dict]]) -> pa.RecordBatch:
+    """(key, CacheReader.get(key)) rows as one ENTRY_SCHEMA batch."""
+    def lists(field: str, dtype) -> pa.Array:
+        arrays = [np.ascontiguousarray(e[field], dtype=dtype).reshape(-1) for _, e in rows]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+        offsets[1:] = np.cumsum([len(a) for a in arrays])
+        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+    return pa.record_batch([
+        pa.array([k for k, _ in rows], pa.string()),
+        pa.array([int(e["prompt_len"]) for _, e in rows], pa.int32()),
+        pa.array([int(e["ids"].shape[1]) for _, e in rows], pa.int32()),
+        lists("ids", np.int32), lists("logp", np.float32), lists("lse", np.float32),
+        lists("label_logp", np.float32)], schema=ENTRY_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- client
+
+class FlightRemote:
+    """The cache service as a `Remote` (remote.py): what `MirroredStore` and `cache push/pull` use.
+    Sends `DISTILL_CACHE_TOKEN` (or `token`) on every call; every failure is a CacheError saying
+    what to check (SegmentRejected when the service refused an upload or sent a damaged segment)."""
+
+    def __init__(self, url: str, *, token: str | None = None, timeout: float | None = 600.0):
+        if not url.startswith(("grpc://", "grpc+tls://")):
+            raise CacheError(f"{url} is not a cache service URL; use grpc://host:port or grpc+tls://host:port")
+        self.url = url.rstrip("/")
+        token = (os.environ.get(TOKEN_ENV, "") if token is None else token).strip()
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        kwargs = {}
+        ca = os.environ.get(TLS_CA_ENV)
+        if ca and self.url.startswith("grpc+tls://"):
+            try:
+                kwargs["tls_root_certs"] = Path(ca).read_bytes()
+            except OSError as exc:
+                raise CacheError(f"cannot read {TLS_CA_ENV}={ca}: {exc.strerror}") from None
+        try:
+            self._client = fl.FlightClient(self.url, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - ArrowInvalid for an unparsable URL
+            raise CacheError(f"{self.url} is not a usable cache service URL ({exc}); use "
+                             "grpc://host:port or grpc+tls://host:port") from None
+        self._options = fl.FlightCallOptions(headers=headers, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"FlightRemote({self.url!r})"
+
+    def _fail(self, exc: Exception, what: str) -> CacheError:
+        msg = str(exc).split(". Detail:")[0].split(". gRPC client debug context")[0].strip()
+        if isinstance(exc, fl.FlightUnavailableError):
+            msg = msg.split("with message: ", 1)[-1]
+            return CacheError(f"cannot reach the cache service at {self.url} ({msg[:200]}); check that "
+                              "`distill-pipeline cache serve` runs there, the host and port, and grpc:// "
+                              "vs grpc+tls:// (the server prints the URL it serves at)")
+        if isinstance(exc, fl.FlightTimedOutError):
+            return CacheError(f"the cache service at {self.url} did not answer in time ({what}); check "
+                              "that it is not overloaded, then try again")
+        if isinstance(exc, (fl.FlightUnauthenticatedError, fl.FlightUnauthorizedError)):
+            return CacheError(f"the cache service at {self.url} refused to {what}: {msg}")
+        if isinstance(exc, fl.FlightError) and getattr(exc, "extra_info", b"") == b"rejected":
+            return SegmentRejected(f"{self.url}: {msg}")
+        return CacheError(f"the cache service at {self.url} could not {what}: {msg}")
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except CacheError:
+            raise
+        except (fl.FlightError, pa.ArrowException) as exc:
+            raise self._fail(exc, what) from None
+
+    def _action(self, kind: str, body: bytes = b"", what: str = "") -> Any:
+        with self._call(what or kind):
+            results = list(self._client.do_action(fl.Action(kind, body), self._options))
+        return json.loads(results[0].body.to_pybytes())
+
+    def _stream(self, ticket: dict, what: str) -> Iterator[pa.RecordBatch]:
+        with self._call(what):
+            reader = self._client.do_get(fl.Ticket(json.dumps(ticket).encode()), self._options)
+            yield from record_batches(reader)
+
+    # ------------------------------------------------------------------ Remote
+    def segment_names(self) -> list[str]:
+        return self._action("segments", what="list segments")
+
+    def commit_record(self, name: str) -> dict:
+        return self._action("commit", validate_segment_name(name).encode(), f"give the record of segment {name}")
+
+    def index_table(self) -> pa.Table:
+        with self._call("send its key index"):
+            return self._client.do_get(fl.Ticket(b'{"kind": "index"}'), self._options).read_all()
+
+    def get_segment(self, name: str) -> dict[str, bytes]:
+        record = self.commit_record(name)
+        listed = record.get("files") or {}
+        files, _ = assemble_files(self._stream({"kind": "segment", "name": name}, f"send segment {name}"),
+                                  name, max_bytes=sum(int(m["size"]) for m in listed.values()),
+                                  max_files=max(1, len(listed)))
+        check_against_record(name, files, record, self.url)
+        return files
+
+    def put_segment(self, name: str, files: dict[str, bytes]) -> bool:
+        validate_segment_name(name)
+        for rel in files:
+            validate_segment_file(rel)
+        if name in self.segment_names():
+            return False
+        with self._call(f"take segment {name}"):
+            writer, answers = self._client.do_put(fl.FlightDescriptor.for_path("segment", name),
+                                                  FILE_SCHEMA, self._options)
+            try:
+                for batch in file_batches(files):
+                    writer.write_batch(batch)
+                writer.done_writing()
+                answer = answers.read()
+            except BaseException:
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 - the same refusal again: the first one is reported
+                    pass
+                raise
+            writer.close()
+        if answer is None:
+            raise CacheError(f"the cache service at {self.url} did not say whether segment {name} was "
+                             "published; list its segments to check")
+        return bool(json.loads(answer.to_pybytes())["published"])
+
+    def remove_segment(self, name: str) -> None:
+        self._action("remove", validate_segment_name(name).encode(), f"remove segment {name}")
+
+    def has(self, keys: Iterable[str]) -> set[str]:
+        """The keys the service holds (it looks them up in its own index)."""
+        keys, out = list(keys), set()
+        for i in range(0, len(keys), MAX_HAS_KEYS):
+            out.update(self._action("has", json.dumps(keys[i:i + MAX_HAS_KEYS]).encode(), "look up keys"))
+        return out
+
+    def uncommitted(self) -> None:
+        """None: the service writes uploads under its store's tmp/ and renames them into place;
+        `cache gc --store <its store>` on the server removes abandoned ones."""
+        return None
+
+    # ------------------------------------------------------------------ more than a Remote
+
+    def stats(self) -> dict:
+        return self._action("stats", what="give its statistics")
+
+    def entries(self, keys: Iterable[str]) -> dict[str, dict]:
+        """key → {"ids" (n, K) int32, "logp" (n, K) float32, "lse" (n,), "label_logp" (n,),
+        "k" (n,), "prompt_len"}, as `CacheReader.get` (adaptive K: rows padded with −inf slots,
+        `k` counts the others); keys the service does not hold are left out."""
+        keys, out = list(dict.fromkeys(keys)), {}
+        for i in range(0, len(keys), MAX_TICKET_KEYS):
+            for batch in self._stream({"kind": "entries", "keys": keys[i:i + MAX_TICKET_KEYS]}, "send entries"):
+                if not batch.schema.equals(ENTRY_SCHEMA):
+                    raise CacheError(f"the cache service at {self.url} sent entries in another schema; "
+                                     "check that client and server run the same distill-pipeline version")
+                cols = {f: batch.column(f) for f in ENTRY_SCHEMA.names}
+                for r, key in enumerate(cols["key"].to_pylist()):
+                    k = max(1, cols["top_k"][r].as_py())
+                    row = {f: np.asarray(cols[f][r].values.to_numpy(zero_copy_only=False))
+                           for f in ("ids", "logp", "lse", "label_logp")}
+                    logp = row["logp"].reshape(-1, k)
+                    out[key] = {"ids": row["ids"].reshape(-1, k), "logp": logp,
+                                "lse": row["lse"], "label_logp": row["label_logp"],
+                                "k": (logp > -np.inf).sum(1).astype(np.int64),
+                                "prompt_len": cols["prompt_len"][r].as_py()}
+        return out
