@@ -187,13 +187,21 @@ def gather_logp(logits: Tensor, index: Tensor, chunk_rows: int | None = None) ->
     writing into one gradient buffer of the logits' dtype: values and gradients are bit for bit
     the full path's. The float32 temporaries are a few chunks' (chunk_rows × V each), whatever
     the number of positions."""
-    rows = CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
-    if rows < 1:
-        raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
     if logits.dtype in (torch.float32, torch.float64):
         # no upcast copy to save: the full path keeps one log-softmax the size of the logits, the
         # chunked one a gradient buffer plus chunk temporaries — no smaller, measured
+        if chunk_rows is not None and int(chunk_rows) < 1:
+            raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
         return _chunk_logsoftmax(logits).gather(-1, index.long())
+    return gather_logp_chunked(logits, index, chunk_rows)
+
+
+def gather_logp_chunked(logits: Tensor, index: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """`gather_logp`'s chunked path, for logits of any dtype: (…, K). What `gather_logp` runs
+    for logits narrower than float32; tests drive it in every dtype."""
+    rows = CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
+    if rows < 1:
+        raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
     shape = index.shape
     x = _as_3d(logits)
     idx = index.long().reshape(*x.shape[:2], shape[-1])  # (B, T, K)

@@ -1,7 +1,12 @@
 """The losses without a (B, T, V) log-softmax (losses.gather_logp, issue 9 item 4): the same loss,
 metrics and gradient w.r.t. the logits as the full log-softmax path for every loss, every chunk
 size and float64 / float32 / bfloat16 logits; and the memory they hold, counted exactly on CPU
-(tensors saved for backward; live tensor bytes over forward + backward)."""
+(tensors saved for backward; live tensor bytes over forward + backward).
+
+`gather_logp` itself takes the chunked path only for logits narrower than float32 (float32 and
+float64 logits use the full expression: nothing to save). So that every dtype exercises the
+chunked code — not the full expression compared with itself — the comparisons below route every
+loss through `gather_logp_chunked`; `test_gather_logp_dispatch` checks which path each dtype takes."""
 from __future__ import annotations
 
 import weakref
@@ -45,7 +50,8 @@ def path(reference: bool, chunk_rows: int = L.CHUNK_ROWS):
         if reference:
             mp.setattr(L, "gather_logp", full_gather_logp)
             mp.setattr(L, "_wpo_weight", full_wpo_weight)
-        else:
+        else:  # the chunked path in every dtype (gather_logp keeps float32/64 unchunked)
+            mp.setattr(L, "gather_logp", L.gather_logp_chunked)
             mp.setattr(L, "CHUNK_ROWS", chunk_rows)
         yield
 
@@ -105,14 +111,19 @@ def test_every_loss_matches_the_full_log_softmax_path(name, dtype, chunk):
             assert loss.item() == ref_loss.item()
 
 
+@pytest.mark.parametrize("chunk", (4, 64))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
-def test_sliced_logits_as_the_training_loop_passes_them(name):
-    """`model(...).logits[:, :-1]` is not contiguous: same values and gradient on the full leaf."""
-    loss, _, grads = run(name, torch.float32, False, 4, sliced=True)
-    ref_loss, _, ref_grads = run(name, torch.float32, True, sliced=True)
-    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+def test_sliced_logits_as_the_training_loop_passes_them(name, dtype, chunk):
+    """`model(...).logits[:, :-1]` is not contiguous: same values and gradient on the full leaf,
+    through the chunked path, in every dtype."""
+    loss, _, grads = run(name, dtype, False, chunk, sliced=True)
+    ref_loss, _, ref_grads = run(name, dtype, True, sliced=True)
+    tol = TOL[dtype]
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=tol)
     for k, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[k], atol=1e-6, rtol=0)
+        assert g.dtype == dtype, k
+        torch.testing.assert_close(g, ref_grads[k], atol=tol, rtol=2 ** -7 if dtype == torch.bfloat16 else 0)
         if name != "dpkd":
             assert torch.equal(g, ref_grads[k]), k
         assert g[:, -1].abs().sum() == 0  # the dropped last position gets no gradient
@@ -126,7 +137,7 @@ def test_gather_logp_is_the_log_softmax_at_the_ids(dtype, chunk):
     idx = torch.randint(0, 300, (3, 5, 6), generator=g)
     idx[..., 1] = idx[..., 0]  # the label among the teacher's ids: a repeated id
     w = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
-    out = L.gather_logp(x, idx.int(), chunk_rows=chunk)
+    out = L.gather_logp_chunked(x, idx.int(), chunk_rows=chunk)
     ref = full_gather_logp(x, idx)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(out, ref)  # log_softmax itself, one chunk of rows at a time
@@ -136,15 +147,29 @@ def test_gather_logp_is_the_log_softmax_at_the_ids(dtype, chunk):
     assert torch.equal(grad, ref_grad)  # bit for bit: the same ops on a chunk of rows
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gather_logp_dispatch(dtype, monkeypatch):
+    """float32/float64 logits: the full expression (there is no upcast copy to save); narrower
+    logits: the chunked path, with the same values."""
+    calls = []
+    monkeypatch.setattr(L, "gather_logp_chunked", lambda *a, **k: calls.append(1) or full_gather_logp(*a[:2]))
+    x = torch.randn(2, 3, 20, dtype=torch.float64).to(dtype)
+    idx = torch.randint(0, 20, (2, 3, 4))
+    out = L.gather_logp(x, idx)
+    assert calls == ([] if dtype in (torch.float32, torch.float64) else [1])
+    assert torch.equal(out, full_gather_logp(x, idx))
+
+
 def test_gather_logp_shapes_and_chunk_option():
     x = torch.randn(7, 50, dtype=torch.float64)
     idx = torch.tensor([[3, 1]] * 7)
-    assert torch.equal(L.gather_logp(x, idx, chunk_rows=3), torch.log_softmax(x, -1).gather(-1, idx))
+    assert torch.equal(L.gather_logp_chunked(x, idx, chunk_rows=3), torch.log_softmax(x, -1).gather(-1, idx))
     v = torch.randn(50, dtype=torch.float64)
-    assert L.gather_logp(v, torch.tensor([4]), chunk_rows=1).item() == pytest.approx(
+    assert L.gather_logp_chunked(v, torch.tensor([4]), chunk_rows=1).item() == pytest.approx(
         torch.log_softmax(v, -1)[4].item(), abs=1e-15)
-    with pytest.raises(ValueError, match="chunk_rows"):
-        L.gather_logp(x, idx, chunk_rows=0)
+    for fn in (L.gather_logp, L.gather_logp_chunked):
+        with pytest.raises(ValueError, match="chunk_rows"):
+            fn(x, idx, chunk_rows=0)
 
 
 def test_blocks_cover_every_position_once():
