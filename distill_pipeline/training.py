@@ -143,7 +143,8 @@ def train_loop(model: Any, *, hp: Any, examples: int,
         log_path.unlink()
     model.train()
     t0 = time.perf_counter()
-    last: dict = {}
+    # resumed at the final step (killed after its checkpoint): nothing trains, the log says the rest
+    last: dict = _last_logged(log_path) if resumed is not None and group.main else {}
     writer = _tensorboard(work_dir) if group.main else None
 
     def mine(n: int) -> bool:  # micro-batch n (counted from a step boundary) is this rank's
@@ -204,6 +205,14 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     return {"steps": steps, "final_loss": round(last.get("loss", float("nan")), 6),
             "train_seconds": round(time.perf_counter() - t0, 2),
             **({"workers": group.world} if group.world > 1 else {})}
+
+
+def _last_logged(path: Path) -> dict:
+    """The last step's row of a metrics log ({} when there is none)."""
+    if not path.exists():
+        return {}
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(rows[-1]) if rows else {}
 
 
 def _truncate_log(path: Path, step: int) -> None:

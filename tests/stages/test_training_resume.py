@@ -57,3 +57,28 @@ def test_resume_matches_uninterrupted(tmp_path):
     steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 10))  # each step once: the crashed run's step 7 was dropped
     assert (tmp_path / "a/metrics.jsonl").read_text() == (tmp_path / "b/metrics.jsonl").read_text()
+
+
+def test_resume_at_the_final_step_reports_the_logged_final_loss(tmp_path):
+    """Killed after the final checkpoint (before the model was saved): the rerun resumes at the
+    last step, trains nothing, and reports the final loss the log holds (not NaN)."""
+    hp = TrainHP(lr=0.05, max_steps=6, batch_size=3, grad_accum=1, checkpoint_every=3)
+    model, batches, loss_fn = _setup()
+    clean = train_loop(model, hp=hp, examples=15, batches=batches, counts=counts, loss_fn=loss_fn,
+                       work_dir=tmp_path / "a", desc="a")
+
+    crashed, batches, loss_fn = _setup()
+
+    def crash(step):
+        if step == 6:
+            raise Stop()
+    try:
+        train_loop(crashed, hp=hp, examples=15, batches=batches, counts=counts, loss_fn=loss_fn,
+                   work_dir=tmp_path / "b", desc="b", on_checkpoint=crash)
+    except Stop:
+        pass
+    resumed, batches, loss_fn = _setup(seed=123)
+    summary = train_loop(resumed, hp=hp, examples=15, batches=batches, counts=counts, loss_fn=loss_fn,
+                         work_dir=tmp_path / "b", desc="b")
+    assert summary["steps"] == 6
+    assert summary["final_loss"] == clean["final_loss"]  # a number, the last logged step's
