@@ -14,9 +14,16 @@ Wire formats (all JSON is UTF-8):
 - uploads (`do_put`): descriptor path [b"segment", name], FILE_SCHEMA batches (parts of a file
   consecutive, numbered from 0, each batch ≤ MAX_MESSAGE_BYTES); the server verifies everything
   (`Store.import_segment`) and answers one metadata message {"published": bool} (false: it was
-  already there). Nothing is published unless all of it verifies.
-Errors come back as Flight errors whose message says what to do; `extra_info` carries b"not_found"
-or b"rejected" (an upload failed verification) so the client raises the matching CacheError.
+  already there). Nothing is published unless all of it verifies. At most `--max-concurrent-uploads`
+  uploads are received at once; one beyond that waits up to `--upload-wait-s` for a slot, then is
+  refused before anything of it is read: FlightUnavailableError with `extra_info` b"busy" (retry
+  later: `FlightRemote.put_segment` does, with backoff).
+Streams are sent as they are produced (a segment file by file, each checked against its commit
+record before it is sent; entries in batches of ≤ PART_BYTES): a failure mid-stream ends it with an
+error, and a client never uses a partial answer.
+Errors come back as Flight errors whose message says what to do; `extra_info` carries b"not_found",
+b"rejected" (an upload failed verification) or b"busy" (the upload limit: retryable) so the client
+raises the matching CacheError.
 Clients send `DISTILL_CACHE_TOKEN` as `authorization: Bearer <token>` (and trust
 `DISTILL_CACHE_TLS_CA` for a self-signed grpc+tls server).
 """
@@ -24,6 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -41,6 +51,9 @@ DEFAULT_MAX_SEGMENT_BYTES = 1 << 30        # an upload (a segment is ~16k tokens
 MAX_FILES = 65536                          # files in one segment (4 arrays × chunks + 6)
 MAX_TICKET_KEYS = 4096                     # keys in one entries ticket (the client splits)
 MAX_HAS_KEYS = 100_000                     # keys in one `has` action
+DEFAULT_MAX_CONCURRENT_UPLOADS = 4         # uploads received at once (each held whole until verified)
+DEFAULT_UPLOAD_WAIT_S = 10.0               # how long an upload beyond that waits for a slot
+BUSY = b"busy"                             # extra_info of the refusal of an upload beyond the limit
 TOKEN_ENV = "DISTILL_CACHE_TOKEN"
 TLS_CA_ENV = "DISTILL_CACHE_TLS_CA"
 
@@ -62,20 +75,31 @@ ACTIONS = {
     "remove": "body: segment name → remove it (write token)",
 }
 
+
+class ServiceBusy(CacheError):
+    """The cache service refused an upload because it was receiving as many as it takes at once
+    (its --max-concurrent-uploads) for longer than it lets one wait; nothing of it was read, and
+    sending it again later can succeed."""
+
+
 # ---------------------------------------------------------------------------- wire helpers
 
-def file_batches(files: dict[str, bytes], part_bytes: int = PART_BYTES) -> Iterator[pa.RecordBatch]:
+def file_batches(files: Mapping[str, bytes] | Iterable[tuple[str, bytes]],
+                 part_bytes: int = PART_BYTES) -> Iterator[pa.RecordBatch]:
     """A segment's files as FILE_SCHEMA batches: each file cut into parts of ≤ `part_bytes`
-    (an empty file is one empty part), parts grouped so a batch carries ≤ `part_bytes` of data."""
+    (an empty file is one empty part), parts grouped so a batch carries ≤ `part_bytes` of data.
+    `files`: {path: bytes} (sent in order of path), or (path, bytes) pairs in the order to send,
+    read one at a time (so a stream holds one file, not the segment)."""
     rows: list[tuple[str, int, bytes]] = []
     held = 0
-    for rel in sorted(files):
-        data = bytes(files[rel])
+    pairs = ((rel, files[rel]) for rel in sorted(files)) if isinstance(files, Mapping) else files
+    for rel, data in pairs:
+        data = bytes(data)
         parts = [data[i:i + part_bytes] for i in range(0, len(data), part_bytes)] or [b""]
         for i, part in enumerate(parts):
             if rows and held + len(part) > part_bytes:
-                yield _batch(rows)
-                rows, held = [], 0
+                batch, rows, held = _batch(rows), [], 0  # the parts are let go before the batch is sent
+                yield batch
             rows.append((rel, i, part))
             held += len(part)
     if rows:
@@ -94,8 +118,10 @@ def assemble_files(batches: Iterable[pa.RecordBatch], name: str, *, max_bytes: i
     """FILE_SCHEMA batches → ({path: bytes}, total bytes), refusing (SegmentRejected) as soon as
     something is wrong: another schema, nulls, a file name a segment never holds (`../x`), parts
     missing, repeated or out of order, a message over `max_message`, more than `max_files` files
-    or `max_bytes` bytes — so a hostile or broken stream costs at most the bound in memory."""
-    parts: dict[str, list[bytes]] = {}
+    or `max_bytes` bytes — so a hostile or broken stream costs at most the bound in memory. Each
+    file grows in one buffer, so the segment is held about once (not as parts and then joined)."""
+    parts: dict[str, bytearray] = {}
+    counts: dict[str, int] = {}
     total = 0
     for batch in batches:
         if stop is not None and stop():
@@ -111,9 +137,10 @@ def assemble_files(batches: Iterable[pa.RecordBatch], name: str, *, max_bytes: i
         for rel, part, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
                                    batch.column(2).to_pylist()):
             validate_segment_file(rel)
-            have = parts.setdefault(rel, [])
-            if part != len(have):
-                raise SegmentRejected(f"segment {name}: {rel} part {part} arrived where part {len(have)} "
+            have = parts.setdefault(rel, bytearray())
+            expected = counts.get(rel, 0)
+            if part != expected:
+                raise SegmentRejected(f"segment {name}: {rel} part {part} arrived where part {expected} "
                                       "was expected (parts must be consecutive, from 0)")
             if len(parts) > max_files:
                 raise SegmentRejected(f"segment {name} has more than {max_files} files")
@@ -121,8 +148,12 @@ def assemble_files(batches: Iterable[pa.RecordBatch], name: str, *, max_bytes: i
             if total > max_bytes:
                 raise SegmentRejected(f"segment {name} is over the limit of {max_bytes} bytes (the "
                                       "server's --max-segment-bytes)")
-            have.append(data)
-    return {rel: b"".join(chunks) for rel, chunks in parts.items()}, total
+            have += data
+            counts[rel] = part + 1
+    files = {}
+    for rel in list(parts):  # one file's buffer is freed as its bytes are made
+        files[rel] = bytes(parts.pop(rel))
+    return files, total
 
 
 def record_batches(reader) -> Iterator[pa.RecordBatch]:
@@ -158,9 +189,13 @@ def entry_batch(rows: list[tuple[str, dict]]) -> pa.RecordBatch:
 class FlightRemote:
     """The cache service as a `Remote` (remote.py): what `MirroredStore` and `cache push/pull` use.
     Sends `DISTILL_CACHE_TOKEN` (or `token`) on every call; every failure is a CacheError saying
-    what to check (SegmentRejected when the service refused an upload or sent a damaged segment)."""
+    what to check (SegmentRejected when the service refused an upload or sent a damaged segment).
+    An upload refused because the service is at its upload limit is sent again after a backoff
+    (`busy_backoff_s`, doubling to at most 8 s, ±50% jitter), at most `busy_retries` times; then
+    it is a ServiceBusy."""
 
-    def __init__(self, url: str, *, token: str | None = None, timeout: float | None = 600.0):
+    def __init__(self, url: str, *, token: str | None = None, timeout: float | None = 600.0,
+                 busy_retries: int = 6, busy_backoff_s: float = 0.5):
         if not url.startswith(("grpc://", "grpc+tls://")):
             raise CacheError(f"{url} is not a cache service URL; use grpc://host:port or grpc+tls://host:port")
         self.url = url.rstrip("/")
@@ -179,12 +214,15 @@ class FlightRemote:
             raise CacheError(f"{self.url} is not a usable cache service URL ({exc}); use "
                              "grpc://host:port or grpc+tls://host:port") from None
         self._options = fl.FlightCallOptions(headers=headers, timeout=timeout)
+        self.busy_retries, self.busy_backoff_s = max(0, int(busy_retries)), float(busy_backoff_s)
 
     def __repr__(self) -> str:
         return f"FlightRemote({self.url!r})"
 
     def _fail(self, exc: Exception, what: str) -> CacheError:
         msg = str(exc).split(". Detail:")[0].split(". gRPC client debug context")[0].strip()
+        if isinstance(exc, fl.FlightError) and getattr(exc, "extra_info", b"") == BUSY:
+            return ServiceBusy(f"the cache service at {self.url} refused to {what}: {msg}")
         if isinstance(exc, fl.FlightUnavailableError):
             msg = msg.split("with message: ", 1)[-1]
             return CacheError(f"cannot reach the cache service at {self.url} ({msg[:200]}); check that "
@@ -239,11 +277,29 @@ class FlightRemote:
         return files
 
     def put_segment(self, name: str, files: dict[str, bytes]) -> bool:
+        """Upload a segment; False if the service already had it. A refusal because the service is
+        at its upload limit is retried with backoff (see the class); other failures are not."""
         validate_segment_name(name)
         for rel in files:
             validate_segment_file(rel)
         if name in self.segment_names():
             return False
+        t0 = time.monotonic()
+        for attempt in range(self.busy_retries + 1):
+            try:
+                return self._put_once(name, files)
+            except ServiceBusy as exc:
+                if attempt == self.busy_retries:
+                    waited = time.monotonic() - t0
+                    raise ServiceBusy(f"{exc} — refused {attempt + 1} time(s) over {waited:.0f} s; "
+                                      "nothing was published: upload again later (e.g. rerun the push or the "
+                                      "extraction), or ask the operator to raise --max-concurrent-uploads "
+                                      "or --upload-wait-s") from None
+                delay = min(8.0, self.busy_backoff_s * 2 ** attempt)
+                time.sleep(delay * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+    def _put_once(self, name: str, files: dict[str, bytes]) -> bool:
         with self._call(f"take segment {name}"):
             writer, answers = self._client.do_put(fl.FlightDescriptor.for_path("segment", name),
                                                   FILE_SCHEMA, self._options)
@@ -266,6 +322,15 @@ class FlightRemote:
 
     def remove_segment(self, name: str) -> None:
         self._action("remove", validate_segment_name(name).encode(), f"remove segment {name}")
+
+    def lookup(self, keys: Iterable[str]) -> pa.Table:
+        """The index rows of `keys`. (Filtered from the whole index the service sends: the
+        service has no per-key row lookup yet — `has` is per key.)"""
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted(set(keys)), pa.string())
+        index = self.index_table()
+        return index.filter(pc.is_in(index.column("key"), value_set=wanted))
 
     def has(self, keys: Iterable[str]) -> set[str]:
         """The keys the service holds (it looks them up in its own index)."""

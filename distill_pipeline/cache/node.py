@@ -18,25 +18,24 @@ from distill_pipeline.cache.format import CacheFormat
 from distill_pipeline.cache.reader import CacheReader
 from distill_pipeline.cache.remote import open_store
 from distill_pipeline.cache.segment import CacheError
+from distill_pipeline.cache.store import CacheStore
 
 NODE_FILE = "teachers.json"
 KEYS_FILE = "keys.parquet"
 
 
-def write_node_file(out: Any, store: Any, fmt: Any, source: str, teachers: dict[str, dict],
+def write_node_file(out: Any, store: CacheStore, fmt: Any, source: str, teachers: dict[str, dict],
                     keys: Sequence[str]) -> None:
     """teachers: role → {"identity", "path"}. Written once per extraction node, with each key's
     segment, so that checking the node against its store later costs a stat per segment."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     (Path(out) / NODE_FILE).write_text(json.dumps(
         {"store": store.url, "format": fmt.to_json(), "source": source, "teachers": teachers},
         indent=2))
     wanted = pa.array(sorted(set(keys)), pa.string())
-    index = store.index(columns=["key"])
-    index = index.filter(pc.is_in(index.column("key"), value_set=wanted))
+    index = store.lookup(wanted.to_pylist())
     where = dict(zip(index.column("key").to_pylist(), index.column("segment").to_pylist()))
     pq.write_table(pa.table({"key": wanted, "segment": pa.array([where.get(k) for k in wanted.to_pylist()],
                                                                  pa.string())}), Path(out) / KEYS_FILE)

@@ -52,6 +52,7 @@ class Remote(Protocol):
     def segment_names(self) -> list[str]: ...             # committed segments
     def commit_record(self, name: str) -> dict: ...        # {"segment", "files", "manifest"}
     def index_table(self) -> Any: ...                      # KEY_COLUMNS + segment, committed only
+    def lookup(self, keys: Iterable[str]) -> Any: ...      # the rows of `keys`, committed only
     def has(self, keys: Iterable[str]) -> set[str]: ...    # those of `keys` it holds
     def get_segment(self, name: str) -> dict[str, bytes]: ...  # checked against the record
     def put_segment(self, name: str, files: dict[str, bytes]) -> bool: ...  # False: already there
@@ -176,22 +177,37 @@ class FsspecRemote:
     def _index_files(self) -> FsspecIndexFiles:
         return FsspecIndexFiles(self.fs, self._p("index"))
 
-    @_transport_errors("read the key index of")
-    def index_table(self):
-        def rebuild(name: str):  # committed without an index file
-            try:
-                return key_index.segment_rows(name, self.fs.cat_file(self._p("segments", name, "index.parquet")))
-            except Exception:  # noqa: BLE001 - unreadable: its entries count as absent
-                return None
-        return key_index.read_index(self._index_files(), self.segment_names(), rebuild)
+    def _live(self, names: Iterable[str]) -> set[str]:
+        """Of `names`, the committed segments: one existence check each for a few, one listing
+        of the commit records for many."""
+        names = set(names)
+        if len(names) > 64:
+            return names & set(self.segment_names())
+        return {n for n in names if self.fs.exists(self._p("commits", f"{n}.json"))}
+
+    @_transport_errors("look up keys in")
+    def lookup(self, keys: Iterable[str]):
+        return key_index.lookup(self._index_files(), keys, self._live)
 
     def has(self, keys: Iterable[str]) -> set[str]:
+        return set(self.lookup(keys).column("key").to_pylist())
+
+    @_transport_errors("read the key index of")
+    def index_table(self):
+        """Every row of the index (the whole catalogue), and the rows of committed segments no
+        index file covers, read from their own index.parquet."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        wanted = pa.array(sorted(set(keys)), pa.string())
-        present = pc.is_in(wanted, value_set=self.index_table().column("key"))
-        return set(wanted.filter(present).to_pylist())
+        table = key_index.read_all(self._index_files(), self._live)
+        covered = set(pc.unique(table.column("segment")).to_pylist())
+        extra = []
+        for name in sorted(set(self.segment_names()) - covered):  # committed without an index file
+            try:
+                extra.append(key_index.segment_rows(name, self.fs.cat_file(self._p("segments", name, "index.parquet"))))
+            except Exception:  # noqa: BLE001 - unreadable: its entries count as absent
+                continue
+        return pa.concat_tables([table, *extra], promote_options="permissive") if extra else table
 
     @_transport_errors("fetch a segment from")
     def get_segment(self, name: str) -> dict[str, bytes]:
@@ -219,8 +235,7 @@ class FsspecRemote:
             validate_segment_file(rel)
         record = record_for(name, files)
         self.fs.pipe({self._p("segments", name, rel): bytes(data) for rel, data in files.items()})
-        self._index_files().write(f"{name}.parquet",
-                                  key_index.parquet_bytes(key_index.segment_rows(name, files["index.parquet"])))
+        key_index.add(self._index_files(), name, key_index.segment_rows(name, files["index.parquet"]))
         self.fs.pipe_file(self._p("commits", f"{name}.json"), json.dumps(record).encode())  # publishes it
         present = {p.rsplit(f"/segments/{name}/", 1)[-1] for p in self.fs.find(self._p("segments", name))}
         if not set(files) <= present:  # a `cache gc` of an older, abandoned upload raced this one
@@ -228,7 +243,7 @@ class FsspecRemote:
             raise CacheError(f"upload of segment {name} to {self.url} lost files to a concurrent "
                              "`cache gc`; nothing was published — run the command again")
         try:
-            key_index.pack(self._index_files(), self.segment_names)
+            key_index.pack(self._index_files(), self._live)
         except Exception:  # noqa: BLE001 - packing is an optimisation: the segment is published
             pass
         return True
@@ -236,11 +251,11 @@ class FsspecRemote:
     @_transport_errors("remove a segment from")
     def remove_segment(self, name: str) -> None:
         validate_segment_name(name)
-        for path in (self._p("commits", f"{name}.json"), self._p("index", f"{name}.parquet")):
-            try:
-                self.fs.rm_file(path)  # the commit record first: readers stop seeing it
-            except FileNotFoundError:
-                pass
+        try:
+            self.fs.rm_file(self._p("commits", f"{name}.json"))  # first: readers stop seeing it
+        except FileNotFoundError:
+            pass
+        key_index.drop(self._index_files(), name)
         try:
             self.fs.rm(self._p("segments", name), recursive=True)
         except FileNotFoundError:
@@ -336,6 +351,9 @@ class MirroredStore:
 
     def index_table(self, *, damaged: dict[str, str] | None = None):
         return self.remote.index_table()
+
+    def lookup(self, keys: Iterable[str]):
+        return self.remote.lookup(keys)
 
     def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None):
         if columns is None or not set(columns) <= set(KEY_COLUMNS):

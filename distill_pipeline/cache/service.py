@@ -2,16 +2,24 @@
 
     distill-pipeline cache serve --store PATH [--host H] [--port P] [--token-file F]
                                  [--read-token-file F] [--tls-cert C --tls-key K]
+                                 [--max-segment-mb MB] [--max-concurrent-uploads N] [--upload-wait-s S]
     python -m distill_pipeline.cache.service --store PATH ...            (the same, without Typer)
 
 `CacheServer` serves a local `Store`; the wire format and the client (`FlightRemote`, what
 `open_store("grpc://host:port")` wraps in a `MirroredStore`) are in `flight.py`. Writes (uploads,
 removals) need a write token (`--token-file`; no file: the service takes no writes); reads need a
 read or write token when `--read-token-file` is given, else they are open.
+
+Memory: an upload is held whole while it is verified (its bytes, then its decoded arrays), so at
+most `--max-concurrent-uploads` are received at once — one beyond that waits up to
+`--upload-wait-s` for a slot and is then refused as busy (retryable). Reads are streamed: a
+segment file by file, entries in batches of ≤ PART_BYTES (decoded chunks go through one
+`CacheReader`'s bounded LRU).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hmac
 import json
 import logging
@@ -27,11 +35,13 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from distill_pipeline.cache.flight import (ACTIONS, DEFAULT_MAX_SEGMENT_BYTES, ENTRY_SCHEMA, FILE_SCHEMA,
-                                           MAX_FILES, MAX_HAS_KEYS, MAX_TICKET_KEYS, PART_BYTES, TOKEN_ENV,
-                                           assemble_files, entry_batch, file_batches, record_batches)
+from distill_pipeline.cache.flight import (ACTIONS, BUSY, DEFAULT_MAX_CONCURRENT_UPLOADS,
+                                           DEFAULT_MAX_SEGMENT_BYTES, DEFAULT_UPLOAD_WAIT_S, ENTRY_SCHEMA,
+                                           FILE_SCHEMA, MAX_FILES, MAX_HAS_KEYS, MAX_TICKET_KEYS, PART_BYTES,
+                                           TOKEN_ENV, assemble_files, entry_batch, file_batches, record_batches)
 from distill_pipeline.cache.reader import CacheReader
-from distill_pipeline.cache.segment import CacheError, SegmentRejected, validate_segment_name
+from distill_pipeline.cache.segment import (CacheError, SegmentRejected, check_against_record, damage_advice,
+                                            validate_segment_file, validate_segment_name)
 from distill_pipeline.cache.store import Store
 
 SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long after SIGTERM
@@ -89,15 +99,26 @@ class CacheServer(fl.FlightServerBase):
     """Arrow Flight over a local `Store` (wire formats: the module docstring). Every request is
     authorised, bounded and logged in one line; any malformed one gets an error and the server goes
     on serving. Uploads go through `Store.import_segment` (everything verified, published by one
-    rename) under a per-name lock, so concurrent uploads of one segment publish it once."""
+    rename) under a per-name lock, so concurrent uploads of one segment publish it once; at most
+    `max_concurrent_uploads` are received at once (the others wait up to `upload_wait_s`, then
+    are refused as busy). Reads are streamed (`GeneratorStream`): nothing is built whole."""
 
     def __init__(self, store_path: str | os.PathLike, location: str = "grpc://127.0.0.1:0", *,
                  write_tokens: tuple[bytes, ...] = (), read_tokens: tuple[bytes, ...] = (),
                  tls_certificates: list[tuple[bytes, bytes]] | None = None,
-                 max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES, max_files: int = MAX_FILES):
+                 max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES, max_files: int = MAX_FILES,
+                 max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+                 upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S):
+        if int(max_concurrent_uploads) < 1:
+            raise CacheError(f"--max-concurrent-uploads must be at least 1, not {max_concurrent_uploads} "
+                             "(to take no uploads at all, start the service without --token-file)")
+        if not float(upload_wait_s) >= 0:
+            raise CacheError(f"--upload-wait-s must be 0 or more seconds, not {upload_wait_s}")
         self.store = Store(store_path)
         self.write_tokens, self.read_tokens = tuple(write_tokens), tuple(read_tokens)
         self.max_segment_bytes, self.max_files = int(max_segment_bytes), int(max_files)
+        self.max_concurrent_uploads, self.upload_wait_s = int(max_concurrent_uploads), float(upload_wait_s)
+        self._upload_slots = threading.BoundedSemaphore(self.max_concurrent_uploads)
         self._locks: dict[str, list] = {}  # segment name → [lock, users]
         self._locks_guard = threading.Lock()
         self._reader: tuple[tuple[str, ...], Any] | None = None
@@ -110,14 +131,19 @@ class CacheServer(fl.FlightServerBase):
     # ------------------------------------------------------------------ plumbing
 
     @contextmanager
-    def _request(self, context, action: str) -> Iterator[dict]:
+    def _request(self, context, action: str, *, info: dict | None = None, streamed: bool = False
+                 ) -> Iterator[dict]:
         """Log one line per request (peer, action, what, bytes, ms, outcome) and turn every failure
-        into a Flight error with a message for the user (never a traceback)."""
-        info: dict[str, Any] = {"action": action}
-        t0 = time.perf_counter()
+        into a Flight error with a message for the user (never a traceback). `streamed`: the request
+        goes on in a stream (`_streamed`), which logs it when it ends; here only a failure is."""
+        if info is None:
+            info = {"action": action, "t0": time.perf_counter(), "peer": _peer(context)}
         status = "ok"
         try:
             yield info
+        except GeneratorExit:  # a stream closed before its end: the client went away
+            status = "cancelled (the client stopped reading)"
+            raise
         except fl.FlightError as exc:
             status = f"refused ({type(exc).__name__}: {str(exc)[:200]})"
             raise
@@ -134,10 +160,20 @@ class CacheServer(fl.FlightServerBase):
             raise fl.FlightInternalError(f"internal error in the cache service ({type(exc).__name__}: "
                                          f"{str(exc)[:200]}); see the server's log") from None
         finally:
-            what = " ".join(f"{k}={info[k]}" for k in ("segment", "segments", "entries") if k in info)
-            log.info("peer=%s action=%s %sbytes=%d ms=%.1f status=%s", _peer(context), info["action"],
-                     what + " " if what else "", info.get("bytes", 0), 1000 * (time.perf_counter() - t0),
-                     status)
+            if not (streamed and status == "ok"):
+                what = " ".join(f"{k}={info[k]}" for k in ("segment", "segments", "entries") if k in info)
+                queued = f" queued_ms={info['queued_ms']:.1f}" if "queued_ms" in info else ""
+                log.info("peer=%s action=%s %sbytes=%d ms=%.1f%s status=%s", info["peer"], info["action"],
+                         what + " " if what else "", info.get("bytes", 0),
+                         1000 * (time.perf_counter() - info["t0"]), queued, status)
+
+    def _streamed(self, context, info: dict, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """A do_get's batches as Flight pulls them, inside its request: errors mapped as any
+        request's, bytes counted as sent, one log line when the stream ends."""
+        with self._request(context, info["action"], info=info):
+            for batch in batches:
+                info["bytes"] = info.get("bytes", 0) + batch.nbytes
+                yield batch
 
     def _authorize(self, context, need: str) -> None:
         """Writes always need a write token (none configured: no writes at all). Reads need a read
@@ -179,6 +215,32 @@ class CacheServer(fl.FlightServerBase):
                 entry[1] -= 1
                 if entry[1] == 0:
                     del self._locks[name]
+
+    @contextmanager
+    def _upload_slot(self, info: dict) -> Iterator[None]:
+        """One of `max_concurrent_uploads` slots, held while an upload is received and verified
+        (that is when it is in memory). Waits up to `upload_wait_s` for one, then refuses the upload
+        as busy (retryable) before reading any of it."""
+        t0 = time.monotonic()
+        deadline = t0 + self.upload_wait_s
+        while not self._upload_slots.acquire(timeout=max(0.0, min(0.25, deadline - time.monotonic()))):
+            if self.stopping:
+                raise fl.FlightUnavailableError("the cache service is shutting down; upload again when it "
+                                                "is back")
+            if time.monotonic() >= deadline:
+                info["queued_ms"] = 1000 * (time.monotonic() - t0)
+                raise fl.FlightUnavailableError(
+                    f"the cache service is busy: it is receiving {self.max_concurrent_uploads} upload(s), its "
+                    f"limit (--max-concurrent-uploads), and this one waited {self.upload_wait_s:g} s "
+                    "(--upload-wait-s) for a slot; nothing of it was read: send it again later",
+                    extra_info=BUSY)
+        waited = time.monotonic() - t0
+        if waited >= 0.001:
+            info["queued_ms"] = 1000 * waited
+        try:
+            yield
+        finally:
+            self._upload_slots.release()
 
     def _published(self, name: str) -> None:
         if name not in self.store.segment_names():
@@ -232,13 +294,9 @@ class CacheServer(fl.FlightServerBase):
         return self.store.commit_record(name)
 
     def _action_has(self, body: bytes, info: dict) -> list[str]:
-        import pyarrow.compute as pc
-
         keys = _json_keys(body, MAX_HAS_KEYS, "the body of `has`")
         info["entries"] = len(keys)
-        index = self.store.index_table()
-        present = set(index.filter(pc.is_in(index.column("key"), value_set=pa.array(keys, pa.string())))
-                      .column("key").to_pylist())
+        present = set(self.store.lookup(keys).column("key").to_pylist())  # what the keys touch
         return [k for k in keys if k in present]
 
     def _action_stats(self, body: bytes, info: dict) -> dict:
@@ -255,7 +313,9 @@ class CacheServer(fl.FlightServerBase):
     # ------------------------------------------------------------------ streams
 
     def do_get(self, context, ticket):
-        with self._request(context, "get") as info:
+        """A stream, produced as Flight sends it: what is wrong with the ticket is an error at once,
+        what goes wrong while streaming (a damaged file) ends the stream with an error."""
+        with self._request(context, "get", streamed=True) as info:
             self._authorize(context, "read")
             req = _parse_ticket(ticket.ticket)
             kind = req["kind"]
@@ -263,34 +323,60 @@ class CacheServer(fl.FlightServerBase):
             if kind == "index":
                 table = self.store.index_table()
                 info["entries"] = table.num_rows
+                schema, batches = table.schema, iter(table.to_batches())
             elif kind == "segment":
                 name = req.get("name")
                 info["segment"] = validate_segment_name(name)
                 self._published(name)
-                files = self.store.segment_files(name)
-                table = pa.Table.from_batches(list(file_batches(files)), schema=FILE_SCHEMA)
+                schema, batches = FILE_SCHEMA, file_batches(self._segment_files(name))
             else:  # entries
                 keys = _json_keys(req.get("keys"), MAX_TICKET_KEYS, "the ticket's keys")
-                table = self._entries_table(keys)
-                info["entries"] = f"{table.num_rows}/{len(keys)}"
-            info["bytes"] = table.nbytes
-            return fl.RecordBatchStream(table)
+                schema, batches = ENTRY_SCHEMA, self._entry_batches(keys, info)
+            return fl.GeneratorStream(schema, self._streamed(context, info, batches))
 
-    def _entries_table(self, keys: list[str]) -> pa.Table:
+    def _segment_files(self, name: str) -> Iterator[tuple[str, bytes]]:
+        """(path, bytes) of a published segment's files in order of path, read one at a time, each
+        checked against the segment's commit record (size, sha256) before it is handed on: what is
+        sent is what was published, or the stream ends with a SegmentRejected saying which file."""
+        record = self.store.commit_record(name)
+        listed = record.get("files") or {}
+        seg = self.store.segment_path(name)
+        for rel in sorted(listed):
+            try:
+                data = (seg / validate_segment_file(rel)).read_bytes()
+            except FileNotFoundError:
+                if name not in self.store.segment_names():
+                    raise CacheError(f"segment {name} was removed from this cache service's store while "
+                                     "it was being sent; list the segments again") from None
+                raise SegmentRejected(f"segment {name} in {self.store.root}: {rel} is missing (deleted or "
+                                      f"damaged); {damage_advice(self.store.url)}") from None
+            try:
+                check_against_record(name, {rel: data}, {"files": {rel: listed[rel]}}, str(self.store.root))
+            except SegmentRejected as exc:
+                raise SegmentRejected(f"{exc}; {damage_advice(self.store.url)}") from None
+            yield rel, data
+
+    def _entry_batches(self, keys: list[str], info: dict) -> Iterator[pa.RecordBatch]:
+        """ENTRY_SCHEMA batches of the keys present (absent ones are left out: the caller sees
+        which), each of ≤ PART_BYTES of ids and log-probs unless one entry alone is larger."""
         reader = self._entry_reader()
-        batches, rows, held = [], [], 0
+        rows, held, sent = [], 0, 0
+        info["entries"] = f"0/{len(keys)}"
         for key in keys:
             if key not in reader:
-                continue  # absent keys are left out: the caller sees which
+                continue
             e = reader.get(key)
+            size = e["ids"].nbytes + e["logp"].nbytes + 8 * len(e["lse"])
+            if rows and held + size > PART_BYTES:
+                batch, sent, rows, held = entry_batch(rows), sent + len(rows), [], 0
+                info["entries"] = f"{sent}/{len(keys)}"
+                yield batch
             rows.append((key, e))
-            held += e["ids"].nbytes + e["logp"].nbytes + 8 * len(e["lse"])
-            if held >= PART_BYTES:
-                batches.append(entry_batch(rows))
-                rows, held = [], 0
-        if rows or not batches:
-            batches.append(entry_batch(rows))
-        return pa.Table.from_batches(batches, schema=ENTRY_SCHEMA)
+            held += size
+        if rows:
+            yield entry_batch(rows)
+            sent += len(rows)
+            info["entries"] = f"{sent}/{len(keys)}"
 
     def do_put(self, context, descriptor, reader, writer):
         with self._request(context, "put") as info:
@@ -304,11 +390,13 @@ class CacheServer(fl.FlightServerBase):
                                           "part: int32, data: binary")
                 yield from record_batches(reader)
 
-            files, total = assemble_files(batches(), name, max_bytes=self.max_segment_bytes,
-                                          max_files=self.max_files, stop=lambda: self.stopping)
-            info["bytes"] = total
-            with self._segment_lock(name):
-                published = self.store.import_segment(name, files, max_bytes=self.max_segment_bytes)
+            with self._upload_slot(info):  # held while the upload is in memory: received, verified
+                files, total = assemble_files(batches(), name, max_bytes=self.max_segment_bytes,
+                                              max_files=self.max_files, stop=lambda: self.stopping)
+                info["bytes"] = total
+                with self._segment_lock(name):
+                    published = self.store.import_segment(name, files, max_bytes=self.max_segment_bytes)
+                del files
             info["action"] = "put" if published else "put:present"
             writer.write(pa.py_buffer(json.dumps({"published": published}).encode()))
 
@@ -376,10 +464,27 @@ def _descriptor_segment(descriptor) -> str:
 
 # ---------------------------------------------------------------------------- serve
 
+def _free_memory_promptly() -> str:
+    """Make the server process give freed memory back, so its RSS follows what its requests hold:
+    Arrow buffers from the system allocator (mimalloc, pyarrow's default, keeps freed pages per
+    thread), and glibc's mmap threshold fixed at 128 KiB (by default it rises after a large free,
+    and large buffers freed later stay in the heap). Measured on 4 concurrent reads of a 24 MB
+    segment: peak RSS +136 MiB and growing from round to round with the defaults, +51 MiB and back
+    to the baseline after each round with these. Only `serve` calls it: it is process-wide."""
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        fixed = ctypes.CDLL(None).mallopt(-3, 128 << 10) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator's own policy
+        fixed = False
+    return "system allocator" + (", mmap threshold 128 KiB" if fixed else "")
+
+
 def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
           token_file: str | os.PathLike | None = None, read_token_file: str | os.PathLike | None = None,
           tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
-          max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES, echo: Callable[[str], Any] = print) -> int:
+          max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
+          max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+          upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S, echo: Callable[[str], Any] = print) -> int:
     """Serve `store_path` until SIGTERM/SIGINT; print one line `serving <store> at <url>` once it
     listens; return 0 after a clean shutdown. Bad token or TLS files raise CacheError."""
     write_tokens = read_tokens(token_file, "token file (--token-file)") if token_file else ()
@@ -392,6 +497,7 @@ def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
             certs = [(Path(tls_cert).read_bytes(), Path(tls_key).read_bytes())]
         except OSError as exc:
             raise CacheError(f"cannot read the TLS certificate/key {exc.filename}: {exc.strerror}") from None
+    memory = _free_memory_promptly()
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s cache-service %(message)s"))
@@ -401,7 +507,8 @@ def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
     where = f"[{host}]" if ":" in host else host
     try:
         server = CacheServer(store_path, f"{scheme}://{where}:{int(port)}", write_tokens=write_tokens,
-                             read_tokens=reads, tls_certificates=certs, max_segment_bytes=max_segment_bytes)
+                             read_tokens=reads, tls_certificates=certs, max_segment_bytes=max_segment_bytes,
+                             max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s)
     except CacheError:
         raise
     except Exception as exc:  # noqa: BLE001 - ArrowException/OSError from binding or bad TLS files
@@ -417,6 +524,11 @@ def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
     log.info("serving %s at %s (writes: %s, reads: %s)", server.store.root, url,
              f"{len(write_tokens)} token(s)" if write_tokens else "off (no --token-file)",
              f"{len(reads)} read token(s) or a write token" if reads else "open")
+    if write_tokens:
+        log.info("uploads: at most %d at once, each of at most %d bytes; one beyond waits up to %g s for a "
+                 "slot, then is refused as busy", server.max_concurrent_uploads, server.max_segment_bytes,
+                 server.upload_wait_s)
+    log.info("memory: %s (freed buffers go back to the OS)", memory)
     echo(f"serving {server.store.root} at {url}")
     sys.stdout.flush()
     try:
@@ -446,10 +558,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--max-segment-bytes", type=int, default=DEFAULT_MAX_SEGMENT_BYTES)
+    p.add_argument("--max-concurrent-uploads", type=int, default=DEFAULT_MAX_CONCURRENT_UPLOADS,
+                   help="uploads received at once (each is held in memory until verified)")
+    p.add_argument("--upload-wait-s", type=float, default=DEFAULT_UPLOAD_WAIT_S,
+                   help="how long an upload beyond that waits for a slot before it is refused as busy")
     a = p.parse_args(argv)
     try:
         return serve(a.store, a.host, a.port, a.token_file, a.read_token_file, a.tls_cert, a.tls_key,
-                     max_segment_bytes=a.max_segment_bytes)
+                     max_segment_bytes=a.max_segment_bytes, max_concurrent_uploads=a.max_concurrent_uploads,
+                     upload_wait_s=a.upload_wait_s)
     except CacheError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

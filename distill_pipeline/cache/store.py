@@ -63,6 +63,7 @@ class CacheStore(Protocol):
     def segment_names(self) -> list[str]: ...
     def index_table(self, *, damaged: dict[str, str] | None = None) -> Any: ...  # KEY_COLUMNS + segment
     def index(self, columns: list[str] | None = None, *, damaged: dict[str, str] | None = None) -> Any: ...
+    def lookup(self, keys: Iterable[str]) -> Any: ...  # the rows of `keys` (KEY_COLUMNS + segment)
     def missing(self, keys: Iterable[str]) -> set[str]: ...
     def publish(self, segment_id: str, data: SegmentData, manifest: dict) -> bool: ...
     def open_segment(self, name: str) -> Any: ...
@@ -200,17 +201,36 @@ class Store:
     def _index_files(self) -> LocalIndexFiles:
         return LocalIndexFiles(self.root / "index")
 
+    def _live(self, names: Iterable[str]) -> set[str]:
+        """Of `names`, the published segments (a stat each: lookups never list the store)."""
+        return {n for n in names if (self.root / "commits" / f"{n}.json").exists()
+                or (self.root / "segments" / n / "index.parquet").exists()}
+
+    def lookup(self, keys: Iterable[str]):
+        """The index rows (KEY_COLUMNS + `segment`) of `keys` in published segments: reads what
+        the keys touch (index.py), whatever the size of the store."""
+        return key_index.lookup(self._index_files(), keys, self._live)
+
     def index_table(self, *, damaged: dict[str, str] | None = None):
-        """The consolidated index of every published segment: KEY_COLUMNS + `segment` (index.py).
-        A segment without an index file (written before the consolidated index) has its own
-        index.parquet read and its file written. A segment whose index cannot be read is left out
-        (its entries count as absent) and recorded in `damaged`."""
-        return key_index.read_index(self._index_files(), self.segment_names(),
-                                    lambda name: self._segment_keys(name, damaged))
+        """Every row of the consolidated index (the whole catalogue; key lookups use `lookup`):
+        KEY_COLUMNS + `segment`. A published segment no index file covers (written before the
+        consolidated index, or by a writer that died before indexing it) has its own
+        index.parquet read and indexed; one whose index cannot be read is left out (its entries
+        count as absent) and recorded in `damaged`."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = key_index.read_all(self._index_files(), self._live)
+        covered = set(pc.unique(table.column("segment")).to_pylist())
+        extra = [t for name in sorted(set(self.segment_names()) - covered)
+                 if (t := self._segment_keys(name, damaged)) is not None]
+        if not extra:
+            return table
+        return pa.concat_tables([table, *extra], promote_options="permissive")
 
     def _segment_keys(self, name: str, damaged: dict[str, str] | None):
-        """One segment's rows of the consolidated index, from its own index.parquet (and its file
-        under index/ written, so the next lookup does not read the segment again)."""
+        """One segment's rows of the consolidated index, from its own index.parquet (and indexed,
+        so the next lookup finds them)."""
         try:
             t = key_index.segment_rows(name, self.root / "segments" / name / "index.parquet")
         except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError, missing column, …
@@ -218,14 +238,14 @@ class Store:
                 damaged[name] = f"index.parquet is unreadable ({type(exc).__name__}: {exc})"
             return None
         try:
-            self._index_files().write(f"{name}.parquet", key_index.parquet_bytes(t))
+            key_index.add(self._index_files(), name, t)
         except OSError:
             pass  # a read-only store: looked up from the segments every time
         return t
 
     def _pack_index(self) -> None:
         try:
-            key_index.pack(self._index_files(), self.segment_names)
+            key_index.pack(self._index_files(), self._live)
         except OSError:
             pass  # a read-only or full store: packing is an optimisation, lookups still work
 
@@ -242,16 +262,15 @@ class Store:
 
     def missing(self, keys) -> set[str]:
         """The keys not in any published segment with a readable index: what an extraction of
-        them would have to compute again. Looked up in the consolidated index (Arrow, no set of
-        every key in the store)."""
+        them would have to compute again. Looked up in the consolidated index: the cost follows
+        the keys asked, not the size of the store."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         wanted = pa.array(sorted(set(keys)), pa.string())
         if not len(wanted):
             return set()
-        index = self.index_table()
-        index = index.filter(pc.is_in(index.column("key"), value_set=wanted))
+        index = self.lookup(wanted.to_pylist())
         # the segments holding them must still be readable (a footer read each): an unreadable
         # one's entries are extracted again and its unit republished over it
         broken = [s for s in pc.unique(index.column("segment")).to_pylist()
@@ -286,7 +305,7 @@ class Store:
         except FileNotFoundError:
             return  # someone else removed it
         finally:
-            (self.root / "index" / f"{name}.parquet").unlink(missing_ok=True)
+            key_index.drop(self._index_files(), name)
         shutil.rmtree(aside, ignore_errors=True)
 
     def _readable(self, segment: Path) -> bool:
@@ -355,6 +374,7 @@ class Store:
         check_offered(name, files, max_bytes=max_bytes)
         final = self.root / "segments" / name
         if final.exists() and self._readable(final):
+            self._reindex(name, final)
             return False
         tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{time.time_ns()}"
         with writer_lock(tmp):
@@ -380,6 +400,14 @@ class Store:
         self._published(name, final)
         return True
 
+    def _reindex(self, name: str, final: Path) -> None:
+        """A segment asked to be published again is already here: its entries were looked up as
+        missing, so make sure they are indexed (a writer that died between the rename and the
+        index write left it unindexed) and it has its commit record."""
+        self._segment_keys(name, None)
+        if not (self.root / "commits" / f"{name}.json").exists():
+            self._write_commit(name, final)
+
     def _published(self, name: str, final: Path) -> None:
         """After a segment is in place: its index file, its commit record, and packing."""
         self._segment_keys(name, None)
@@ -394,6 +422,7 @@ class Store:
         final = self.root / "segments" / segment_id
         if final.exists():
             if self._readable(final):
+                self._reindex(segment_id, final)
                 return False
             self.remove_segment(segment_id)  # incomplete or unreadable: its entries are written again
         tmp = self.root / "tmp" / f"{segment_id}.{os.getpid()}.{time.time_ns()}"

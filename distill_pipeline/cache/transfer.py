@@ -16,14 +16,11 @@ def copy_segments(src: CacheStore, dst: CacheStore, *, teacher: str | None = Non
     arrives checked against its commit record and verified in full before it is published, and
     is published whole or not at all — so a killed copy leaves nothing half-published, and
     running it again copies what is still missing."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     names = src.segment_names()
     if keys is not None:
-        index = src.index_table()
-        wanted = pa.array(sorted(set(keys)), pa.string())
-        holding = index.filter(pc.is_in(index.column("key"), value_set=wanted))
+        holding = src.lookup(keys)
         names = sorted(set(pc.unique(holding.column("segment")).to_pylist()))
     have = set(dst.segment_names())
     todo = [n for n in names if n not in have]

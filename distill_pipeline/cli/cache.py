@@ -202,7 +202,14 @@ def cache_serve(store: Optional[str] = StoreOpt,
                 tls_cert: Optional[str] = typer.Option(None, "--tls-cert"),
                 tls_key: Optional[str] = typer.Option(None, "--tls-key"),
                 max_segment_mb: float = typer.Option(1024, "--max-segment-mb", help="largest upload "
-                                                     "accepted (MB)")):
+                                                     "accepted (MB)"),
+                max_concurrent_uploads: int = typer.Option(4, "--max-concurrent-uploads", min=1,
+                                                           help="uploads received at once; each is held in "
+                                                           "memory until verified (up to --max-segment-mb "
+                                                           "plus its decoded arrays)"),
+                upload_wait_s: float = typer.Option(10.0, "--upload-wait-s", min=0.0,
+                                                    help="how long an upload beyond that limit waits for a "
+                                                    "slot before it is refused as busy (clients retry)")):
     """Serve a local store over Arrow Flight (grpc://HOST:PORT) to other machines and teams:
     listing, key lookups, entries and segments by stream, verified uploads. Stops on SIGTERM."""
     from distill_pipeline.cache.remote import is_remote
@@ -218,7 +225,8 @@ def cache_serve(store: Optional[str] = StoreOpt,
                     "give --tls-cert/--tls-key (clients: grpc+tls://)", fg=typer.colors.YELLOW, err=True)
     code = _cache_call(serve, store, host=host, port=port, token_file=token_file,
                        read_token_file=read_token_file, tls_cert=tls_cert, tls_key=tls_key,
-                       max_segment_bytes=int(max_segment_mb * 1e6))
+                       max_segment_bytes=int(max_segment_mb * 1e6),
+                       max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s)
     raise typer.Exit(code)
 
 

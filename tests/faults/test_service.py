@@ -1,7 +1,8 @@
 """The cache service through a real server process on 127.0.0.1: a round trip that reproduces the
 store byte for byte, uploads, every kind of hostile or unauthorised request refused with nothing
-published (and the server still serving), concurrent readers and writers, kill -9 mid-upload, and
-a clean SIGTERM. Servers run as `python -m distill_pipeline.cache.service` and are stopped by PID."""
+published (and the server still serving), concurrent readers and writers, the upload limit (busy
+refusals, client retries), streamed reads and the server's memory under load, kill -9 mid-upload,
+and a clean SIGTERM. Servers run as `python -m distill_pipeline.cache.service` and are stopped by PID."""
 from __future__ import annotations
 
 import io
@@ -23,8 +24,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill_pipeline.cache.admin import gc
-from distill_pipeline.cache.flight import (FILE_SCHEMA, MAX_TICKET_KEYS, FlightRemote, assemble_files,
-                                           file_batches)
+from benchmarks.service_load_bench import (check_nothing_lost, prepare, publish_synthetic, rss_kb, run_load,
+                                           server_outcomes)
+from distill_pipeline.cache.flight import (FILE_SCHEMA, MAX_TICKET_KEYS, PART_BYTES, FlightRemote, ServiceBusy,
+                                           assemble_files, file_batches, record_batches)
 from distill_pipeline.cache.reader import CacheReader
 from distill_pipeline.cache.remote import MirroredStore, open_store
 from distill_pipeline.cache.segment import CacheError, SegmentRejected, check_segment, segment_id
@@ -443,6 +446,183 @@ def test_concurrent_readers_and_writers(base, tmp_path, servers):
     assert not list((served / "tmp").iterdir())
 
 
+# ---------------------------------------------------------------------------- load: limits, streams, memory
+
+def held_upload(url: str, name: str, files: dict[str, bytes]):
+    """An upload that sent its first part and waits: it holds one of the server's upload slots.
+    Returns its writer, its answer reader and the parts not sent yet."""
+    writer, answers = fl.FlightClient(url).do_put(fl.FlightDescriptor.for_path("segment", name), FILE_SCHEMA,
+                                                  options(TOKEN))
+    parts = list(file_batches(files, part_bytes=256))
+    writer.write_batch(parts[0])
+    return writer, answers, parts[1:]
+
+
+def test_uploads_beyond_the_limit_wait_then_are_refused_busy_and_retried(base, tmp_path, servers):
+    """One upload slot, held by a stalled upload: another upload waits --upload-wait-s, then is
+    refused before anything of it is read (FlightUnavailableError, extra_info b"busy"); the client
+    retries with backoff and says so when it gives up; once the slot is free the retry publishes."""
+    served = copy_store(base, tmp_path)
+    server = servers(served, tmp_path / "server.log", "--token-file", str(base["root"] / "tokens"),
+                     "--max-concurrent-uploads", "1", "--upload-wait-s", "0.5")
+    held, other = base["other_names"][:2]
+    writer, answers, rest = held_upload(server.url, held, base["other_files"][held])
+    time.sleep(1.5)  # the server has taken the held upload's first part: its one slot is taken
+    t0 = time.monotonic()
+    refusal = r"busy: .*--max-concurrent-uploads.* waited 0\.5 s"
+    with pytest.raises(fl.FlightUnavailableError, match=refusal) as exc:
+        raw_put(server.url, other, file_batches(base["other_files"][other]), TOKEN)
+    assert exc.value.extra_info == b"busy" and 0.4 < time.monotonic() - t0 < 10
+    impatient = FlightRemote(server.url, token=TOKEN, busy_retries=1, busy_backoff_s=0.1)
+    gave_up = "is busy.* refused 2 time.*nothing was published.*--max-concurrent-uploads"
+    with pytest.raises(ServiceBusy, match=gave_up):
+        impatient.put_segment(other, base["other_files"][other])
+    assert segment_dirs(served) == base["names"]  # nothing refused was published
+
+    outcome: dict = {}
+
+    def patient() -> None:
+        try:
+            remote = FlightRemote(server.url, token=TOKEN, busy_backoff_s=0.2)
+            outcome["published"] = remote.put_segment(other, base["other_files"][other])
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome["error"] = exc
+
+    retrying = threading.Thread(target=patient)
+    retrying.start()
+    time.sleep(1.5)  # refused at least once by now (0.5 s wait each), retrying with backoff
+    assert not outcome
+    for b in rest:
+        writer.write_batch(b)
+    writer.done_writing()
+    assert json.loads(answers.read().to_pybytes()) == {"published": True}
+    writer.close()
+    retrying.join(60)
+    assert outcome == {"published": True}, outcome
+    log = server.stop()
+    busy = [l for l in log.splitlines() if f"action=put segment={other} " in l
+            and "status=refused (FlightUnavailableError: the cache service is busy" in l]
+    assert len(busy) >= 4 and all(" queued_ms=" in l for l in busy), log  # raw, impatient ×2, patient ≥ 1
+    assert assert_store_healthy(served) == sorted(base["names"] + [held, other])
+
+
+def test_a_served_segment_is_checked_against_its_commit_record(base, tmp_path, servers):
+    """Streamed file by file, a segment is still checked against its commit record: a file
+    changed in the store (same size) ends the stream with a 'rejected' error before it is sent."""
+    served = copy_store(base, tmp_path)
+    name, intact = base["names"][:2]
+    chunk = served / "segments" / name / "logp" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    server = servers(served, tmp_path / "server.log")
+    sent: list[str] = []
+    ticket = fl.Ticket(json.dumps({"kind": "segment", "name": name}).encode())
+    damaged = "logp/c/0/0 does not match its commit record.*gc --damaged"
+    with pytest.raises(fl.FlightServerError, match=damaged) as exc:
+        for part in fl.FlightClient(server.url).do_get(ticket, options(None)):
+            sent += part.data.column("path").to_pylist()
+    assert exc.value.extra_info == b"rejected" and "logp/c/0/0" not in sent
+    remote = FlightRemote(server.url, token="")
+    with pytest.raises(SegmentRejected, match="does not match its commit record"):
+        remote.get_segment(name)
+    assert remote.get_segment(intact) == base["files"][intact]  # still serving
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A store of one valid synthetic segment of ~24 MB (K = 50, ~145k tokens): reads of it are
+    large next to the server's baseline memory."""
+    root = tmp_path_factory.mktemp("big")
+    store = Store(root / "store")
+    name = publish_synthetic(store, 7, 24.0)
+    manifest = store.commit_record(name)["manifest"]
+    return {"store": root / "store", "name": name, "files": store.segment_files(name),
+            "keys": store.index_table().column("key").to_pylist(), "n_tokens": int(manifest["n_tokens"]),
+            "top_k": int(manifest["format"]["top_k"])}
+
+
+def test_segment_and_entries_reads_are_streamed_not_built_whole(big, tmp_path, servers):
+    """4 fetches of a 24 MB segment and 2 of all its entries (59 MB as Arrow), each client taking
+    its first batch and then waiting until every stream has started, so all six are under way at
+    once: the server's peak RSS grows by the decoded chunks its entry reader caches plus a few parts
+    per stream — not by a copy of each answer (built whole before sending, the six answers are
+    ~215 MB: measured +230 MiB)."""
+    server = servers(big["store"], tmp_path / "server.log")
+    warm = FlightRemote(server.url, token="")
+    assert set(warm.entries(big["keys"][:1])) == set(big["keys"][:1])  # imports, the entry reader
+    baseline = rss_kb(server.proc.pid)
+    tickets = [{"kind": "segment", "name": big["name"]}] * 4 + [{"kind": "entries", "keys": big["keys"]}] * 2
+    started = threading.Barrier(len(tickets))
+    got: dict[int, list[pa.RecordBatch]] = {}
+    errors: list[BaseException] = []
+
+    def fetch(i: int) -> None:
+        try:
+            reader = fl.FlightClient(server.url).do_get(fl.Ticket(json.dumps(tickets[i]).encode()), options(None))
+            got[i] = [reader.read_chunk().data]
+            started.wait(60)  # every request is under way: what each holds on the server, it holds now
+            got[i] += list(record_batches(reader))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+            started.abort()
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(len(tickets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    growth = (rss_kb(server.proc.pid, "VmHWM") - baseline) << 10
+    server.stop()
+    assert not errors, errors
+    for i, batches in got.items():
+        if tickets[i]["kind"] == "segment":
+            assert assemble_files(batches, big["name"], max_bytes=1 << 30, max_files=1000)[0] == big["files"]
+        else:
+            assert sorted(k for b in batches for k in b.column("key").to_pylist()) == sorted(big["keys"])
+            assert all(b.nbytes <= PART_BYTES + (1 << 20) for b in batches)
+    decoded = big["n_tokens"] * (big["top_k"] * 6 + 8)  # every chunk, once, in the entry reader's LRU
+    bound = decoded + len(tickets) * 3 * PART_BYTES + (32 << 20)  # + a part being read, built, sent; + slack
+    print(f"server RSS growth {growth >> 20} MiB, bound {bound >> 20} MiB")
+    assert growth < bound, f"server RSS grew {growth >> 20} MiB, over {bound >> 20} MiB"
+
+
+LOAD_LIMIT, LOAD_READERS, LOAD_WRITERS, LOAD_SEGMENT_MB = 1, 4, 4, 24.0
+
+
+def test_load_nothing_lost_and_server_memory_bounded(tmp_path, servers):
+    """4 readers (has, entries, segment) + 4 writers (new 24 MB segments) for 6 s against a server
+    taking one upload at a time (the others wait 0.5 s, then are refused busy; the client retries):
+    every request succeeds or is refused busy, every upload is listed and verifies, every read
+    matches, and the server's peak RSS stays within what the limit allows (see `bound`)."""
+    fx = prepare(tmp_path, segment_mb=LOAD_SEGMENT_MB, base_segments=2, base_mb=1.0)
+    (tmp_path / "tokens").write_text(TOKEN + "\n")
+    server = servers(fx.store, tmp_path / "server.log", "--token-file", str(tmp_path / "tokens"),
+                     "--max-concurrent-uploads", str(LOAD_LIMIT), "--upload-wait-s", "0.5")
+    res = run_load(server.url, server.proc.pid, fx, readers=LOAD_READERS, writers=LOAD_WRITERS, duration=6.0,
+                   token=TOKEN, busy_backoff_s=0.2)
+    problems = check_nothing_lost(server.url, fx.store, fx, res)
+    outcomes = server_outcomes(server.stop())
+    assert not res.failures and not res.mismatches and not problems, (res.failures, res.mismatches, problems)
+    assert outcomes["other"] == 0 and outcomes["ok"] > 0, outcomes
+    assert len(res.uploaded) >= 2 and all(res.latencies[k] for k in ("has", "entries", "segment")), res.latencies
+    # Memory over the baseline (after warm-up reads): the uploads being received and verified —
+    # LOAD_LIMIT × one upload's working set, measured alone first (its bytes, its decoded arrays,
+    # the commit record's read-back: ~4.7× a 24 MB segment); each upload waiting for a slot — what
+    # HTTP/2 flow control lets its client send ahead, ≤ 2 parts (measured: 8 MiB); each read
+    # stream — a part being read, built and sent, ≤ 3 parts; and 64 MiB for the allocator and the
+    # entry reader's LRU over the 2 MB base store. Without the limit the 4 uploads overlap
+    # (measured: +404 MiB).
+    waiting = (LOAD_WRITERS - LOAD_LIMIT) * 2 * PART_BYTES
+    bound = LOAD_LIMIT * (res.solo_upload_kb << 10) + waiting + LOAD_READERS * 3 * PART_BYTES + (64 << 20)
+    growth = (res.hwm_kb - res.rss_baseline_kb) << 10
+    print(f"uploads {len(res.uploaded)}, server requests {outcomes}, one upload alone "
+          f"{res.solo_upload_kb >> 10} MiB, RSS growth {growth >> 20} MiB, bound {bound >> 20} MiB")
+    assert res.solo_upload_kb << 10 > 3 * fx.template_bytes  # an upload's working set is its size, and more
+    assert growth < bound, f"server RSS grew {growth >> 20} MiB, over {bound >> 20} MiB"
+
+
 def test_kill_9_mid_upload_publishes_nothing_half(base, tmp_path, servers):
     served = copy_store(base, tmp_path)
     args = ("--token-file", str(base["root"] / "tokens"))
@@ -468,7 +648,10 @@ def test_kill_9_mid_upload_publishes_nothing_half(base, tmp_path, servers):
 
     loop = threading.Thread(target=upload_loop)
     loop.start()
-    time.sleep(0.5)
+    deadline = time.time() + 60  # until uploads are under way (a loaded machine takes seconds)
+    while "action=put " not in (tmp_path / "server.log").read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
     server.kill()  # SIGKILL by PID
     stop.set()
     loop.join(30)
