@@ -144,18 +144,62 @@ class Data(Section):
 
 def chat_template_text(value: str) -> str:
     """`data.chat_template` as Jinja text: a template given inline (it holds `{{` or `{%`), else
-    the content of the file it names."""
+    the content of the file it names. Either is compiled as transformers compiles it, so a
+    syntax error is refused here (naming the file and line), not inside a stage."""
     if "{{" in value or "{%" in value:
+        _check_jinja(value, "the inline template")
         return value
     path = Path(value).expanduser()
     if not path.is_file():
         raise ValueError(f"{value!r} is neither a Jinja template (no {{{{ … }}}} or {{% … %}}) nor "
                          "an existing file; give the template text or the path of a .jinja file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{value}: not UTF-8 text (byte {exc.start}); save the template as UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"{value}: cannot read the template ({exc.strerror})") from None
     if "{{" not in text and "{%" not in text:
         raise ValueError(f"{value}: the file holds no Jinja expression ({{{{ … }}}} or {{% … %}}); "
                          "is it a chat template?")
+    _check_jinja(text, f"file {value}")
     return text
+
+
+def _check_jinja(text: str, where: str) -> None:
+    """Compile a chat template in the environment transformers renders it in (sandboxed, with
+    `loopcontrols` and its `{% generation %}` tag); a syntax error, an unknown filter or test
+    is a ValueError naming `where` and the line."""
+    try:  # installed with torch (and needed by transformers' chat templates)
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return
+
+    class Generation(Extension):  # transformers' AssistantTracker tag, parsed the same way
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, loopcontrols])
+    try:
+        env.from_string(text)
+    except jinja2.TemplateSyntaxError as exc:
+        line = (text.splitlines()[exc.lineno - 1].strip() if exc.lineno and
+                exc.lineno <= len(text.splitlines()) else "")
+        shown = f" (`{line[:80]}{'…' if len(line) > 80 else ''}`)" if line else ""
+        raise ValueError(f"{where}: Jinja syntax error on line {exc.lineno}{shown}: "
+                         f"{(exc.message or 'invalid').rstrip('.')}; "
+                         "fix the template (transformers compiles it with Jinja2 to format every "
+                         "prompt)") from None
 
 
 class TrainHP(Section):
@@ -178,6 +222,27 @@ class TrainHP(Section):
         "fp32", description="bf16-mixed: bfloat16 autocast, float32 weights and optimizer; bf16: "
         "weights, gradients and optimizer state in bfloat16")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+
+
+# Training sections of the tree (TrainHP), by config path.
+TRAIN_SECTIONS = ("sft.teacher", "sft.student", "teacher_dpo", "train")
+
+
+def ignored_settings(cfg: "Config") -> list[str]:
+    """One warning per setting that is valid but has no effect: `strategy: fsdp` with one worker
+    (there is nothing to shard over; the node trains exactly as with ddp, unwrapped). Not an
+    error: `--set <section>.workers=1` on a sharded config (debugging on one device) is a fair
+    request, and the memory plan already estimates such a node unsharded."""
+    out = []
+    for path in TRAIN_SECTIONS:
+        section: Any = cfg
+        for part in path.split("."):
+            section = getattr(section, part)
+        if section.strategy == "fsdp" and section.workers == 1:
+            out.append(f"warning: {path}.strategy: fsdp has no effect with {path}.workers: 1 — one "
+                       "worker holds the whole model (nothing is sharded; the memory plan counts it "
+                       f"unsharded). Set {path}.workers to 2 or more to shard it, or drop strategy.")
+    return out
 
 
 # TrainHP options added after runs existed, at the values that train as before (View.ADDED)
@@ -273,7 +338,17 @@ class Resources(Section):
     generate_cpus: float = Field(1, gt=0)
     gpus: float = Field(0, ge=0)
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU, for the memory "
-                                        "plan (default: the visible GPU's)")
+                                        "plan (default: the visible GPU's); needs gpus > 0")
+
+    @field_validator("gpu_memory_gb")
+    @classmethod
+    def _gpu_memory_needs_gpus(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("gpus") == 0:  # `gpus` is validated first
+            raise ValueError("given, but resources.gpus is 0: no task uses a GPU, so the memory plan "
+                             "would check every node against this machine's RAM and ignore it. Set "
+                             "resources.gpus (GPUs per task, e.g. 1) to plan for that GPU, or remove "
+                             "resources.gpu_memory_gb to run on CPU")
+        return value
 
 
 class RayCfg(Section):

@@ -228,6 +228,29 @@ def _weight_files(d: Path) -> list[Path]:
         or (p.name.startswith("pytorch_model") and p.suffix == ".bin")))
 
 
+# config.json fields that size a model (transformers' names and the GPT-2 / OPT / T5-style ones
+# some architectures use), top level or in a multimodal model's `text_config`.
+_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head",
+                "n_inner", "d_model", "num_layers", "num_heads", "ffn_dim")
+
+
+def config_problems(config: dict, where: str) -> list[str]:
+    """The sizes in a model's config (a parsed config.json) that cannot describe a model: each
+    size field that is given (not null) must be a positive integer. transformers accepts zero
+    layers (an empty model) and negative sizes (a crash deep in torch) without a word."""
+    problems = []
+    for prefix, section in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(section, dict):
+            continue
+        for name in _SIZE_FIELDS:
+            value = section.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append(f"{where}: {prefix}{name} is {value!r}, not a positive integer "
+                                "(a damaged or hand-edited config.json?)")
+    return problems
+
+
 def _model_problems(d: Path) -> list[str]:
     config, weights = d / "config.json", _weight_files(d)
     missing = [what for what, gone in (("config.json", not config.is_file()),
@@ -235,7 +258,8 @@ def _model_problems(d: Path) -> list[str]:
     if missing:
         return [f"no model weights/config in {d} ({_WEIGHTS_HINT}; {' and '.join(missing)} "
                 "missing)"]
-    problems = [why for why in [_read_json(config)[1]] if why]
+    parsed, why = _read_json(config)
+    problems = [why] if why else config_problems(parsed, str(config))
     for f in weights:
         if f.name.endswith(".index.json"):
             index, why = _read_json(f)

@@ -30,15 +30,19 @@ SetOpt = typer.Option(None, "--set", help="override a config key, e.g. --set tea
 
 
 def _load(config: str, sets: Optional[List[str]], ray_address: Optional[str] = None):
-    from distill_pipeline.config import ConfigError, load_config
+    """The validated config; settings that are valid but have no effect are warned about (stderr)."""
+    from distill_pipeline.config import ConfigError, ignored_settings, load_config
 
     overrides = list(sets or [])
     if ray_address:
         overrides.append(f"ray.address={ray_address}")
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as exc:
         fail(str(exc), 2)
+    for line in ignored_settings(cfg):
+        typer.secho(line, fg=typer.colors.YELLOW, err=True)
+    return cfg
 
 
 def _errors() -> tuple:

@@ -23,6 +23,12 @@ from distill_pipeline.parallel import group
 from distill_pipeline.stages import get_stage
 
 SUMMARY = ".workers-summary.json"
+FAILURE_LOG = "workers-failure.log"  # beside the partial folder: Ray's whole report of a failure
+
+
+class WorkerFailed(RuntimeError):
+    """A data-parallel worker died or raised: one message (which worker, what happened, where the
+    partial output and its checkpoint are, that a rerun resumes); Ray's report is in a file."""
 
 
 def workers_of(view: Any) -> int:
@@ -88,10 +94,90 @@ def launch(stage: str, view: Any, inputs: dict[str, str], out: Path, *, cpus: fl
                                      resources_per_worker=per_worker),
         run_config=RunConfig(storage_path=str(storage), name="workers",
                              failure_config=FailureConfig(max_failures=0)))
-    result = trainer.fit()
-    if getattr(result, "error", None):
-        raise RuntimeError(f"a training worker failed: {result.error}")
+    log = out.with_name(out.name + "." + FAILURE_LOG)
+    log.unlink(missing_ok=True)
+    try:
+        result = trainer.fit()
+        error = getattr(result, "error", None)
+    except Exception as exc:  # Ray Train raises TrainingFailedError (WorkerGroupError, …)
+        error = exc
+    if error is not None:
+        raise _failure(error, out, log, workers) from None
     summary = json.loads((out / SUMMARY).read_text())
     (out / SUMMARY).unlink()
     shutil.rmtree(storage, ignore_errors=True)
     return summary
+
+
+def _failure(error: BaseException, out: Path, log: Path, workers: int) -> WorkerFailed:
+    """`WorkerFailed` for Ray Train's `error`, whose whole text (every worker's traceback, Ray's
+    chained errors) goes to `log` instead of the terminal."""
+    import traceback
+
+    try:
+        log.write_text("".join(traceback.format_exception(error)) + "\n" + _where_ray_logs())
+        saved = f"Ray's full report: {log}"
+    except OSError as exc:
+        saved = f"Ray's full report could not be saved ({exc.strerror or exc})"
+    failures = sorted((getattr(error, "worker_failures", None) or {}).items())
+    died = [rank for rank, exc in failures if _died(exc)]
+    if died:
+        ranks, one = ", ".join(map(str, died)), len(died) == 1
+        what = (f"worker rank{'' if one else 's'} {ranks} of {workers} died: "
+                f"{'its process was' if one else 'their processes were'} killed or crashed (kill -9, "
+                "the out-of-memory killer, a lost node)"
+                + ("; the other workers stopped with it" if len(died) < workers else ""))
+    elif failures:
+        rank, exc = failures[0]
+        others = f" (and {len(failures) - 1} more worker(s))" if len(failures) > 1 else ""
+        what = f"worker rank {rank} of {workers} raised {_one_line(exc)}{others}"
+    else:
+        what = f"Ray Train failed: {_one_line(error)}"
+    step = _checkpoint_step(out / "checkpoint")
+    resume = (f"The node's last checkpoint (step {step}) is in {out / 'checkpoint'}: rerun the same "
+              "command to resume from it" if step is not None else
+              "No checkpoint was written yet: rerunning the same command starts the node over")
+    return WorkerFailed(f"data-parallel training stopped: {what}. {resume}. {saved}")
+
+
+def _died(exc: BaseException) -> bool:
+    """Did this worker's process die (rather than raise)? Ray Train reports a failed health
+    check whose cause is the actor's death."""
+    for cause in (exc, getattr(exc, "health_check_failure", None), exc.__cause__):
+        if cause is not None and type(cause).__name__ in (
+                "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "RayActorError",
+                "WorkerHealthCheckFailedError"):
+            return True
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message` of the exception a worker raised (unwrapped from Ray Train's wrapper),
+    on one line."""
+    exc = getattr(exc, "_base_exc", None) or exc
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:3]) or "(no message)"
+    return f"{type(exc).__name__}: {text if len(text) <= 500 else text[:500] + '…'}"
+
+
+def _where_ray_logs() -> str:
+    try:
+        import ray
+
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+    except Exception:
+        return ""
+    return (f"Every Ray process's own log is in {logs} (on each host of the cluster); what Ray "
+            "Train printed while the driver ran is in distill-pipeline-ray-train.log there, on "
+            "the driver's host.\n")
+
+
+def _checkpoint_step(ckpt: Path) -> int | None:
+    """The step of the node's last complete checkpoint (several workers: `loop.json`; `.old`
+    when a kill fell inside the swap, which `checkpoint.recover` resolves on resume)."""
+    for marker in (ckpt / "loop.json", ckpt.with_name(ckpt.name + ".old") / "loop.json"):
+        try:
+            return int(json.loads(marker.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None

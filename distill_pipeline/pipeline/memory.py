@@ -95,8 +95,21 @@ def model_shape(spec: Any) -> Shape:
         except Exception as exc:  # network, gated repo, malformed config: one message
             raise m.ModelError(f"model {name!r}: cannot read its config.json for the memory plan "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        where = str(local / "config.json") if local is not None else "its config.json"
+        problems = m.config_problems(config.to_dict(), where)
+        if problems:  # zero layers would plan an empty model, a negative size crash in torch
+            raise m.ModelError(f"model {name!r}: {'; '.join(problems)}. The memory plan (and "
+                               "loading) needs the model's real sizes: fix or re-download that "
+                               "config.json, or point name_or_path at another model.")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # the config describes no model transformers can build
+        label = spec.preset or spec.name_or_path
+        raise m.ModelError(f"model {label!r}: its config.json describes no model transformers can "
+                           f"build ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                           "fix or re-download the config.json, or point name_or_path at another "
+                           "model") from None
     params = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", config)
     heads = getattr(text, "num_attention_heads", 1)

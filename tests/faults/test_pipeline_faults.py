@@ -80,6 +80,16 @@ def test_bad_overrides(config, sets, words):
     clean(cli("status", "-c", str(config), *[a for s in sets for a in ("--set", s)]), 2, *words)
 
 
+def test_a_broken_chat_template_and_an_ignored_strategy_through_the_cli(tmp_path, config):
+    template = _write(tmp_path / "chat.jinja", "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}\n")
+    clean(cli("status", "-c", str(config), "--set", f"data.chat_template={template}"), 2,
+          "data.chat_template", str(template), "Jinja syntax error on line 2", "fix the template")
+    out = cli("status", "-c", str(config), "--set", "train.strategy=fsdp")
+    clean(out, 0, "never run")
+    assert "warning: train.strategy: fsdp has no effect with train.workers: 1" in out.stderr, out.stderr
+    assert "warning" not in clean(cli("status", "-c", str(config)), 0).lower()
+
+
 def test_loss_options_parse_like_typed_fields(config):
     """YAML reads 1e-3 as a string; loss options accept it as a number, like lr does."""
     clean(cli("status", "-c", str(config), "--set", "method=adpa", "--set", "train.loss.gamma=1e-3",
@@ -110,6 +120,7 @@ def test_a_bad_eval_file_fails_before_any_stage_runs(tmp_path):
     ("missing", ["no such local directory", "not a hub id", "Fix name_or_path"]),
     ("no-tokenizer", ["no tokenizer files in", "tokenizer.json"]),
     ("bad-config", ["config.json", "not valid JSON"]),
+    ("negative-size", ["config.json: hidden_size is -48, not a positive integer"]),
 ])
 def test_a_bad_model_is_refused_by_the_preflight_through_the_cli(tmp_path, breakage, words):
     """The model corpus (tests/faults/test_model_faults.py) runs in-process; this checks the same
@@ -123,6 +134,9 @@ def test_a_bad_model_is_refused_by_the_preflight_through_the_cli(tmp_path, break
         save_model(load_model(spec), load_tokenizer(spec), model_dir)
         if breakage == "no-tokenizer":
             (model_dir / "tokenizer.json").unlink()
+        elif breakage == "negative-size":
+            settings = json.loads((model_dir / "config.json").read_text())
+            (model_dir / "config.json").write_text(json.dumps({**settings, "hidden_size": -48}))
         else:
             (model_dir / "config.json").write_text("{not json")
     tree = tiny_tree(tmp_path / "run")
@@ -148,6 +162,66 @@ def test_unreachable_ray_address_fails_fast(config):
     out = cli("run", "-c", str(config), "--ray-address", "127.0.0.1:9")
     clean(out, 1, "cannot reach the Ray cluster at 127.0.0.1:9", "ray status", "drop --ray-address")
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.fixture
+def silent_port():
+    """A TCP port on 127.0.0.1 that accepts connections and never says a word (not Ray)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_port_that_answers_but_is_not_ray_fails_in_seconds(config, silent_port):
+    """Before: ray.init retried against it without bound (the subprocess timeout fails the test)."""
+    address = f"127.0.0.1:{silent_port}"
+    t0 = time.perf_counter()
+    out = cli("run", "sft.student", "-c", str(config), "--ray-address", address, timeout=120)
+    clean(out, 1, f"no Ray cluster at {address}", "accepts connections but does not answer",
+          "GCS port", "ray status", "drop --ray-address")
+    assert time.perf_counter() - t0 < 90
+    assert ": done" not in out.stdout
+
+
+def test_ray_address_local_is_an_embedded_ray(monkeypatch):
+    """RAY_ADDRESS=local (as Ray itself accepts) starts the private embedded instance; it was
+    refused as 'not host:port'. (ray.init is replaced: no Ray starts here.)"""
+    import ray
+
+    from distill_pipeline.config import RayCfg
+    from distill_pipeline.pipeline.raysetup import ensure_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for env, address in (("local", None), ("127.0.0.1:9", "local")):
+        monkeypatch.setenv("RAY_ADDRESS", env)
+        calls.clear()
+        assert ensure_ray(RayCfg(address=address, num_cpus=2)) is True  # the caller shuts it down
+        assert calls and calls[0]["address"] == "local" and calls[0]["num_cpus"] == 2, calls
 
 
 def test_run_dir_that_is_a_file(tmp_path):
@@ -351,3 +425,78 @@ def _stop_processes_mentioning(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ------------------------------------------------------------------ a data-parallel worker that dies
+
+def test_a_failed_data_parallel_node_is_one_message_and_a_saved_report(tmp_path):
+    """Ray Train's error for a killed worker (a failed health check whose cause is the actor's
+    death) and for workers that raised: one message naming the worker, what happened, the
+    checkpoint to resume from; Ray's whole report in a file beside the partial folder."""
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from distill_pipeline.pipeline.launch import WorkerFailed, _failure
+
+    out = tmp_path / ".partial" / "train-0123456789ab"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "loop.json").write_text(json.dumps({"step": 8, "epoch": 0}))
+    log = tmp_path / ".partial" / "train-0123456789ab.workers-failure.log"
+    killed = WorkerGroupError("rank 1 died …" + "\n   noise" * 50, {
+        0: RuntimeError("[gloo/pair.cc:537] Read error: Connection reset by peer"),
+        1: WorkerHealthCheckFailedError("A worker health check failed.", ActorDiedError())})
+    err = _failure(killed, out, log, workers=2)
+    assert isinstance(err, WorkerFailed) and "\n" not in str(err), str(err)
+    for words in ("worker rank 1 of 2 died", "killed or crashed", "the other workers stopped with it",
+                  f"last checkpoint (step 8) is in {out / 'checkpoint'}", "rerun the same command to resume",
+                  f"Ray's full report: {log}"):
+        assert words in str(err), str(err)
+    assert "gloo" not in str(err) and "noise" not in str(err)
+    assert "noise" in log.read_text() and "WorkerGroupError" in log.read_text()
+
+    raised = WorkerGroupError("…", {0: ArithmeticError("step 3 is not finite: loss nan"),
+                                    1: ArithmeticError("step 3 is not finite: loss nan")})
+    err = str(_failure(raised, tmp_path / "fresh", tmp_path / "fresh.log", workers=2))
+    assert "worker rank 0 of 2 raised ArithmeticError: step 3 is not finite: loss nan (and 1 more" in err, err
+    assert "No checkpoint was written yet" in err, err
+
+
+@pytest.mark.slow
+def test_a_killed_data_parallel_worker_is_one_message_not_rays_tracebacks(tmp_path):
+    """`kill -9` of a Ray Train worker after a checkpoint used to print ~180 lines of controller,
+    worker and Ray tracebacks before the error. Now: the error (node, that a worker died, the
+    checkpoint, rerun resumes) and nothing of Ray's; what Ray Train printed goes to a log file.
+    The resume itself is tests/invariants/test_data_parallel.py's."""
+    from tests.invariants.test_data_parallel import _checkpointed, _cmdline, _descendants
+
+    tree = tiny_tree(tmp_path / "run", method="sft")  # train reads sft.student only: no teachers
+    tree["train"] = {"lr": 1e-3, "max_steps": 400, "batch_size": 2, "checkpoint_every": 4, "workers": 2}
+    config = write_config(tmp_path / "c.yaml", tree)
+    clean(cli("run", "sft.student", "-c", str(config), "--no-ray"), 0, "sft.student: done")
+    proc = subprocess.Popen([sys.executable, "-m", "distill_pipeline.cli.main", "run", "train", "-c", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "DISTILL_PROGRESS": "0"}, start_new_session=True)
+    try:
+        deadline, victim, workers = time.time() + 240, None, []
+        while time.time() < deadline and proc.poll() is None:
+            if len(workers) < 2:
+                workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _cmdline(p)]
+            elif _checkpointed(tmp_path / "run" / ".partial") >= 4:
+                victim = workers[-1]
+                os.kill(victim, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        assert victim, "never saw a checkpoint and a training worker to kill"
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    clean(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 1, "train failed: WorkerFailed",
+          "of 2 died", "killed or crashed", "checkpoint (step", "rerun the same command to resume",
+          "partial output kept in")
+    assert len(err.splitlines()) <= 3 and "RayTrainWorker" not in err and "TrainController" not in err, err
+    assert "(raylet)" not in out + err and "Traceback" not in out + err, out + err
+    report = Path(re.search(r"Ray's full report: (\S+)", err).group(1))
+    assert "Traceback" in report.read_text() and "RayTrainWorker" in report.read_text()

@@ -99,3 +99,60 @@ def test_yaml_roundtrip_of_defaults(tiny_config):
     dumped = yaml.safe_dump(cfg.model_dump(mode="json"))
     again = load_config(write_config(tiny_config.parent / "again.yaml", yaml.safe_load(dumped)))
     assert again == cfg
+
+
+# ------------------------------------------------------------------ issue 18: refused or warned at load
+
+@pytest.mark.parametrize("where, text, needles", [
+    ("file", '{% for m in messages %}\n<|{{ m["role"] }|>{{ m["content"] }}<|end|>\n{% endfor %}\n',
+     ["data.chat_template", "broken.jinja", "line 2", "unexpected '}'", "fix the template"]),
+    ("inline", "{% for m in messages %}{{ m['content'] }}{% endfor",
+     ["data.chat_template", "the inline template", "line 1", "fix the template"]),
+    ("inline", "{{ messages | no_such_filter }}",
+     ["data.chat_template", "line 1", "No filter named 'no_such_filter'"]),
+])
+def test_a_chat_template_with_a_jinja_error_is_refused_at_load(tmp_path, where, text, needles):
+    """A broken template used to pass the preflight and fail inside the stage with a bare
+    TemplateSyntaxError naming neither the option nor the file."""
+    value = text
+    if where == "file":
+        value = str(tmp_path / "broken.jinja")
+        Path(value).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, lambda t: t["data"].update(chat_template=value))
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_chat_templates_that_transformers_compiles_are_accepted(tmp_path):
+    """The check compiles like transformers: its `{% generation %}` tag, loop controls, tojson."""
+    text = ("{% for m in messages %}{% if loop.index > 8 %}{% break %}{% endif %}"
+            "{% generation %}{{ m['content'] | tojson }}{% endgeneration %}<|end|>{% endfor %}")
+    (tmp_path / "ok.jinja").write_text(text)
+    for value in (text, str(tmp_path / "ok.jinja")):
+        cfg = _cfg(tmp_path, lambda t, v=value: t["data"].update(chat_template=v))
+        assert cfg.data.template() == text
+
+
+def test_gpu_memory_without_gpus_is_refused(tmp_path):
+    """`resources.gpu_memory_gb` is read only by the memory plan of a run that uses GPUs; with
+    `gpus: 0` it used to be ignored silently (the plan checked against RAM)."""
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, lambda t: t.update(resources={"gpu_memory_gb": 80}))
+    for needle in ("resources.gpu_memory_gb", "resources.gpus is 0", "RAM", "Set resources.gpus"):
+        assert needle in str(err.value), str(err.value)
+    assert _cfg(tmp_path, lambda t: t.update(resources={"gpus": 1, "gpu_memory_gb": 80})).resources.gpu_memory_gb == 80
+
+
+@pytest.mark.parametrize("section", ["sft.teacher", "sft.student", "teacher_dpo", "train"])
+def test_fsdp_with_one_worker_is_warned_about_in_every_training_section(tiny_config, section):
+    """One worker has nothing to shard over: the node trains unwrapped, as with ddp. A warning
+    naming the section (not an error: `--set <section>.workers=1` on a sharded config is fair)."""
+    from distill_pipeline.config import ignored_settings
+
+    warned = ignored_settings(load_config(tiny_config, [f"{section}.strategy=fsdp"]))
+    assert len(warned) == 1, warned
+    for needle in (f"{section}.strategy: fsdp has no effect", f"{section}.workers: 1", "2 or more"):
+        assert needle in warned[0], warned
+    assert ignored_settings(load_config(tiny_config, [f"{section}.strategy=fsdp", f"{section}.workers=2"])) == []
+    assert ignored_settings(load_config(tiny_config)) == []

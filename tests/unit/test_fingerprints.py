@@ -62,7 +62,8 @@ def perturb(path: str, value: Any, method: str, tmp) -> Any:
         "teacher_logits.logp_keep_bits": 4, "ray.address": "127.0.0.1:1",
         "run_dir": str(tmp / "other-run"), "teacher_logits.store": str(tmp / "other-store"),
         "data.chat_template": "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}",
-        "rollouts.max_model_len": 4096, "resources.gpu_memory_gb": 80.0,
+        "rollouts.max_model_len": 4096,
+        "resources.gpu_memory_gb": None,  # only valid beside resources.gpus > 0 (a config error alone)
         "teacher_logits.top_mass": 0.999,
         "teacher_logits.min_k": None,  # only valid beside top_mass (a config error alone)
     }

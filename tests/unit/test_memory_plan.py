@@ -140,3 +140,25 @@ def test_plan_command(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=os.environ)
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout and "needs about" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", -64), ("num_hidden_layers", 0),
+                                          ("vocab_size", 0), ("num_attention_heads", -1)])
+def test_plan_refuses_a_model_config_with_impossible_sizes(tmp_path, field, value):
+    """A negative hidden size used to crash `plan` ("unexpected RuntimeError … this is a bug");
+    zero layers planned an empty model and exited 0. Refused, naming the model and the field."""
+    import json
+
+    teacher = _llama_8b(tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    config[field] = value
+    (teacher / "config.json").write_text(json.dumps(config))
+    tree = tiny_tree(tmp_path / "run", method="dckd")
+    tree["models"]["teacher"] = {"name_or_path": str(teacher)}
+    cli = [sys.executable, "-m", "distill_pipeline.cli.main", "plan", "-c",
+           str(write_config(tmp_path / "c.yaml", tree))]
+    out = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT, timeout=120, env=os.environ)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"model '{teacher}'" in out.stderr and f"{field} is {value}" in out.stderr, out.stderr
+    assert str(teacher / "config.json") in out.stderr, out.stderr
+    assert "bug" not in out.stderr and "Traceback" not in out.stderr, out.stderr
