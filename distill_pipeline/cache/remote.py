@@ -39,7 +39,7 @@ from distill_pipeline.cache.format import SCHEMA_VERSION
 from distill_pipeline.cache.index import KEY_COLUMNS, FsspecIndexFiles
 from distill_pipeline.cache.segment import (CacheError, SegmentData, SegmentRejected, check_against_record,
                                             record_for, validate_segment_file, validate_segment_name)
-from distill_pipeline.cache.store import STORE_META, Store
+from distill_pipeline.cache.store import STORE_META, NoStore, Store
 from distill_pipeline.env import default_root
 
 REMOTE_SCHEMES = ("grpc://", "grpc+tls://")
@@ -142,9 +142,11 @@ class FsspecRemote:
                              "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from None
         if found is None:
             if not create:
-                raise CacheError(f"no teacher-logit cache at {self.url} (no store.json); check --store "
-                                 "or teacher_logits.store — `distill-pipeline run teacher_logits` or "
-                                 "`cache push` creates it")
+                raise NoStore(f"no teacher-logit cache at {self.url} (no store.json there); check "
+                                 "the URL in --store / teacher_logits.store (a mistyped one would start "
+                                 "an empty store and extract everything again) — to start a new shared "
+                                 f"store there, run `distill-pipeline cache init {self.url}`, or copy one "
+                                 f"in with `distill-pipeline cache push SRC {self.url}`")
             try:
                 self.fs.pipe_file(meta, json.dumps(STORE_META).encode())
             except Exception as exc:  # noqa: BLE001

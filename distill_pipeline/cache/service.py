@@ -42,7 +42,7 @@ from distill_pipeline.cache.flight import (ACTIONS, BUSY, DEFAULT_MAX_CONCURRENT
 from distill_pipeline.cache.reader import CacheReader
 from distill_pipeline.cache.segment import (CacheError, SegmentRejected, check_against_record, damage_advice,
                                             validate_segment_file, validate_segment_name)
-from distill_pipeline.cache.store import Store
+from distill_pipeline.cache.store import NoStore, Store
 
 SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long after SIGTERM
 log = logging.getLogger(__name__)
@@ -108,13 +108,13 @@ class CacheServer(fl.FlightServerBase):
                  tls_certificates: list[tuple[bytes, bytes]] | None = None,
                  max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES, max_files: int = MAX_FILES,
                  max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
-                 upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S):
+                 upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S, create: bool = False):
         if int(max_concurrent_uploads) < 1:
             raise CacheError(f"--max-concurrent-uploads must be at least 1, not {max_concurrent_uploads} "
                              "(to take no uploads at all, start the service without --token-file)")
         if not float(upload_wait_s) >= 0:
             raise CacheError(f"--upload-wait-s must be 0 or more seconds, not {upload_wait_s}")
-        self.store = Store(store_path)
+        self.store = Store(store_path, create=create)
         self.write_tokens, self.read_tokens = tuple(write_tokens), tuple(read_tokens)
         self.max_segment_bytes, self.max_files = int(max_segment_bytes), int(max_files)
         self.max_concurrent_uploads, self.upload_wait_s = int(max_concurrent_uploads), float(upload_wait_s)
@@ -484,9 +484,11 @@ def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
           tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
           max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
           max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
-          upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S, echo: Callable[[str], Any] = print) -> int:
+          upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S, create: bool = False,
+          echo: Callable[[str], Any] = print) -> int:
     """Serve `store_path` until SIGTERM/SIGINT; print one line `serving <store> at <url>` once it
-    listens; return 0 after a clean shutdown. Bad token or TLS files raise CacheError."""
+    listens; return 0 after a clean shutdown. Bad token or TLS files, and a store that does not
+    exist (unless `create`: a mistyped path would serve an empty store), raise CacheError."""
     write_tokens = read_tokens(token_file, "token file (--token-file)") if token_file else ()
     reads = read_tokens(read_token_file, "read-token file (--read-token-file)") if read_token_file else ()
     if bool(tls_cert) != bool(tls_key):
@@ -508,7 +510,10 @@ def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
     try:
         server = CacheServer(store_path, f"{scheme}://{where}:{int(port)}", write_tokens=write_tokens,
                              read_tokens=reads, tls_certificates=certs, max_segment_bytes=max_segment_bytes,
-                             max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s)
+                             max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s,
+                             create=create)
+    except NoStore as exc:  # a mistyped path would serve an empty store
+        raise NoStore(f"{exc}; or serve a new one with `cache serve --create`") from None
     except CacheError:
         raise
     except Exception as exc:  # noqa: BLE001 - ArrowException/OSError from binding or bad TLS files
@@ -551,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distill_pipeline.cache.service",
                                 description="Serve a teacher-logit cache store over Arrow Flight.")
     p.add_argument("--store", required=True, help="the local store to serve")
+    p.add_argument("--create", action="store_true", help="create the store if it does not exist")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     p.add_argument("--token-file", help="write tokens, one per line (without it: no writes)")
@@ -566,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(a.store, a.host, a.port, a.token_file, a.read_token_file, a.tls_cert, a.tls_key,
                      max_segment_bytes=a.max_segment_bytes, max_concurrent_uploads=a.max_concurrent_uploads,
-                     upload_wait_s=a.upload_wait_s)
+                     upload_wait_s=a.upload_wait_s, create=a.create)
     except CacheError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

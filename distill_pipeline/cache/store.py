@@ -54,6 +54,10 @@ from distill_pipeline.env import default_root
 STORE_META = {"schema_version": SCHEMA_VERSION, "kind": "distill-pipeline teacher-logit cache"}
 
 
+class NoStore(CacheError):
+    """No store where one was named (and creating one was not asked for)."""
+
+
 class CacheStore(Protocol):
     """What every store offers, whatever its backend (`Store` here, `remote.MirroredStore` for an
     object store or the cache service): what extraction, training, the service and the admin
@@ -142,9 +146,10 @@ class Store:
                                  "point teacher_logits.store / --store at a writable directory") from None
         else:
             where = "the directory does not exist" if not self.root.exists() else "no store.json in it"
-            raise CacheError(f"no teacher-logit cache at {self.root} ({where}); check --store, "
-                             "$DISTILL_CACHE_DIR or teacher_logits.store — `distill-pipeline run "
-                             "teacher_logits` creates the store")
+            raise NoStore(f"no teacher-logit cache at {self.root} ({where}); check --store, "
+                             "$DISTILL_CACHE_DIR or teacher_logits.store — to start an empty one there, "
+                             f"run `distill-pipeline cache init {self.root}` (a run's extraction also "
+                             "creates a local store)")
 
     def _mkdirs(self) -> None:
         try:

@@ -209,7 +209,10 @@ def cache_serve(store: Optional[str] = StoreOpt,
                                                            "plus its decoded arrays)"),
                 upload_wait_s: float = typer.Option(10.0, "--upload-wait-s", min=0.0,
                                                     help="how long an upload beyond that limit waits for a "
-                                                    "slot before it is refused as busy (clients retry)")):
+                                                    "slot before it is refused as busy (clients retry)"),
+                create: bool = typer.Option(False, "--create", help="create the store if it does not "
+                                            "exist (without it, a missing path is refused: a mistyped "
+                                            "one would serve an empty store)")):
     """Serve a local store over Arrow Flight (grpc://HOST:PORT) to other machines and teams:
     listing, key lookups, entries and segments by stream, verified uploads. Stops on SIGTERM."""
     from distill_pipeline.cache.remote import is_remote
@@ -226,8 +229,31 @@ def cache_serve(store: Optional[str] = StoreOpt,
     code = _cache_call(serve, store, host=host, port=port, token_file=token_file,
                        read_token_file=read_token_file, tls_cert=tls_cert, tls_key=tls_key,
                        max_segment_bytes=int(max_segment_mb * 1e6),
-                       max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s)
+                       max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s,
+                       create=create)
     raise typer.Exit(code)
+
+
+@cache_app.command("init")
+def cache_init(store: str = typer.Argument(..., help="where the new store goes: a path, s3://…")):
+    """Create an empty store. A run refuses a remote URL with no store there, and `cache serve` a
+    missing path (a mistyped one would silently start an empty store): create it here first."""
+    from distill_pipeline.cache.remote import REMOTE_SCHEMES, open_store
+    from distill_pipeline.cache.segment import CacheError
+    from distill_pipeline.cache.store import NoStore
+
+    if store.startswith(REMOTE_SCHEMES):
+        fail(f"{store} is a cache service: create its store on the server, with "
+             "`distill-pipeline cache serve --store PATH --create`", 2)
+    try:
+        open_store(store, create=False)
+    except NoStore:
+        created = _cache_call(open_store, store, create=True)
+        typer.echo(f"created an empty teacher-logit store at {created.url}")
+        return
+    except CacheError as exc:
+        fail(str(exc))
+    typer.echo(f"{store} is already a teacher-logit store: nothing changed")
 
 
 @cache_app.command("gc")

@@ -257,6 +257,10 @@ def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print, 
               if n.stage in ("sft", "import_model")}
     for name, spec in models.items():  # cheap file checks first: no weights, no hub retries
         echo(f"preflight: {name}: {check_model_spec(spec, template_given=template is not None)}")
+    for name in todo:  # what a stage checks of its own node (e.g. the store an extraction writes into)
+        check = get_stage(plan.node(name).stage).preflight
+        if check:
+            echo(f"preflight: {name}: {check(plan.node(name).view)}")
     seen: set[str] = set()
     for name in todo:
         node_view = plan.node(name).view

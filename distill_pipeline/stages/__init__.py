@@ -12,8 +12,10 @@ A stage owns
   publishes in its folder (the runner refuses to publish a folder that lacks one);
 - `run(view, inputs, out) -> summary`, and optionally `report(folder) -> str` (printed after it)
   and `check_output(folder) -> reason | None` (a published output that is no longer usable — an
-  extraction whose entries left the store — makes the node run again), and `describe(view)`
-  (what `status` says of a published node, e.g. an import's identity and path).
+  extraction whose entries left the store — makes the node run again), `describe(view)`
+  (what `status` says of a published node, e.g. an import's identity and path), and
+  `preflight(view) -> str` (checks of a node about to run that must pass before any compute —
+  e.g. that the store an extraction writes into exists — raising with the fix, else one line).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class Stage:
     check_output: Callable[[Path], str | None] | None = None
     # What `status` says of a published node instead of "up to date (<folder>)".
     describe: Callable[[Any], str] | None = None
+    # Checks before any compute for a node about to run: raises with the fix, else a line to print.
+    preflight: Callable[[Any], str] | None = None
 
 
 def get_stage(name: str) -> Stage:

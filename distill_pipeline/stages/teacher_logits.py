@@ -58,7 +58,7 @@ def sequences(view: TeacherLogitsView, inputs: dict, tok) -> list[tuple[list[int
 def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
     from distill_pipeline.cache.node import write_node_file
-    from distill_pipeline.cache.remote import open_store
+    from distill_pipeline.cache.remote import is_remote, open_store
     from distill_pipeline.models import load_ref_tokenizer, model_ref, ref_identity
 
     cfg, fmt = view.extraction, view.extraction.format
@@ -67,7 +67,7 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     identities = {role: ref_identity(ref) for role, ref in refs.items()}
     tok = load_ref_tokenizer(refs["teacher"])
     seqs = sequences(view, inputs, tok)
-    store = open_store(cfg.store)
+    store = open_store(cfg.store, create=not is_remote(cfg.store))  # a remote one: see preflight
     requests = [make_request(identities[role], p, r, fmt) for role in roles for p, r in seqs]
     stats = extract(requests, store, {identities[r]: ref for r, ref in refs.items()}, fmt,
                     num_workers=cfg.num_workers, batch_tokens=cfg.batch_tokens,
@@ -97,7 +97,21 @@ def check_output(folder: Path) -> str | None:
     return None
 
 
+def preflight(view: TeacherLogitsView) -> str:
+    """The store the extraction writes into: a local one is created if need be; a remote URL
+    must already hold a store (a mistyped URL would start an empty one and extract everything
+    again): refused with the URL and how to create it (`cache init URL`)."""
+    from distill_pipeline.cache.remote import is_remote, open_store
+
+    url = view.extraction.store
+    if not is_remote(url):
+        return f"teacher_logits.store: {url or 'the default local store'}"
+    open_store(url, create=False)  # NoStore: the URL and `cache init URL`
+    return f"teacher_logits.store: {url} (reachable, a teacher-logit store)"
+
+
 STAGE = Stage(version=1, kind="orchestrate", view=TeacherLogitsView,
               inputs={"teacher": "the DPO teacher", "reference": "the reference (SFT) teacher",
                       "rollouts": "the student's rollouts (source: rollouts)"},
-              outputs=("teachers.json", "keys.parquet"), run=run, check_output=check_output)
+              outputs=("teachers.json", "keys.parquet"), run=run, check_output=check_output,
+              preflight=preflight)
