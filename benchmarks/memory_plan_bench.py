@@ -5,13 +5,16 @@ estimate for the same model, batch and length, on models of a few sizes.
     python benchmarks/memory_plan_bench.py
 
 Prints one row per size: estimate, measured peak above the process's RSS before the model was
-built, and the error (estimate / measured - 1).
+built, and the error (estimate / measured - 1). The estimate goes through the product's own path:
+each size's `config.json` is written to a folder and `pipeline.memory.model_shape` counts its
+parameters on the meta device, as `distill-pipeline plan` does for a local model.
 """
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +26,19 @@ SIZES = [  # hidden, intermediate, layers, heads, vocab, batch, length
 ]
 
 
+def llama_config(hidden: int, inter: int, layers: int, heads: int, vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       tie_word_embeddings=False)
+
+
 def child(args: list[str]) -> None:
     import resource
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
     from distill_pipeline.losses import sft_nll
@@ -36,9 +47,7 @@ def child(args: list[str]) -> None:
     torch.set_num_threads(1)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                                         num_hidden_layers=layers, num_attention_heads=heads,
-                                         num_key_value_heads=heads, tie_word_embeddings=False))
+    model = LlamaForCausalLM(llama_config(hidden, inter, layers, heads, vocab))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (batch, length))
     loss = sft_nll(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
@@ -53,13 +62,16 @@ def main() -> None:
         child(sys.argv[2:])
         return
     sys.path.insert(0, str(ROOT))
-    from distill_pipeline.pipeline.memory import Shape, human, training
+    from distill_pipeline.config import ModelSpec
+    from distill_pipeline.pipeline.memory import human, model_shape, training
 
     rows = []
+    configs = Path(tempfile.mkdtemp(prefix="memory-plan-bench-"))
     for hidden, inter, layers, heads, vocab, batch, length in SIZES:
-        params = vocab * hidden * 2 + layers * (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) + hidden
-        shape = Shape(params=params, layers=layers, hidden=hidden, intermediate=inter, vocab=vocab,
-                      kv_hidden=hidden, bytes_per_param=4)
+        folder = configs / f"h{hidden}-l{layers}-v{vocab}"
+        llama_config(hidden, inter, layers, heads, vocab).save_pretrained(folder)  # config.json only
+        shape = model_shape(ModelSpec(name_or_path=str(folder)))  # the plan's own parameter count
+        params = shape.params
         est = sum(training(shape, batch, length).values())
         out = subprocess.run([sys.executable, __file__, "--child", *map(str, (hidden, inter, layers, heads, vocab,
                                                                               batch, length))],
