@@ -86,7 +86,7 @@ def node_store(folder: Any) -> str:
 def open_node(folder: Any) -> tuple[CacheReader, Any, dict[str, str]]:
     """(reader over the node's store, its CacheFormat, teacher identity by role)."""
     meta = _node_meta(folder)
-    return (CacheReader(meta["store"]), CacheFormat.from_json(meta["format"]),
+    return (CacheReader(meta["store"], keys=node_keys(folder)), CacheFormat.from_json(meta["format"]),
             {role: t["identity"] for role, t in meta["teachers"].items()})
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from distill_pipeline.cache.format import NewerFormat
 from distill_pipeline.cache.remote import open_store
@@ -28,14 +28,21 @@ class CacheReader:
     time this reader decodes it (so chunks that are intact but swapped or replaced are caught);
     any failure to read raises `CacheError` naming the segment, the entry and the fix."""
 
-    def __init__(self, store: CacheStore | str | os.PathLike | None, *, max_cached_bytes: int = 256 << 20):
-        """`store`: an open store, or how users name one (a path or URL, opened read-only)."""
+    def __init__(self, store: CacheStore | str | os.PathLike | None, *, keys: Iterable[str] | None = None,
+                 max_cached_bytes: int = 256 << 20):
+        """`store`: an open store, or how users name one (a path or URL, opened read-only).
+        `keys`: the entries it will be asked for, looked up in the store's index — what they touch,
+        whatever the store's size (a key asked for later is looked up then); without them the whole
+        index is read (every key of the store: for small stores and tools)."""
         self.store = open_store(store, create=False) if store is None or isinstance(store, (str, os.PathLike)) else store
         self.damaged: dict[str, str] = {}  # segments left out: their index cannot be read
-        idx = self.store.index(columns=["key", "offset", "n_tokens", "prompt_len", "checksum"],
-                               damaged=self.damaged).to_pydict()
-        self._where = {k: (s, o, n, p, c) for k, s, o, n, p, c in zip(
-            idx["key"], idx["segment"], idx["offset"], idx["n_tokens"], idx["prompt_len"], idx["checksum"])}
+        self._where: dict[str, tuple] = {}
+        self._by_key = keys is not None
+        if keys is None:
+            self._add(self.store.index(columns=["key", "offset", "n_tokens", "prompt_len", "checksum"],
+                                       damaged=self.damaged))
+        else:
+            self._add(self.store.lookup(keys))
         self._groups: dict[str, Any] = {}
         self._arrays: dict[tuple, Any] = {}
         self._formats: dict[str, Any] = {}
@@ -45,11 +52,23 @@ class CacheReader:
         self._verified: set[str] = set()  # keys whose data matched their checksum
         self._lock = threading.Lock()
 
+    def _add(self, rows) -> None:
+        idx = rows.to_pydict()
+        self._where.update({k: (s, o, n, p, c) for k, s, o, n, p, c in zip(
+            idx["key"], idx["segment"], idx["offset"], idx["n_tokens"], idx["prompt_len"], idx["checksum"])})
+
     def __contains__(self, key: str) -> bool:
+        if key not in self._where and self._by_key:
+            self._add(self.store.lookup([key]))
         return key in self._where
 
     def __len__(self) -> int:
         return len(self._where)
+
+    def describe(self, key: str) -> str:
+        """Where an entry lives, for messages: `cache segment <id> (entry <key>…) of <store>`."""
+        segment = self._where[key][0] if key in self._where else "?"
+        return f"cache segment {segment} (entry {key[:16]}…) of {self.store.url}"
 
     def _damage(self, segment: str, key: str | None, what: str) -> CacheError:
         entry = f", entry {key[:16]}…," if key else ""
@@ -154,7 +173,7 @@ class CacheReader:
         its own k are absent — log-prob −inf, ids distinct from its kept ones (`pad_slots`)."""
         import numpy as np
 
-        if key not in self._where:
+        if key not in self:  # (looked up now when the reader was opened for some keys)
             if self.damaged:
                 names = ", ".join(sorted(self.damaged)[:3]) + (" …" if len(self.damaged) > 3 else "")
                 raise CacheError(f"cache entry {key[:16]}… is not in {self.store.url}, which has "
@@ -268,3 +287,19 @@ def aligned_teacher_tensors(reader: CacheReader, rows: list[tuple[str, list[int]
         label[b, s] = torch.from_numpy(e["label_logp"])
         mask[b, s] = True
     return {"ids": ids, "logp": logp, "lse": lse, "label_logp": label, "mask": mask}
+
+
+def teacher_id_bounds(reader: CacheReader, rows: list[tuple[str, list[int], int]], ids: Any) -> dict:
+    """The smallest and the largest teacher id of one batch's (B, T, K) `ids`, each with the entry
+    it comes from (`reader.describe`), and the store: what the loss checks against the student's
+    vocabulary before it gathers with them (`batches.check_teacher_ids`), so an id the student
+    has no logit for is an error naming its segment, not a bare index error. One reduction of
+    the batch's ids on the CPU, in the prefetch thread."""
+    out: dict[str, Any] = {"store": reader.store.url}
+    if ids.numel():
+        flat = ids.flatten(1)  # (B, T·K)
+        hi, lo = flat.amax(1), flat.amin(1)  # (B,)
+        b, c = int(hi.argmax()), int(lo.argmin())
+        out["max"] = (int(hi[b]), reader.describe(rows[b][0]))
+        out["min"] = (int(lo[c]), reader.describe(rows[c][0]))
+    return out

@@ -121,8 +121,6 @@ class CacheServer(fl.FlightServerBase):
         self._upload_slots = threading.BoundedSemaphore(self.max_concurrent_uploads)
         self._locks: dict[str, list] = {}  # segment name → [lock, users]
         self._locks_guard = threading.Lock()
-        self._reader: tuple[tuple[str, ...], Any] | None = None
-        self._reader_lock = threading.Lock()
         self.stopping = False
         kwargs = {"tls_certificates": [fl.CertKeyPair(c, k) for c, k in tls_certificates]} if tls_certificates else {}
         super().__init__(location, middleware={"auth": _AuthFactory(self.write_tokens, self.read_tokens)},
@@ -248,14 +246,6 @@ class CacheServer(fl.FlightServerBase):
                                        "the `segments` action (`distill-pipeline cache ls --store URL`)",
                                        extra_info=b"not_found")
 
-    def _entry_reader(self):
-        """One CacheReader while the set of segments stays the same (opening one reads the index)."""
-        names = tuple(self.store.segment_names())
-        with self._reader_lock:
-            if self._reader is None or self._reader[0] != names:
-                self._reader = (names, CacheReader(self.store))
-            return self._reader[1]
-
     # ------------------------------------------------------------------ actions
 
     def list_actions(self, context):
@@ -359,7 +349,7 @@ class CacheServer(fl.FlightServerBase):
     def _entry_batches(self, keys: list[str], info: dict) -> Iterator[pa.RecordBatch]:
         """ENTRY_SCHEMA batches of the keys present (absent ones are left out: the caller sees
         which), each of ≤ PART_BYTES of ids and log-probs unless one entry alone is larger."""
-        reader = self._entry_reader()
+        reader = CacheReader(self.store, keys=keys)  # looks up these keys only, not the whole index
         rows, held, sent = [], 0, 0
         info["entries"] = f"0/{len(keys)}"
         for key in keys:
