@@ -79,7 +79,7 @@ class Batches:
     def build(self, idx: list[int]) -> dict:
         import torch
 
-        from distill_pipeline.cache.reader import aligned_teacher_tensors
+        from distill_pipeline.cache.reader import aligned_teacher_tensors, teacher_id_bounds
         from distill_pipeline.data.tokenize import collate
 
         chunk = [self.examples[i] for i in idx]
@@ -95,6 +95,8 @@ class Batches:
                         for p, r in zip(prompts, responses)]
                 entry[role] = aligned_teacher_tensors(self.cache.reader, rows, student[0].shape[1],
                                                       self.cache.fmt.top_k)
+                entry.setdefault("teacher_ids", {})[role] = teacher_id_bounds(self.cache.reader, rows,
+                                                                              entry[role]["ids"])
             batch[f.suffix] = entry
         for name in self.extras:
             batch[name] = torch.tensor([e[name] for e in chunk], dtype=torch.float32)  # (B,)
@@ -137,6 +139,27 @@ class Batches:
                     thread.join(timeout=0.05)
 
 
+def check_teacher_ids(bounds: dict | None, vocab: int, role: str) -> None:
+    """The teacher ids of a batch (`reader.teacher_id_bounds`, computed when it was built) within
+    the student's `vocab` logits, or a CacheError naming the entry, its segment and store, and
+    what to do — instead of the bare index error (or device-side assert) of the gather."""
+    from distill_pipeline.cache.segment import CacheError
+
+    if not bounds or "max" not in bounds:
+        return
+    (lo, lo_where), (hi, hi_where) = bounds["min"], bounds["max"]
+    if lo >= 0 and hi < vocab:
+        return
+    bad, where = (hi, hi_where) if hi >= vocab else (lo, lo_where)
+    store = bounds["store"]
+    raise CacheError(
+        f"teacher id {bad} in {where} ({role} teacher) is outside the student's vocabulary of {vocab} "
+        "tokens: the cache was extracted with a teacher whose vocabulary is not the student's, or the "
+        "segment is damaged. Distil only between models that share one tokenizer and vocabulary (check "
+        f"models.* in the config), and run `distill-pipeline cache verify --store {store}` (a damaged "
+        f"segment is then removed with `distill-pipeline cache gc --damaged --store {store}`)")
+
+
 def loss_fn_for(spec: LossSpec, options: dict) -> Callable[[Any, dict, dict], tuple[Any, dict]]:
     """`loss_fn(model, batch, norm)`: run the model on every field the loss reads and call the
     loss with its named inputs and `options`."""
@@ -149,6 +172,8 @@ def loss_fn_for(spec: LossSpec, options: dict) -> Callable[[Any, dict, dict], tu
             named[f"logits_{s}"] = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             named[f"labels_{s}"] = labels[:, 1:]
             for role in spec.teachers.get(s, ()):
+                check_teacher_ids(batch[s].get("teacher_ids", {}).get(role), named[f"logits_{s}"].shape[-1],
+                                  role)
                 for tensor, value in batch[s][role].items():
                     named[f"{prefixes[role]}_{tensor}_{s}"] = value
         for s in ("w", "l"):

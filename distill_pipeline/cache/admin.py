@@ -122,8 +122,41 @@ def info(store: Store, name: str | None = None) -> dict:
             "stale_segments": len(stale), "stale_entries": sum(stale.values()), "damaged": damaged}
 
 
-def check_segments(store: Store, *, deep: bool = True) -> list[SegmentCheck]:
-    return [check_segment(seg, deep=deep) for seg in segment_dirs(store)]
+def dangling_segments(store: Store) -> dict[str, list[str]]:
+    """Segments the store still records as published — a commit record under commits/, or their
+    own file under index/ — whose folder under segments/ is gone (deleted by hand, or lost): name
+    → what remains. Readers still look their entries up there, and fail. (Rows of a removed
+    segment in an index *pack* are normal: `remove_segment` leaves them, readers skip them.)
+    Without segments/ at all the store reads as empty (`missing_segments_note`): nothing is
+    looked up there, so nothing is reported."""
+    seg = store.root / "segments"
+    found: dict[str, list[str]] = {}
+    if not seg.is_dir():
+        return found
+    for folder, suffix in (("commits", ".json"), ("index", ".parquet")):
+        d = store.root / folder
+        for p in sorted(d.iterdir()) if d.is_dir() else []:
+            name = p.name[:-len(suffix)]
+            if (p.name.endswith(suffix) and not p.name.startswith((".", "packed-"))
+                    and not (seg / name).exists()):
+                found.setdefault(name, []).append(f"{folder}/{p.name}")
+    return found
+
+
+def dangling_check(store: Store, name: str, remains: list[str]) -> SegmentCheck:
+    check = SegmentCheck(name, store.root / "segments" / name)
+    check.problem(f"its folder segments/{name} is gone, but {' and '.join(remains)} still record it as "
+                  "published (readers look its entries up there and fail); `cache gc --damaged` drops "
+                  "the record, and the next extraction computes its entries again")
+    return check
+
+
+def check_segments(store: Store, *, deep: bool = True, dangling: bool = True) -> list[SegmentCheck]:
+    """Every segment folder checked, and (`dangling`) every segment recorded as published whose
+    folder is gone."""
+    gone = dangling_segments(store) if dangling else {}
+    return ([check_segment(seg, deep=deep) for seg in segment_dirs(store)]
+            + [dangling_check(store, name, remains) for name, remains in gone.items()])
 
 
 def verify(store: Store) -> tuple[int, list[str]]:
@@ -286,6 +319,12 @@ def gc_local(store: Store, *, older_than_s: float = 3600, drop_teacher: str | No
             report.removed.append(f"segments/{seg.name} ({why})")
             if not dry_run:
                 store.remove_segment(seg.name)
+    if damaged:  # records of segments whose folder is gone: their entries count as absent again
+        for name, remains in dangling_segments(store).items():
+            report.damaged[name] = dangling_check(store, name, remains).problems
+            report.removed.append(f"{' and '.join(remains)} (segment folder gone)")
+            if not dry_run:
+                store.remove_segment(name)
     return report
 
 
@@ -435,7 +474,8 @@ def verify_all(store: str | None, run_dir: Path | None = None) -> Verification:
         for text in seen.failures():
             v.add("problem", text)
         v.problems += len(seen.fetch_failures)
-        checks = check_segments(seen.store)
+        # a mirror's record without its folder is not damage: the segment is fetched again on use
+        checks = check_segments(seen.store, dangling=not isinstance(opened, MirroredStore))
         for c in checks:
             v.checked += len(c.index or [])
             for p in c.problems:

@@ -227,7 +227,7 @@ class Extractor:
                                 entries, vocab)
         manifest = {"schema_version": SCHEMA_VERSION, "identity_version": IDENTITY_VERSION,
                     "teacher": unit.teacher, "format": self.fmt.to_json(),
-                    "n_entries": len(entries), "n_tokens": offset,
+                    "n_entries": len(entries), "n_tokens": offset, "vocab_size": int(vocab),
                     **({"n_slots": int(len(data.ids))} if self.fmt.adaptive else {}),
                     "reconstruction_kl": kl, "versions": package_versions()}
         published = self.store.publish(unit.id, data, manifest)

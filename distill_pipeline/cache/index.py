@@ -44,6 +44,7 @@ class IndexFiles(Protocol):
     `<pp>/pack-….arrow`)."""
 
     def names(self, sub: str = "") -> list[str]: ...          # files directly in index/<sub>
+    def listing(self) -> dict[str, list[str]]: ...            # every file: folder ("" or <pp>) → names
     def read(self, names: list[str]) -> dict[str, bytes]: ...   # those still there
     def open(self, name: str) -> Any: ...                       # random access (FileNotFoundError)
     def write(self, name: str, data: bytes) -> None: ...        # whole or not at all
@@ -64,6 +65,16 @@ class LocalIndexFiles:
                     if e.is_file() and not e.name.startswith(".")]
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def listing(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"": self.names()}
+        try:
+            subs = [e.name for e in os.scandir(self.folder) if e.is_dir()]
+        except FileNotFoundError:
+            return out
+        for sub in subs:
+            out[sub] = self.names(sub)
+        return out
 
     def read(self, names: list[str]) -> dict[str, bytes]:
         out = {}
@@ -96,6 +107,7 @@ class FsspecIndexFiles:
 
     def __init__(self, fs: Any, folder: str):
         self.fs, self.folder = fs, folder
+        self._sizes: dict[str, int] = {}  # from the last listing
 
     def _path(self, name: str) -> str:
         return f"{self.folder}/{name}"
@@ -113,6 +125,24 @@ class FsspecIndexFiles:
             out.append(f"{sub}/{name}" if sub else name)
         return out
 
+    def listing(self) -> dict[str, list[str]]:
+        """One recursive listing (one request, paginated), not one per partition; it also notes
+        each file's size for `open`."""
+        try:
+            found = self.fs.find(self.folder, detail=True)
+        except FileNotFoundError:
+            return {"": []}
+        out: dict[str, list[str]] = {"": []}
+        prefix = self.folder.rstrip("/") + "/"
+        for path, info in found.items():
+            rel = str(path).split(prefix, 1)[-1]
+            sub, _, name = rel.rpartition("/")
+            if name.startswith("."):
+                continue
+            out.setdefault(sub, []).append(rel)
+            self._sizes[rel] = int(info.get("size") or 0)
+        return out
+
     def read(self, names: list[str]) -> dict[str, bytes]:
         paths = {self._path(n): n for n in names}
         data = self.fs.cat(list(paths), on_error="omit") if paths else {}
@@ -120,7 +150,10 @@ class FsspecIndexFiles:
                 if p in data and not isinstance(data[p], Exception)}
 
     def open(self, name: str):
-        return self.fs.open(self._path(name), "rb", cache_type="readahead", block_size=1 << 16)
+        # a pack of a few MB in one request; a larger one by range requests of the batches read
+        whole = 0 < self._sizes.get(name, 1 << 62) <= 8 << 20
+        return self.fs.open(self._path(name), "rb", cache_type="all" if whole else "readahead",
+                            block_size=1 << 16)
 
     def write(self, name: str, data: bytes) -> None:
         self.fs.pipe_file(self._path(name), data)
@@ -254,15 +287,18 @@ def _pack_batches(files: IndexFiles, name: str, wanted: list[str] | None) -> lis
         source.close()
 
 
-def _partition_batches(files: IndexFiles, part: str, wanted: list[str] | None) -> list[Any]:
-    """The batches (of `wanted`, or all) of every pack of one partition, oldest pack first.
-    A pack merged away between the listing and its reading is made up for by listing again: a
-    merge writes its pack before it removes the ones it replaces, so the rows are in a pack the
-    new listing holds."""
+def _partition_batches(files: IndexFiles, part: str, wanted: list[str] | None,
+                       listed: list[str] | None = None) -> list[Any]:
+    """The batches (of `wanted`, or all) of every pack of one partition, oldest pack first
+    (`listed`: the partition's files from a listing just made). A pack merged away between the
+    listing and its reading is made up for by listing again: a merge writes its pack before it
+    removes the ones it replaces, so the rows are in a pack the new listing holds."""
     read: dict[str, list[Any]] = {}
-    for _ in range(100):
+    for attempt in range(100):
         gone = False
-        for name in _packs(files, part):
+        names = (sorted((n for n in listed if n.endswith(".arrow")), key=_pack_time)
+                 if attempt == 0 and listed is not None else _packs(files, part))
+        for name in names:
             if name not in read:
                 batches = _pack_batches(files, name, wanted)
                 if batches is None:
@@ -299,8 +335,9 @@ def lookup(files: IndexFiles, keys: Iterable[str], live: Callable[[Collection[st
     by_part: dict[str, list[str]] = {}
     for k in wanted:
         by_part.setdefault(partition(k), []).append(k)
+    listing = files.listing()  # after the loose files were read (see above): one listing
     for part, ks in sorted(by_part.items()):
-        batches = _partition_batches(files, part, ks)
+        batches = _partition_batches(files, part, ks, listing.get(part, []))
         if batches:
             table = pa.Table.from_batches(batches)
             hit = table.filter(pc.is_in(table.column("key"), value_set=pa.array(ks, pa.string())))

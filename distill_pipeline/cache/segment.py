@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,121 @@ def segment_format(attrs: dict) -> CacheFormat:
     return CacheFormat.from_manifest(attrs)
 
 
+# ---------------------------------------------------------------------------- array layout
+
+def chunk_shape(shape: tuple, *, flat: bool = False) -> tuple:
+    """The chunk shape `write_segment` gives an array of `shape`: CHUNK_ROWS rows (FLAT_CHUNK slots
+    for an adaptive-K segment's flat ids/logp, `flat`), fewer when the array is shorter, and the
+    whole of every other dimension. Verification accepts exactly this shape and nothing else."""
+    return (max(1, min(FLAT_CHUNK if flat else CHUNK_ROWS, int(shape[0]))),) + tuple(int(d) for d in shape[1:])
+
+
+def array_layout(fmt: CacheFormat, n_tokens: int, n_slots: int | None = None) -> dict[str, tuple]:
+    """Every array a segment of this format and size holds: name → (shape, zarr data type, chunk
+    shape). Fixed K: ids/logp (N, K); adaptive K: flat (n_slots,) and counts (N,)."""
+    slots = (n_slots,) if fmt.adaptive else (n_tokens, fmt.top_k)
+    bits = "uint32" if fmt.dtype == "float32" else "uint16"
+    out = {"ids": (slots, "int32"), "logp": (slots, bits),
+           "lse": ((n_tokens,), "float32"), "label_logp": ((n_tokens,), "float32")}
+    if fmt.adaptive:
+        out["counts"] = ((n_tokens,), "uint16")
+    return {name: (shape, dtype, chunk_shape(shape, flat=fmt.adaptive and name in ("ids", "logp")))
+            for name, (shape, dtype) in out.items()}
+
+
+_ITEMSIZE = {"int32": 4, "uint32": 4, "float32": 4, "uint16": 2}
+_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def _codecs_problem(codecs: Any, name: str, dtype: str) -> str | None:
+    """The codec chain `write_segment` writes, and nothing else: [numcodecs.delta of the array's
+    own dtype (logp only)], bytes (little-endian), blosc zstd of the array's item size, crc32c.
+    So decoding a chunk allocates what its chunk shape holds (blosc's header is checked against
+    it before a chunk is decoded: `chunk_header_problem`) and no codec can expand it further."""
+    if not isinstance(codecs, list) or not all(isinstance(c, dict) for c in codecs):
+        return f"has codecs {str(codecs)[:80]}, not a list of codecs"
+    want = ["numcodecs.delta"] if name == "logp" else []
+    want += ["bytes", "blosc", "crc32c"]
+    names = [c.get("name") for c in codecs]
+    if names != want:
+        return f"has codecs {names}, not the ones a segment is written with ({want})"
+    conf = [c.get("configuration") or {} for c in codecs]
+    item = _ITEMSIZE[dtype]
+    if name == "logp":
+        delta = f"<u{item}"
+        if conf[0].get("dtype") != delta or conf[0].get("astype", delta) != delta or set(conf[0]) - {"dtype", "astype"}:
+            return f"has a delta filter {conf[0]}, not one over its own dtype {delta}"
+        conf = conf[1:]
+    if conf[0] != {"endian": "little"}:
+        return f"has a bytes codec {conf[0]}, not a little-endian one"
+    blosc = conf[1]
+    if (blosc.get("cname") != "zstd" or blosc.get("typesize") != item or blosc.get("shuffle") not in _SHUFFLES
+            or type(blosc.get("clevel")) is not int or not 0 <= blosc["clevel"] <= 9
+            or type(blosc.get("blocksize", 0)) is not int or blosc.get("blocksize", 0) < 0
+            or set(blosc) - {"cname", "clevel", "shuffle", "typesize", "blocksize"}):
+        return f"has a blosc codec {str(blosc)[:120]}, not zstd over {item}-byte items"
+    if conf[2]:
+        return f"has a crc32c codec with a configuration {str(conf[2])[:80]}"
+    return None
+
+
+def array_meta_problem(meta: Any, name: str, shape: tuple, dtype: str, chunks: tuple) -> str | None:
+    """What is wrong with an array's zarr.json (parsed, never handed to zarr before this passes),
+    given the shape, data type and chunk shape the manifest implies (`array_layout`), or None."""
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        return "has a zarr.json that is not a zarr v3 array's"
+    if not _ints(meta.get("shape")) or tuple(meta["shape"]) != tuple(shape):
+        return f"has shape {str(meta.get('shape'))[:80]}, the manifest implies {list(shape)}"
+    if meta.get("data_type") != dtype:
+        return f"has data type {str(meta.get('data_type'))[:40]}, a segment stores {name} as {dtype}"
+    grid = meta.get("chunk_grid")
+    declared = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    if (not isinstance(grid, dict) or grid.get("name") != "regular" or not _ints(declared)
+            or tuple(declared) != tuple(chunks)):
+        return (f"declares chunks {str(declared if declared is not None else grid)[:80]}, an array of shape "
+                f"{list(shape)} is written in chunks {list(chunks)}")
+    enc = meta.get("chunk_key_encoding")
+    separator = (enc.get("configuration") or {}).get("separator", "/") if isinstance(enc, dict) else None
+    if not isinstance(enc, dict) or enc.get("name") != "default" or separator != "/":
+        return f"has chunk key encoding {str(enc)[:80]}, not the default one (separator '/')"
+    if meta.get("storage_transformers") not in (None, []):
+        return "declares storage transformers (a segment has none)"
+    return _codecs_problem(meta.get("codecs"), name, dtype)
+
+
+def chunk_keys(shape: tuple, chunks: tuple) -> list[str]:
+    """The chunk files of an array whose chunks span every dimension but the first."""
+    n = -(-int(shape[0]) // int(chunks[0])) if shape[0] else 0
+    tail = "/0" * (len(shape) - 1)
+    return [f"c/{i}{tail}" for i in range(n)]
+
+
+def chunk_header_problem(path: Path, nbytes: int) -> str | None:
+    """A chunk file is a blosc frame and its CRC32C (4 bytes). Blosc allocates what its 16-byte
+    header declares, so before a chunk is decoded that header must declare exactly the chunk's
+    `nbytes` (its shape × item size) and the compressed size the file holds."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        return f"cannot be read ({_why(exc)})"
+    if len(head) < 16:
+        return f"is {size} bytes, too short for a compressed chunk (truncated)"
+    declared, block, cbytes = struct.unpack_from("<III", head, 4)
+    if declared != nbytes:
+        return f"declares {declared} decoded bytes, its chunk shape holds {nbytes}"
+    if cbytes != size - 4:
+        return f"declares {cbytes} compressed bytes, the file holds {size - 4} (truncated or padded)"
+    if not 0 < block <= nbytes:
+        return f"declares blocks of {block} bytes for {nbytes} bytes"
+    return None
+
+
 # ---------------------------------------------------------------------------- commit records
 
 def sha256_bytes(data: bytes) -> str:
@@ -139,13 +255,20 @@ def check_offered(name: str, files: dict[str, Any], *, max_bytes: int | None = N
     for required in ("zarr.json", "index.parquet"):
         if required not in files:
             raise SegmentRejected(f"segment {name}: {required} is missing")
+    # every entry holds a 64-hex-digit key and a 32-hex-digit checksum, which no encoding shrinks
+    # much: an index claiming more rows than that is not what its bytes can hold
+    max_rows = total // 32 + 1024
     try:
         meta = pq.read_metadata(pa.BufferReader(files["index.parquet"]))
-        if meta.num_rows > 10_000_000:
-            raise SegmentRejected(f"segment {name}: index.parquet claims {meta.num_rows} rows")
-        keys = pq.read_table(pa.BufferReader(files["index.parquet"]), columns=["key"]).column("key").to_pylist()
+        if meta.num_rows > max_rows:
+            raise SegmentRejected(f"segment {name}: index.parquet claims {meta.num_rows} rows, more than "
+                                  f"{total} bytes of upload can hold ({max_rows})")
+        keys = pq.read_table(pa.BufferReader(files["index.parquet"]), columns=["key"]).column("key")
+        if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)) or keys.null_count:
+            raise ValueError(f"its key column is {keys.type} with {keys.null_count} null(s), not strings")
+        keys = keys.to_pylist()
         manifest = json.loads(files["zarr.json"]).get("attributes", {})
-        n_tokens, top_k = int(manifest["n_tokens"]), int(manifest["format"]["top_k"])
+        n_tokens, top_k = int(manifest["n_tokens"]), segment_format(manifest).top_k
     except SegmentRejected:
         raise
     except Exception as exc:  # noqa: BLE001 - unparsable index or manifest
@@ -155,7 +278,7 @@ def check_offered(name: str, files: dict[str, Any], *, max_bytes: int | None = N
         raise SegmentRejected(f"segment id {name} is not the hash of its entries' keys "
                               f"({segment_id(keys)}); segments are named by their content")
     decoded = n_tokens * (top_k * 8 + 10)
-    if decoded > 64 * total + (1 << 20):
+    if n_tokens < 0 or top_k < 1 or decoded > 64 * total + (1 << 20):
         raise SegmentRejected(f"segment {name}: its manifest declares {n_tokens} tokens x K={top_k} "
                               f"({decoded} bytes decoded), more than {total} bytes of upload can hold")
     return total
@@ -199,20 +322,17 @@ def write_segment(folder: Path, data: SegmentData, manifest: dict) -> None:
     from zarr.codecs.numcodecs import Delta
 
     group = zarr.open_group(str(folder), mode="w", attributes=manifest)
-    n = len(data.lse)
-    rows = max(1, min(CHUNK_ROWS, n))
-    if data.counts is None:
-        slot_chunks = (rows, data.ids.shape[1])
-    else:  # ragged: a token's slots follow each other in flat arrays
-        slot_chunks = (max(1, min(FLAT_CHUNK, len(data.ids))),)
+    flat = data.counts is not None  # ragged: a token's slots follow each other in flat arrays
+    rows = chunk_shape(data.lse.shape)
+    slot_chunks = chunk_shape(data.ids.shape, flat=flat)
     specs = {
         "ids": (data.ids, [], slot_chunks),
         "logp": (data.logp_bits, [Delta(dtype=data.logp_bits.dtype.str)], slot_chunks),
-        "lse": (data.lse, [], (rows,)),
-        "label_logp": (data.label_logp, [], (rows,)),
+        "lse": (data.lse, [], rows),
+        "label_logp": (data.label_logp, [], rows),
     }
     if data.counts is not None:
-        specs["counts"] = (data.counts, [], (rows,))
+        specs["counts"] = (data.counts, [], rows)
     for name, (arr, filters, chunks) in specs.items():
         # one blosc block per chunk: zstd sees the whole chunk (ids 103.1 → 102.4 B/token on
         # the synthetic sample, within 5% of their order-0 entropy; benchmarks/id_coding_bench.py)
@@ -266,41 +386,106 @@ class SegmentCheck:
 
 
 def read_array(check: SegmentCheck, group: Any, name: str):
-    """One array decoded chunk by chunk (so a bad chunk is named), or None (problem recorded)."""
+    """One array decoded chunk by chunk (so a bad chunk is named), or None (problem recorded).
+    Call it on an array `check_segment` found as the manifest implies (its chunks span every
+    dimension but the first): each chunk file's blosc header is checked against the chunk's shape
+    before the chunk is decoded (`chunk_header_problem`), so decoding allocates what the checked
+    metadata says, never what a chunk file claims."""
     import numpy as np
 
     try:
         arr = group[name]
         rows = arr.chunks[0]
+        nbytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
     except Exception as exc:  # noqa: BLE001
         check.problem(f"array {name} missing or unreadable: {_why(exc)}")
         return None
     parts = []
-    for c in range(0, arr.shape[0], rows):
+    tail = "/0" * (len(arr.shape) - 1)
+    for i, c in enumerate(range(0, arr.shape[0], rows)):
+        where = f"array {name} chunk {i} (rows {c}–{min(c + rows, arr.shape[0]) - 1})"
+        bad = chunk_header_problem(check.path / name / f"c/{i}{tail}", nbytes)
+        if bad:
+            check.problem(f"{where} is corrupt: it {bad}")
+            return None
         try:
             parts.append(arr[c:c + rows])
         except Exception as exc:  # noqa: BLE001 - CRC32C mismatch, bad compressed data, …
-            check.problem(f"array {name} chunk {c // rows} (rows {c}–{min(c + rows, arr.shape[0]) - 1}) "
-                          f"is corrupt: {_why(exc)}")
+            check.problem(f"{where} is corrupt: {_why(exc)}")
             return None
     return np.concatenate(parts) if parts else np.zeros((0,) + tuple(arr.shape[1:]), arr.dtype)
 
 
+ARRAYS = FIELDS + ("counts",)
+ID_LIMIT = 2 ** 31  # ids are int32: without a recorded vocabulary, the only bound there is
+
+
+def _count(manifest: dict, key: str) -> int:
+    value = manifest[key]
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{key} {str(value)[:40]!r} is not a count")
+    return value
+
+
 def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
     """Cheap checks (always): manifest readable with a format and counts, index readable with its
-    columns, entries tiling the arrays, array shapes as the manifest says. Deep (verify): also
-    decode every chunk (CRC32C) and check every key and per-entry checksum."""
+    columns, entries tiling the arrays, and every array's zarr.json exactly what the manifest
+    implies — shape, data type, chunk shape, codecs (`array_layout`, `array_meta_problem`) — with
+    every chunk file there and no other; all before zarr reads any of it, so nothing a segment
+    declares makes decoding allocate more than its manifest's sizes (which `check_offered` bounds
+    by the bytes of an upload). Deep (verify): also decode every chunk (its blosc header checked
+    first, then its CRC32C), check every key and per-entry checksum, and the values: ids in
+    [0, vocab_size), log-probs finite, sorted descending and ≤ 0, lse and the label log-prob
+    finite (the label's ≤ 0), adaptive counts in [min_k, top_k]."""
+    check = SegmentCheck(seg.name, seg)
+    try:
+        _check_segment(check, seg, deep)
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile segment provokes is damage, not a crash
+        check.problem(f"cannot be checked: {_why(exc)}")
+    return check
+
+
+_INDEX_TYPES = {"key": "string", "teacher": "string", "offset": "integer", "n_tokens": "integer",
+                "prompt_len": "integer", "token_ids": "list<int32>", "checksum": "string"}
+
+
+def index_problem(table: Any) -> str | None:
+    """An index.parquet's columns of the types `write_segment` writes, without nulls, or why not."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name, kind in _INDEX_TYPES.items():
+        col = table.column(name)
+        t = col.type
+        ok = (pa.types.is_string(t) or pa.types.is_large_string(t) if kind == "string" else
+              pa.types.is_integer(t) if kind == "integer" else
+              (pa.types.is_list(t) or pa.types.is_large_list(t)) and t.value_type == pa.int32())
+        if not ok:
+            return f"column {name} is {t}, not {kind}"
+        if col.null_count or (kind.startswith("list") and pc.list_flatten(col).null_count):
+            return f"column {name} has nulls"
+    return None
+
+
+def _check_segment(check: SegmentCheck, seg: Path, deep: bool) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    check = SegmentCheck(seg.name, seg)
     if not (seg / "index.parquet").exists():
         check.problem("no index.parquet (incomplete segment; `cache gc` removes it)")
-        return check
+        return
+    n_tokens = n_entries = 0
     try:
-        check.manifest = read_manifest(seg)
+        group_meta = json.loads((seg / "zarr.json").read_text())
+        if not isinstance(group_meta, dict) or group_meta.get("node_type") != "group" \
+                or not isinstance(group_meta.get("attributes", {}), dict):
+            raise ValueError("not a zarr group with attributes")
+        if group_meta.get("consolidated_metadata") is not None:  # zarr would read arrays' metadata from it
+            raise ValueError("it holds consolidated metadata; a segment's arrays are described by their "
+                             "own zarr.json only")
+        check.manifest = group_meta.get("attributes", {})
         check.fmt = segment_format(check.manifest)
-        n_tokens, n_entries = int(check.manifest["n_tokens"]), int(check.manifest["n_entries"])
+        n_tokens, n_entries = _count(check.manifest, "n_tokens"), _count(check.manifest, "n_entries")
     except FileNotFoundError:
         check.problem("zarr.json (the segment manifest) is missing")
     except NewerFormat as exc:
@@ -309,12 +494,22 @@ def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
     except Exception as exc:  # noqa: BLE001 - bad JSON, missing fields
         check.problem(f"zarr.json (the segment manifest) is unreadable: {_why(exc)}")
     try:
-        check.index = pq.read_table(seg / "index.parquet", columns=INDEX_COLUMNS).to_pylist()
+        table = pq.read_table(seg / "index.parquet", columns=INDEX_COLUMNS)
+        bad = index_problem(table)
+        if bad:
+            raise ValueError(bad)
+        check.index = table.to_pylist()
     except Exception as exc:  # noqa: BLE001 - truncated (ArrowInvalid), missing columns
         check.problem(f"index.parquet is unreadable (truncated or corrupt): {_why(exc)}")
     if check.problems:
-        return check
+        return
     index, fmt = check.index, check.fmt
+    # Segments written before the manifest recorded the teacher's vocabulary have no vocab_size:
+    # their ids can only be checked to be ≥ 0 (and < 2**31, which int32 storage guarantees).
+    vocab = check.manifest.get("vocab_size")
+    if vocab is not None and (type(vocab) is not int or not fmt.top_k <= vocab < ID_LIMIT):
+        check.problem(f"manifest vocab_size {str(vocab)[:40]!r} is not an integer in [top_k={fmt.top_k}, 2**31)")
+        return
     if len(index) != n_entries:
         check.problem(f"index.parquet has {len(index)} entries, manifest says {n_entries}")
     expected_offset = 0
@@ -330,80 +525,114 @@ def check_segment(seg: Path, *, deep: bool = True) -> SegmentCheck:
             check.problem(f"{where}: key does not match its teacher/tokens/K/dtype")
     if expected_offset != n_tokens:
         check.problem(f"entries cover {expected_offset} rows of {n_tokens}")
-    try:
-        import zarr
-
-        group = zarr.open_group(str(seg), mode="r")
-    except Exception as exc:  # noqa: BLE001
-        check.problem(f"zarr group cannot be opened: {_why(exc)}")
-        return check
-    arrays = {}
     n_slots = None
     if fmt.adaptive:
         try:
-            n_slots = int(check.manifest["n_slots"])
+            n_slots = _count(check.manifest, "n_slots")
         except Exception as exc:  # noqa: BLE001 - missing or not a number
             check.problem(f"adaptive-K segment without a readable n_slots in its manifest: {_why(exc)}")
-            return check
+            return
         if not n_tokens * fmt.min_k <= n_slots <= n_tokens * fmt.top_k:
             check.problem(f"manifest n_slots {n_slots} is outside [{n_tokens * fmt.min_k}, "
                           f"{n_tokens * fmt.top_k}] for {n_tokens} tokens of k in [{fmt.min_k}, {fmt.top_k}]")
-    for name in FIELDS + (("counts",) if fmt.adaptive else ()):
+            return
+    layout = array_layout(fmt, n_tokens, n_slots)
+    for name in ARRAYS:
+        if name not in layout and (seg / name).exists():
+            check.problem(f"array {name} is not part of a {'fixed' if not fmt.adaptive else 'adaptive'}-K segment")
+    for name, (shape, dtype, chunks) in layout.items():
+        folder = seg / name
         try:
-            arr = arrays[name] = group[name]
-        except Exception as exc:  # noqa: BLE001
-            check.problem(f"array {name} missing or unreadable: {_why(exc)}")
+            meta = json.loads((folder / "zarr.json").read_bytes())
+        except FileNotFoundError:
+            check.problem(f"array {name} missing or unreadable: no {name}/zarr.json")
             continue
-        if name in ("ids", "logp") and fmt.adaptive:
-            if tuple(arr.shape) != (n_slots,):
-                check.problem(f"array {name} has shape {tuple(arr.shape)}, manifest says ({n_slots},) "
-                              "slots (adaptive K: flat)")
-        elif arr.shape[0] != n_tokens:
-            check.problem(f"array {name} has {arr.shape[0]} rows, manifest says {n_tokens}")
-        if name in ("ids", "logp") and not fmt.adaptive and tuple(arr.shape[1:]) != (fmt.top_k,):
-            check.problem(f"array {name} has K={tuple(arr.shape[1:])} but manifest top_k={fmt.top_k}")
-        # zarr reads a missing chunk file as zeros: every chunk must be there
-        expected = -(-arr.shape[0] // arr.chunks[0]) if arr.shape[0] else 0
-        present = sum(1 for f in (seg / name / "c").rglob("*") if f.is_file()) if (seg / name / "c").is_dir() else 0
+        except Exception as exc:  # noqa: BLE001 - not JSON
+            check.problem(f"array {name} missing or unreadable: {name}/zarr.json is not JSON ({_why(exc)})")
+            continue
+        bad = array_meta_problem(meta, name, shape, dtype, chunks)
+        if bad:
+            check.problem(f"array {name} {bad}")
+            continue
+        # zarr reads a missing chunk file as zeros: every chunk must be there, and nothing else
+        expected = set(chunk_keys(shape, chunks))
+        present = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if not f.is_dir()} - {"zarr.json"}
         if present != expected:
-            check.problem(f"array {name} has {present} chunk file(s), its shape needs {expected}")
-    if check.problems:  # decode nothing whose shape or tiling is already wrong (sizes are untrusted)
-        return check
-    if deep:
-        for name, arr in arrays.items():
-            data = read_array(check, group, name)
-            if data is not None:
-                check.arrays[name] = data
-    if not deep or len(check.arrays) != len(arrays) or check.damaged:
-        return check
+            missing, extra = sorted(expected - present), sorted(present - expected)
+            check.problem(f"array {name} has {len(present)} chunk file(s), its shape needs {len(expected)}"
+                          + (f" (missing {', '.join(missing[:3])})" if missing else "")
+                          + (f" (unexpected {', '.join(extra[:3])})" if extra else ""))
+    if check.problems:  # decode nothing whose metadata or tiling is already wrong (sizes are untrusted)
+        return
+    try:
+        import zarr
+
+        group = zarr.open_group(str(seg), mode="r", use_consolidated=False)
+    except Exception as exc:  # noqa: BLE001
+        check.problem(f"zarr group cannot be opened: {_why(exc)}")
+        return
+    if not deep:
+        return
+    for name in layout:
+        data = read_array(check, group, name)
+        if data is None:
+            return
+        check.arrays[name] = data
     a = check.arrays
     starts = None
     if fmt.adaptive:
         counts = a["counts"].astype(np.int64)
         if len(counts) and (counts.min() < fmt.min_k or counts.max() > fmt.top_k):
             check.problem(f"counts outside [{fmt.min_k}, {fmt.top_k}] (min {counts.min()}, max {counts.max()})")
-            return check
+            return
         if int(counts.sum()) != n_slots:
             check.problem(f"counts add up to {int(counts.sum())} slots, manifest says {n_slots}")
-            return check
+            return
         starts = np.concatenate([[0], np.cumsum(counts)])
+    limit = vocab if vocab is not None else ID_LIMIT
     for i, row in enumerate(index):
         where = f"entry {i} ({row['key'][:12]}…)"
         s = slice(row["offset"], row["offset"] + row["n_tokens"])
         if starts is None:
+            f = s
             ok = entry_checksum(a["ids"][s], a["logp"][s], a["lse"][s], a["label_logp"][s]) == row["checksum"]
-            lp = fmt.decode(a["logp"][s])
-            unsorted = (np.diff(lp, axis=1) > 0).any()
         else:
             f = slice(int(starts[s.start]), int(starts[s.stop]))
             ok = entry_checksum(a["ids"][f], a["logp"][f], a["lse"][s], a["label_logp"][s],
                                 a["counts"][s]) == row["checksum"]
-            lp = fmt.decode(a["logp"][f])
-            # descending within each token's slots: a rise is allowed only where a token starts
-            rise = np.flatnonzero(np.diff(lp) > 0) + 1 + f.start
-            unsorted = not np.isin(rise, starts[s.start:s.stop + 1]).all()
         if not ok:
             check.problem(f"{where}: checksum mismatch (data changed after it was written)")
+        for problem in _value_problems(fmt, a["ids"][f], a["logp"][f], a["lse"][s], a["label_logp"][s],
+                                       None if starts is None else starts[s.start:s.stop + 1] - f.start,
+                                       limit, vocab is not None):
+            check.problem(f"{where}: {problem}")
+    return
+
+
+def _value_problems(fmt: CacheFormat, ids, bits, lse, label, starts, limit: int, recorded: bool) -> list[str]:
+    """What is wrong with one entry's values. Stored top-K log-probs are always finite: the −inf
+    slots of adaptive K are added when a batch is read (`reader.pad_slots`), never stored.
+    `starts`: adaptive K, where each token's slots start in `ids`/`bits` (flat), with the end."""
+    import numpy as np
+
+    out = []
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        out.append(f"teacher id {bad} is outside " + (f"the teacher's vocabulary [0, {limit})" if recorded
+                                                       else "[0, 2**31)"))
+    lp = fmt.decode(bits)
+    if not np.isfinite(lp).all():
+        out.append("top-K log-probs are not finite (NaN or ±inf stored)")
+    else:
+        if starts is None:
+            unsorted = (np.diff(lp, axis=1) > 0).any()
+        else:  # descending within each token's slots: a rise is allowed only where a token starts
+            rise = np.flatnonzero(np.diff(lp) > 0) + 1
+            unsorted = not np.isin(rise, starts).all()
         if unsorted or (lp > 1e-3).any():
-            check.problem(f"{where}: top-K log-probs not sorted descending / not ≤ 0")
-    return check
+            out.append("top-K log-probs not sorted descending / not ≤ 0")
+    if not np.isfinite(lse).all():
+        out.append("lse (the logsumexp) is not finite (NaN or ±inf)")
+    if not np.isfinite(label).all() or (label > 1e-3).any():
+        out.append("label log-probs are not finite / not ≤ 0")
+    return out

@@ -117,8 +117,9 @@ def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
 
 @cache_app.command("verify", help=(
     "Decode every chunk and check checksums, keys, offsets and shapes; exit 1 on any problem.\n\n"
-    "Without --run, verify can only check the segments that exist: a segment deleted whole leaves no "
-    "trace. With --run RUN_DIR it also checks, for each published teacher_logits node of the run, that "
+    "Without --run, verify checks the segments the store holds or records: a segment whose folder is "
+    "gone while its commit record or index rows remain is reported; one deleted whole, record and "
+    "all, leaves no trace. With --run RUN_DIR it also checks, for each published teacher_logits node of the run, that "
     "every entry the node stands for is in the store its teachers.json names (without --store, those "
     "stores are the ones verified)."))
 def cache_verify(store: Optional[str] = StoreOpt,

@@ -149,7 +149,7 @@ def test_directory_without_store_json(tmp_path):
     (tmp_path / "d").mkdir()
     code, out = cache("info", "--store", tmp_path / "d")
     assert code == 1
-    has(out, "no teacher-logit cache at", "no store.json", "distill-pipeline run teacher_logits")
+    has(out, "no teacher-logit cache at", "no store.json", "distill-pipeline cache init")
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\xff\xfe"])
@@ -422,15 +422,16 @@ def test_verify_run_after_a_segment_is_deleted(store, base, tmp_path):
     gone = segments(store)[1]
     n = len(keys_of(gone))
     shutil.rmtree(gone)
-    code, out = cache("verify", "--store", store)  # alone it cannot know: say so in --help
-    assert code == 0
+    code, out = cache("verify", "--store", store)  # its commit record is still there: reported
+    assert code == 1
+    has(out, gone.name, "cache gc --damaged")
     code, out = cache("verify", "--run", run)  # the store is found through the node's teachers.json
     assert code == 1
     has(out, f"{n} of {N_SEQ} entries missing from {store}", "teacher_logits-0123abcd",
         "distill-pipeline run teacher_logits", "lack entries")
     assert "sft.student" not in out
     code, out = cache("verify", "--help")
-    has(out, "--run", "deleted whole")
+    has(out, "--run", "deleted whole", "commit record")
 
 
 def test_verify_run_counts_entries_in_damaged_segments(store, base, tmp_path):
@@ -551,3 +552,104 @@ def test_store_url_with_a_slash_missing_is_refused():
     for url, meant in (("s3:/bucket/x", "s3://bucket/x"), ("grpc:/host:8815", "grpc://host:8815")):
         with pytest.raises(CacheError, match=f"did you mean {meant}"):
             open_store(url)
+
+
+# ---------------------------------------------------------------------------- issue 18: what segments declare
+
+
+def test_verify_and_gc_a_committed_segment_whose_folder_is_gone(store, base):
+    """Its commit record and index file still say it is published (readers look its entries up
+    there and fail): verify names it and the fix, `gc --damaged` drops the records, and its
+    entries count as missing, to be extracted again."""
+    gone = segments(store)[1]
+    lost = keys_of(gone)
+    shutil.rmtree(gone)
+    assert (store / "commits" / f"{gone.name}.json").exists() and (store / "index" / f"{gone.name}.parquet").exists()
+    code, out = cache("verify", "--store", store)
+    assert code == 1
+    has(out, gone.name, f"segments/{gone.name} is gone", f"commits/{gone.name}.json", "1 problem(s)",
+        f"cache gc --damaged --store {store}", "distill-pipeline run teacher_logits")
+    code, out = cache("gc", "--store", store, "--damaged", "--dry-run")
+    assert code == 0 and (store / "commits" / f"{gone.name}.json").exists()
+    code, out = cache("gc", "--store", store, "--damaged")
+    assert code == 0
+    has(out, f"removed commits/{gone.name}.json and index/{gone.name}.parquet (segment folder gone)",
+        "distill-pipeline run teacher_logits")
+    assert not (store / "commits" / f"{gone.name}.json").exists()
+    assert not (store / "index" / f"{gone.name}.parquet").exists()
+    code, out = cache("verify", "--store", store)
+    assert code == 0 and f"ok: {N_SEQ - len(lost)} entries verified" in out
+    assert Store(store, create=False).missing(base["keys"]) == lost
+
+
+def rewrite_segment(seg: Path, change) -> None:
+    """Write a segment again with `change(arrays)` applied, through `write_segment`, so its entry
+    checksums match the changed values (what a writer with bad values produces)."""
+    import pyarrow.parquet as pq
+    import zarr
+
+    from distill_pipeline.cache.segment import SegmentData, write_segment
+
+    g = zarr.open_group(str(seg), mode="r")
+    arrays = {f: g[f][:] for f in ("ids", "logp", "lse", "label_logp")}
+    attrs, rows = dict(g.attrs), pq.read_table(seg / "index.parquet").to_pylist()
+    change(arrays)
+    shutil.rmtree(seg)
+    write_segment(seg, SegmentData(ids=arrays["ids"], logp_bits=arrays["logp"], lse=arrays["lse"],
+                                   label_logp=arrays["label_logp"], entries=rows), attrs)
+
+
+@pytest.mark.parametrize("kind", ["nan log-prob", "id past the vocabulary", "inf lse"])
+def test_verify_finds_bad_values_whose_checksums_match(store, base, kind):
+    """Extraction records the teacher's vocabulary in every manifest; verify checks ids against it
+    and that log-probs, lse and label log-probs are finite (a NaN once passed every check)."""
+    vocab = json.loads((base["teacher"] / "config.json").read_text())["vocab_size"]
+    assert all(manifest(s)["vocab_size"] == vocab for s in segments(store))
+    seg = segments(store)[0]
+
+    def change(a):
+        if kind == "nan log-prob":
+            a["logp"][1, 0] = 0x7E00  # float16 NaN
+        elif kind == "inf lse":
+            a["lse"][1] = float("inf")
+        else:
+            a["ids"][1, 0] = vocab
+
+    rewrite_segment(seg, change)
+    words = {"nan log-prob": "top-K log-probs are not finite", "inf lse": "lse (the logsumexp) is not finite",
+             "id past the vocabulary": f"teacher id {vocab} is outside the teacher's vocabulary [0, {vocab})"}[kind]
+    code, out = cache("verify", "--store", store)
+    assert code == 1
+    has(out, seg.name, "entry 0", words, "1 problem(s)", "cache gc --damaged")
+
+
+def test_a_teacher_id_outside_the_students_vocabulary_names_its_segment(store, base):
+    """A cache extracted with a teacher of a larger vocabulary than the student's: the loss's
+    gather would fail with a bare index error; the batch's ids are checked first."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from distill_pipeline.batches import Batches, TeacherSource, fields_for, loss_fn_for
+    from distill_pipeline.losses import LOSSES
+
+    spec = LOSSES["vanilla_kd"]
+    examples = [{"prompt_ids": p, "chosen_ids": r} for p, r in sequences(N_SEQ)]
+    stream = Batches(examples, fields_for(spec), batch_size=4, pad_id=0,
+                     cache=TeacherSource(CacheReader(store), FMT, {"teacher": base["identity"]}))
+    batch = next(iter(stream.epoch(0)))
+    top = int(batch["w"]["teacher"]["ids"].max())
+
+    def student(vocab):
+        return lambda input_ids, attention_mask: SimpleNamespace(
+            logits=torch.zeros(*input_ids.shape, vocab, requires_grad=True))
+
+    fn = loss_fn_for(spec, {})
+    with pytest.raises(CacheError) as err:
+        fn(student(top), batch, None)  # the largest teacher id has no student logit
+    text = str(err.value)
+    has(text, f"teacher id {top} in cache segment", "entry", str(store), f"vocabulary of {top} tokens",
+        "share one tokenizer", f"distill-pipeline cache verify --store {store}")
+    assert any(s.name in text for s in segments(store))
+    loss, _ = fn(student(top + 1), batch, None)  # every id within the vocabulary: a loss
+    assert torch.isfinite(loss)

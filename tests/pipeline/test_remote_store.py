@@ -139,6 +139,8 @@ def test_two_teams_share_one_bucket(tmp_path, monkeypatch):
     from distill_pipeline.config import load_config
 
     url = "s3://team-cache/pipeline"
+    code, out = cache("init", url)  # a run refuses a URL with no store there (a typo would start one)
+    assert code == 0 and "created an empty teacher-logit store" in out, out
     tree = tiny_tree(tmp_path / "run-a", method="adpa")
     tree["teacher_logits"]["store"] = url
     first = runner.make_plan(load_config(write_config(tmp_path / "a.yaml", tree)))
