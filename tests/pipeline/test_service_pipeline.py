@@ -39,7 +39,7 @@ def test_second_team_extracts_nothing_through_the_service(tmp_path, monkeypatch)
 
     (tmp_path / "tokens").write_text("s3cret-write-token\n")
     server = subprocess.Popen([sys.executable, "-m", "distill_pipeline.cli.main", "cache", "serve",
-                               "--store", str(tmp_path / "served"), "--port", "0",
+                               "--store", str(tmp_path / "served"), "--create", "--port", "0",
                                "--token-file", str(tmp_path / "tokens")],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
