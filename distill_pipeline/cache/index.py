@@ -383,20 +383,6 @@ def _subdirs(files: IndexFiles) -> list[str]:
     return out
 
 
-def covered_segments(files: IndexFiles) -> set[str]:
-    """Segments with rows in some index file (reads every file's `segment` column: maintenance
-    only — `cache verify` and re-indexing, never a lookup)."""
-    import pyarrow.compute as pc
-
-    out: set[str] = set()
-    for t in _parse_loose(files.read(_loose(files))):
-        out |= set(pc.unique(t.column("segment")).to_pylist())
-    for part in _subdirs(files):
-        for batch in _partition_batches(files, part, None):
-            out |= set(pc.unique(batch.column("segment")).to_pylist())
-    return out
-
-
 # ---------------------------------------------------------------------------- writing
 
 def add(files: IndexFiles, name: str, rows) -> None:

@@ -468,7 +468,7 @@ def test_a_killed_data_parallel_worker_is_one_message_not_rays_tracebacks(tmp_pa
     worker and Ray tracebacks before the error. Now: the error (node, that a worker died, the
     checkpoint, rerun resumes) and nothing of Ray's; what Ray Train printed goes to a log file.
     The resume itself is tests/invariants/test_data_parallel.py's."""
-    from tests.invariants.test_data_parallel import _checkpointed, _cmdline, _descendants
+    from tests.invariants.test_data_parallel import kill_a_worker_after_a_checkpoint
 
     tree = tiny_tree(tmp_path / "run", method="sft")  # train reads sft.student only: no teachers
     tree["train"] = {"lr": 1e-3, "max_steps": 400, "batch_size": 2, "checkpoint_every": 4, "workers": 2}
@@ -478,16 +478,7 @@ def test_a_killed_data_parallel_worker_is_one_message_not_rays_tracebacks(tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "DISTILL_PROGRESS": "0"}, start_new_session=True)
     try:
-        deadline, victim, workers = time.time() + 240, None, []
-        while time.time() < deadline and proc.poll() is None:
-            if len(workers) < 2:
-                workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _cmdline(p)]
-            elif _checkpointed(tmp_path / "run" / ".partial") >= 4:
-                victim = workers[-1]
-                os.kill(victim, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        assert victim, "never saw a checkpoint and a training worker to kill"
+        kill_a_worker_after_a_checkpoint(proc, tmp_path / "run" / ".partial", timeout=240)
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:

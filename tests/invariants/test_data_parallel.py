@@ -143,6 +143,21 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, cwd=ROOT, timeout=timeout, env={**os.environ, "DISTILL_PROGRESS": "0"})
 
 
+def kill_a_worker_after_a_checkpoint(proc: subprocess.Popen, partial: Path, timeout: float) -> int:
+    """`kill -9` one Ray Train worker of the `run` in `proc` once a checkpoint of step ≥ 4 is in
+    `partial`; returns its pid (the workers are found before training starts, so the kill follows
+    the checkpoint at once)."""
+    deadline, workers = time.time() + timeout, []
+    while time.time() < deadline and proc.poll() is None:
+        if len(workers) < 2:
+            workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _cmdline(p)]
+        elif _checkpointed(partial) >= 4:
+            os.kill(workers[-1], signal.SIGKILL)
+            return workers[-1]
+        time.sleep(0.02)
+    raise AssertionError("never saw a checkpoint and a training worker to kill")
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     config = write_config(tmp_path / "c.yaml", _tree(tmp_path / "run", "dckd", workers=2, max_steps=120,
                                                        checkpoint_every=4, batch_size=2))
@@ -158,16 +173,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_to_the_same_weights(tmp_pat
                              str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT, env={**os.environ, "DISTILL_PROGRESS": "0"})
     try:
-        deadline, victim, workers = time.time() + 180, None, []
-        while time.time() < deadline and proc.poll() is None:
-            if len(workers) < 2:  # found before training starts: the kill follows the checkpoint at once
-                workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _cmdline(p)]
-            elif _checkpointed(tmp_path / "run" / ".partial") >= 4:
-                victim = workers[-1]
-                os.kill(victim, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        assert victim, "never saw a checkpoint and a training worker to kill"
+        kill_a_worker_after_a_checkpoint(proc, tmp_path / "run" / ".partial", timeout=180)
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
