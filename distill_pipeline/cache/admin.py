@@ -21,8 +21,9 @@ from typing import Any
 from distill_pipeline.cache.format import SCHEMA_VERSION
 from distill_pipeline.cache.node import node_keys, node_store, run_nodes
 from distill_pipeline.cache.remote import MirroredStore, open_store
-from distill_pipeline.cache.segment import (CHUNK_ROWS, CacheError, SegmentCheck, check_segment,
-                                            damage_advice, read_array, read_manifest)
+from distill_pipeline.cache.segment import (CacheError, SegmentCheck, check_record,
+                                            check_segment, damage_advice, read_array, read_manifest,
+                                            topk_mass_sum)
 from distill_pipeline.cache.store import CacheStore, Store, writer_alive
 from distill_pipeline.identity import IDENTITY_VERSION
 
@@ -47,50 +48,89 @@ def segment_dirs(store: Store) -> list[Path]:
     return sorted(p for p in seg.iterdir() if p.is_dir()) if seg.is_dir() else []
 
 
-def ls(store: Store) -> list[dict]:
-    """One row per segment folder; damaged ones (cheap checks) have `damaged` set to the reason."""
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+@dataclass
+class Listed:
+    """One segment as `ls`/`info` see it: the cheap checks of its files (`local`), or of a remote
+    store's commit record — nothing of a remote segment is fetched to list it."""
+    check: SegmentCheck
+    bytes: int
+    local: bool
+
+
+def listed(store: CacheStore) -> list[Listed]:
+    """Every segment folder of a local store; every committed segment of a remote one, from the
+    commit records (manifest and file sizes), read together."""
+    if not isinstance(store, MirroredStore):
+        return [Listed(check_segment(seg, deep=False), folder_bytes(seg), True) for seg in segment_dirs(store)]
+    names = store.remote.segment_names()
+    records = store.remote.commit_records(names)
+    out = []
+    for name in names:
+        if name not in records:  # removed since it was listed
+            continue
+        check = check_record(name, records[name])
+        try:
+            size = sum(int(f["size"]) for f in records[name]["files"].values())
+        except Exception:  # noqa: BLE001 - a damaged record (reported by check_record)
+            size = 0
+        out.append(Listed(check, size, False))
+    return out
+
+
+def listing_notes(store: CacheStore) -> list[str]:
+    """What `ls`/`info` say on stderr before their table."""
+    if isinstance(store, MirroredStore) or (store.root / "segments").is_dir():
+        return []
+    return [missing_segments_note(store)]
+
+
+def ls(store: CacheStore) -> list[dict]:
+    """One row per segment; damaged ones (cheap checks) have `damaged` set to the reason."""
     rows = []
-    for seg in segment_dirs(store):
-        check = check_segment(seg, deep=False)
-        m = check.manifest or {}
-        fmt = check.fmt
-        size = sum(f.stat().st_size for f in seg.rglob("*") if f.is_file())
-        rows.append({"segment": seg.name, "teacher": str(m.get("teacher", "?"))[:12],
-                     "entries": m.get("n_entries", "?"), "tokens": m.get("n_tokens", "?"), "bytes": size,
+    for seg in listed(store):
+        m, fmt = seg.check.manifest or {}, seg.check.fmt
+        rows.append({"segment": seg.check.name, "teacher": str(m.get("teacher", "?"))[:12],
+                     "entries": m.get("n_entries", "?"), "tokens": m.get("n_tokens", "?"), "bytes": seg.bytes,
                      "top_k": (fmt.top_k if not fmt.adaptive else fmt.label) if fmt else "?",
                      "dtype": fmt.storage if fmt else "?",
-                     "damaged": "; ".join(p.split(": ", 1)[1] for p in check.problems) or None})
+                     "damaged": "; ".join(p.split(": ", 1)[1] for p in seg.check.problems) or None})
     return rows
 
 
-def info(store: Store, name: str | None = None) -> dict:
-    """Entries, tokens, bytes on disk and per token, K, dtype, teachers, and the mean probability
-    mass the top-K keeps (quality of the truncation). Counts cover healthy segments; damaged
-    ones (cheap checks, or a log-prob chunk that does not decode) are listed under `damaged`.
+def info(store: CacheStore, name: str | None = None) -> dict:
+    """Entries, tokens, bytes in the store and per token, K, dtype, teachers, and the mean
+    probability mass the top-K keeps (quality of the truncation). Counts cover healthy segments;
+    damaged ones (cheap checks, or — in a local store — a log-prob chunk that does not decode)
+    are listed under `damaged`. The top-K mass is decoded from a local store's files, and read
+    from a remote segment's manifest (`topk_mass`); remote segments written before manifests
+    recorded it are left out of it (`mass_not_recorded`: how many).
     `mean_k`: slots stored per token (K for a fixed K; an adaptive format's `top_k` entry reads
     e.g. `≤50 @ mass 0.999 (mean k 32.9)`, its mean over that format's tokens)."""
-    import numpy as np
-
-    entries = tokens = slots = 0
+    entries = tokens = slots = mass_tokens = 0
     mass_sum = kl_sum = 0.0
     adaptive: dict[Any, list[int]] = {}  # format → [tokens, slots]
     teachers: dict[str, dict] = {}
     ks, dtypes = set(), set()
     damaged: dict[str, list[str]] = {}
     stale: dict[str, int] = {}  # segment → entries
-    healthy = 0
-    for seg in segment_dirs(store):
-        check = check_segment(seg, deep=False)
+    healthy = unrecorded = 0
+    listed_ = listed(store)
+    for seg in listed_:
+        check = seg.check
         lp = None
-        if not check.damaged:
-            lp = read_array(check, store.open_segment(seg.name), "logp")
+        if seg.local and not check.damaged:
+            lp = read_array(check, store.open_segment(check.name), "logp")
         if check.damaged:
-            damaged[seg.name] = check.problems
+            damaged[check.name] = check.problems
             continue
         healthy += 1
         m, fmt = check.manifest, check.fmt
         if stale_reason(m):
-            stale[seg.name] = int(m["n_entries"])
+            stale[check.name] = int(m["n_entries"])
         dtypes.add(fmt.storage)
         n = int(m["n_tokens"])
         if fmt.adaptive:
@@ -107,9 +147,13 @@ def info(store: Store, name: str | None = None) -> dict:
         entries += int(m["n_entries"])
         tokens += n
         kl_sum += m.get("reconstruction_kl", 0.0) * n
-        for start in range(0, len(lp), CHUNK_ROWS):  # rows, or flat slots (adaptive K)
-            mass_sum += float(np.exp(fmt.decode(lp[start:start + CHUNK_ROWS]).astype(np.float64)).sum())
-    disk = store.disk_bytes()
+        if lp is not None:
+            mass_sum, mass_tokens = mass_sum + topk_mass_sum(fmt, lp), mass_tokens + n
+        elif m.get("topk_mass") is not None:
+            mass_sum, mass_tokens = mass_sum + m["topk_mass"] * n, mass_tokens + n
+        else:
+            unrecorded += 1
+    disk = store.disk_bytes() if not isinstance(store, MirroredStore) else sum(s.bytes for s in listed_)
     return {"root": name or store.url, "schema_version": SCHEMA_VERSION, "segments": healthy,
             "entries": entries, "tokens": tokens, "bytes_on_disk": disk,
             "bytes_per_token": round(disk / tokens, 2) if tokens else None,
@@ -117,7 +161,8 @@ def info(store: Store, name: str | None = None) -> dict:
                                          for fmt, a in adaptive.items()),
             "mean_k": round(slots / tokens, 2) if tokens else None, "dtype": sorted(dtypes),
             "teachers": {k[:16]: v for k, v in teachers.items()},
-            "mean_topk_mass": round(mass_sum / tokens, 6) if tokens else None,
+            "mean_topk_mass": round(mass_sum / mass_tokens, 6) if mass_tokens else None,
+            "mass_not_recorded": unrecorded,
             "reconstruction_kl": float(f"{kl_sum / tokens:.3g}") if tokens else None,
             "stale_segments": len(stale), "stale_entries": sum(stale.values()), "damaged": damaged}
 

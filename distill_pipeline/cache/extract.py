@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from distill_pipeline.cache.format import SCHEMA_VERSION, CacheFormat, reconstruction_kl
 from distill_pipeline.cache.remote import open_store
-from distill_pipeline.cache.segment import SegmentData
+from distill_pipeline.cache.segment import SegmentData, topk_mass_sum
 from distill_pipeline.cache.store import CacheStore
 from distill_pipeline.env import ray_running, worker_options
 from distill_pipeline.identity import IDENTITY_VERSION
@@ -229,7 +229,8 @@ class Extractor:
                     "teacher": unit.teacher, "format": self.fmt.to_json(),
                     "n_entries": len(entries), "n_tokens": offset, "vocab_size": int(vocab),
                     **({"n_slots": int(len(data.ids))} if self.fmt.adaptive else {}),
-                    "reconstruction_kl": kl, "versions": package_versions()}
+                    "reconstruction_kl": kl, "topk_mass": topk_mass_sum(self.fmt, data.logp_bits) / max(1, offset),
+                    "versions": package_versions()}
         published = self.store.publish(unit.id, data, manifest)
         if self.throttle:
             time.sleep(self.throttle)  # crash tests and demos: widen the window between units

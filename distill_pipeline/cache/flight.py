@@ -4,7 +4,8 @@ The server is `service.py`; this module is all a client loads (`open_store("grpc
 
 Wire formats (all JSON is UTF-8):
 - actions (`do_action`): `segments` → JSON list of committed segment names; `commit` (body: a
-  segment name) → its commit record; `has` (body: JSON list of keys, ≤ MAX_HAS_KEYS) → JSON list of
+  segment name) → its commit record; `commits` (body: JSON list of ≤ MAX_RECORD_NAMES segment
+  names) → {name: commit record} of those committed; `has` (body: JSON list of keys, ≤ MAX_HAS_KEYS) → JSON list of
   those present; `stats` → {"segments", "entries"}; `remove` (write; body: a segment name) →
   {"removed": bool}.
 - tickets (`do_get`), JSON objects: {"kind": "index"} → the consolidated index (KEY_COLUMNS +
@@ -51,6 +52,7 @@ DEFAULT_MAX_SEGMENT_BYTES = 1 << 30        # an upload (a segment is ~16k tokens
 MAX_FILES = 65536                          # files in one segment (4 arrays × chunks + 6)
 MAX_TICKET_KEYS = 4096                     # keys in one entries ticket (the client splits)
 MAX_HAS_KEYS = 100_000                     # keys in one `has` action
+MAX_RECORD_NAMES = 256                     # segments in one `commits` action (the client splits)
 DEFAULT_MAX_CONCURRENT_UPLOADS = 4         # uploads received at once (each held whole until verified)
 DEFAULT_UPLOAD_WAIT_S = 10.0               # how long an upload beyond that waits for a slot
 BUSY = b"busy"                             # extra_info of the refusal of an upload beyond the limit
@@ -70,6 +72,7 @@ ENTRY_SCHEMA = pa.schema([
 ACTIONS = {
     "segments": "JSON list of committed segment names",
     "commit": "body: segment name → its commit record (JSON)",
+    "commits": f"body: JSON list of ≤ {MAX_RECORD_NAMES} segment names → {{name: commit record}} of those committed",
     "has": "body: JSON list of keys → JSON list of those present",
     "stats": "JSON {segments, entries}",
     "remove": "body: segment name → remove it (write token)",
@@ -266,6 +269,14 @@ class FlightRemote:
     def index_table(self) -> pa.Table:
         with self._call("send its key index"):
             return self._client.do_get(fl.Ticket(b'{"kind": "index"}'), self._options).read_all()
+
+    def commit_records(self, names: Iterable[str]) -> dict[str, dict]:
+        names = [validate_segment_name(n) for n in names]
+        out: dict[str, dict] = {}
+        for i in range(0, len(names), MAX_RECORD_NAMES):
+            out.update(self._action("commits", json.dumps(names[i:i + MAX_RECORD_NAMES]).encode(),
+                                    "give commit records"))
+        return out
 
     def get_segment(self, name: str) -> dict[str, bytes]:
         record = self.commit_record(name)

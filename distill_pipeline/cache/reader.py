@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 from distill_pipeline.cache.format import NewerFormat
 from distill_pipeline.cache.remote import open_store
@@ -29,11 +30,15 @@ class CacheReader:
     any failure to read raises `CacheError` naming the segment, the entry and the fix."""
 
     def __init__(self, store: CacheStore | str | os.PathLike | None, *, keys: Iterable[str] | None = None,
-                 max_cached_bytes: int = 256 << 20):
+                 max_cached_bytes: int = 256 << 20, max_open_segments: int = 8):
         """`store`: an open store, or how users name one (a path or URL, opened read-only).
         `keys`: the entries it will be asked for, looked up in the store's index — what they touch,
         whatever the store's size (a key asked for later is looked up then); without them the whole
-        index is read (every key of the store: for small stores and tools)."""
+        index is read (every key of the store: for small stores and tools).
+        `max_cached_bytes`: decoded chunks kept (LRU). `max_open_segments`: segments kept open
+        between reads; the least recently used beyond it are released to the store (a mirror of
+        a remote store may then evict them to stay within DISTILL_MIRROR_GB, and fetches them
+        again if they are read again)."""
         self.store = open_store(store, create=False) if store is None or isinstance(store, (str, os.PathLike)) else store
         self.damaged: dict[str, str] = {}  # segments left out: their index cannot be read
         self._where: dict[str, tuple] = {}
@@ -43,8 +48,13 @@ class CacheReader:
                                        damaged=self.damaged))
         else:
             self._add(self.store.lookup(keys))
-        self._groups: dict[str, Any] = {}
+        self._groups: OrderedDict = OrderedDict()  # open segments, least recently used first
+        self._uses: dict[str, int] = {}  # reads in progress, per open segment
+        self._paths: dict[str, Any] = {}
         self._arrays: dict[tuple, Any] = {}
+        self._chunk_rows: dict[tuple, int] = {}
+        self._max_open = max(1, int(max_open_segments))
+        self._open_lock = threading.Lock()
         self._formats: dict[str, Any] = {}
         self._chunks: OrderedDict = OrderedDict()
         self._budget, self._held = max_cached_bytes, 0
@@ -75,22 +85,50 @@ class CacheReader:
         return CacheError(f"cache segment {segment}{entry} in {self.store.url} is damaged: {what}; "
                           + damage_advice(self.store.url))
 
-    def _group(self, segment: str):
-        if segment not in self._groups:
-            self._groups[segment] = self.store.open_segment(segment)
-        return self._groups[segment]
+    @contextmanager
+    def _using(self, segment: str) -> Iterator[Any]:
+        """The segment's open zarr group, held open (in a mirror: pinned) while it is read; after
+        its use at most `max_open_segments` stay open, the least recently used idle ones released."""
+        with self._open_lock:
+            if segment not in self._groups:
+                self._groups[segment] = self.store.open_segment(segment)  # a use of it begins
+                self._paths[segment] = self.store.segment_path(segment)
+                self.store.release(segment)  # (segment_path's own use: the open group holds it)
+            self._groups.move_to_end(segment)
+            self._uses[segment] = self._uses.get(segment, 0) + 1
+            group = self._groups[segment]
+        try:
+            yield group
+        finally:
+            with self._open_lock:
+                self._uses[segment] -= 1
+                while len(self._groups) > self._max_open:
+                    idle = next((name for name in self._groups if not self._uses.get(name)), None)
+                    if idle is None:
+                        break
+                    del self._groups[idle], self._paths[idle]
+                    self._uses.pop(idle, None)
+                    for key in [k for k in self._arrays if k[0] == idle]:
+                        del self._arrays[key]
+                    self.store.release(idle)
 
-    def _array(self, segment: str, field: str):
+    def open_segments(self) -> list[str]:
+        with self._open_lock:
+            return list(self._groups)
+
+    def _array(self, group: Any, segment: str, field: str):
         arr = self._arrays.get((segment, field))
         if arr is None:
-            arr = self._arrays[(segment, field)] = self._group(segment)[field]
+            arr = self._arrays[(segment, field)] = group[field]
+            self._chunk_rows[(segment, field)] = arr.chunks[0]
         return arr
 
     def _format(self, segment: str):
         fmt = self._formats.get(segment)
         if fmt is None:
             try:
-                fmt = self._formats[segment] = segment_format(dict(self._group(segment).attrs))
+                with self._using(segment) as group:
+                    fmt = self._formats[segment] = segment_format(dict(group.attrs))
             except NewerFormat as exc:  # not damage: nothing to remove, a version to upgrade
                 raise CacheError(f"cache segment {segment} was {exc}") from None
         return fmt
@@ -98,10 +136,18 @@ class CacheReader:
     def _chunk(self, segment: str, field: str, c: int):
         """Decoded chunk `c` of one array, through the LRU."""
         def read():
-            arr = self._array(segment, field)
-            rows = arr.chunks[0]
-            return arr[c * rows:(c + 1) * rows]
+            with self._using(segment) as group:
+                arr = self._array(group, segment, field)
+                rows = arr.chunks[0]
+                return arr[c * rows:(c + 1) * rows]
         return self._cached((segment, field, c), read)
+
+    def _rows_per_chunk(self, segment: str, field: str) -> int:
+        rows = self._chunk_rows.get((segment, field))
+        if rows is None:
+            with self._using(segment) as group:
+                rows = self._array(group, segment, field).chunks[0]
+        return rows
 
     def _starts(self, segment: str):
         """Adaptive K: where each token's slots start in the flat arrays, (N + 1,) int64, through
@@ -109,7 +155,8 @@ class CacheReader:
         import numpy as np
 
         def read():
-            counts = self._array(segment, "counts")[...]
+            with self._using(segment) as group:
+                counts = self._array(group, segment, "counts")[...]
             starts = np.zeros(len(counts) + 1, dtype=np.int64)
             np.cumsum(counts, out=starts[1:])
             return starts
@@ -132,7 +179,7 @@ class CacheReader:
     def _rows(self, segment: str, field: str, offset: int, n: int):
         import numpy as np
 
-        rows = self._array(segment, field).chunks[0]
+        rows = self._rows_per_chunk(segment, field)
         parts = []
         pos = offset
         while pos < offset + n:
@@ -153,8 +200,11 @@ class CacheReader:
             import pyarrow.parquet as pq
 
             try:
-                t = pq.read_table(self.store.segment_path(segment) / "index.parquet",
-                                  columns=["key", "token_ids"]).to_pydict()
+                with self._using(segment):
+                    t = pq.read_table(self._paths[segment] / "index.parquet",
+                                      columns=["key", "token_ids"]).to_pydict()
+            except CacheError:
+                raise
             except Exception as exc:  # noqa: BLE001 - truncated, deleted, corrupt
                 raise self._damage(segment, key, f"its index.parquet cannot be read "
                                                  f"({type(exc).__name__}: {exc})") from None

@@ -14,8 +14,11 @@ index, hands out a segment's files (checked against its commit record) and accep
 URL>` — so that everything else works on local files: extraction publishes into the mirror and
 uploads the segment; training opens segments, which are fetched on first use (verified against
 the commit record, then every chunk, key and checksum, as any import) and kept there, within
-`DISTILL_MIRROR_GB` (default 20; the least recently used segments this process does not hold
-are dropped first).
+`DISTILL_MIRROR_GB` (default 20), during a run as between runs: a process *pins* the segments it
+reads (a shared flock on `pins/<id>.lock`: `CacheReader` keeps a few open and releases the
+rest), and whenever a fetch or an upload takes the mirror over its bound, the least recently
+used segments that no process pins are dropped (each only once its pin file can be locked
+exclusively, so nothing is deleted under a reader, in this process or another).
 
 On an object store there is no rename: a segment's files are written first, its key index file
 next, its commit record `commits/<id>.json` last. Listings and key lookups see only segments
@@ -51,6 +54,8 @@ class Remote(Protocol):
 
     def segment_names(self) -> list[str]: ...             # committed segments
     def commit_record(self, name: str) -> dict: ...        # {"segment", "files", "manifest"}
+    # those of `names` committed → their records (one request per many: `cache ls/info`)
+    def commit_records(self, names: Iterable[str]) -> dict[str, Any]: ...
     def index_table(self) -> Any: ...                      # KEY_COLUMNS + segment, committed only
     def lookup(self, keys: Iterable[str]) -> Any: ...      # the rows of `keys`, committed only
     def has(self, keys: Iterable[str]) -> set[str]: ...    # those of `keys` it holds
@@ -175,6 +180,24 @@ class FsspecRemote:
             return json.loads(self.fs.cat_file(self._p("commits", f"{validate_segment_name(name)}.json")))
         except FileNotFoundError:
             raise CacheError(f"no segment {name} in {self.url}") from None
+
+    @_transport_errors("read commit records from")
+    def commit_records(self, names: Iterable[str]) -> dict[str, Any]:
+        """Read together (s3fs fetches them concurrently); a record that is not JSON is returned as
+        {"unreadable": why} for the caller to report; one removed meanwhile is left out."""
+        paths = [self._p("commits", f"{validate_segment_name(n)}.json") for n in names]
+        out: dict[str, Any] = {}
+        for path, data in (self.fs.cat(paths, on_error="return") if paths else {}).items():
+            name = path.rstrip("/").rsplit("/", 1)[-1][:-len(".json")]
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, Exception):
+                raise data
+            try:
+                out[name] = json.loads(data)
+            except ValueError as exc:
+                out[name] = {"unreadable": f"not JSON ({exc})"}
+        return out
 
     def _index_files(self) -> FsspecIndexFiles:
         return FsspecIndexFiles(self.fs, self._p("index"))
@@ -304,7 +327,7 @@ class MirroredStore:
             raise CacheError(f"DISTILL_MIRROR_GB={os.environ['DISTILL_MIRROR_GB']!r} is not a number "
                              "(gigabytes of remote segments kept locally)") from None
         self.max_bytes = gb * 1e9
-        self._held: set[str] = set()  # fetched or opened by this process: never evicted here
+        self._pins: dict[str, list] = {}  # segment → [its pin file (shared flock held), uses]
         self._checked: set[str] = set()  # local copies found equal to the remote's this process
         self._lock = threading.Lock()
         self._reading = None  # shared flock on readers.lock while this process may read the mirror
@@ -384,29 +407,76 @@ class MirroredStore:
         uploaded = self.remote.put_segment(segment_id, self.local.segment_files(segment_id))
         if not uploaded and not self._same_as_remote(segment_id):
             self.local.remove_segment(segment_id)
+        self._evict(0)  # an extraction's staged uploads stay within the bound too
         return uploaded
 
     def _same_as_remote(self, name: str) -> bool:
         return self.local.commit_record(name)["files"] == self.remote.commit_record(name)["files"]
 
-    def fetch(self, name: str) -> Path:
-        """The segment's local folder, fetched (and verified) on first use; a local copy that is
-        not the remote's (another writer's bytes) is replaced."""
-        self._share()
+    def _pin_file(self, name: str) -> Path:
+        return self.local.root / "pins" / f"{validate_segment_name(name)}.lock"
+
+    def _pin(self, name: str) -> None:
+        """This process may read the segment until `release`: a shared flock on its pin file
+        (taken after any eviction of it in progress has finished), counted per use."""
+        import fcntl
+
         with self._lock:
-            self._held.add(name)
-            checked = name in self._checked
-        if self.local.has_segment(name) and not checked and not self._same_as_remote(name):
-            with self._alone() as alone:
-                if not alone:
-                    raise CacheError(f"the mirror {self.local.root} holds another copy of segment "
-                                     f"{name} than {self.url}, and another process is reading the "
-                                     "mirror: rerun when it has finished, or set DISTILL_MIRROR_DIR")
-                self.local.remove_segment(name)
-        if not self.local.has_segment(name):
-            files = self.remote.get_segment(name)
-            self._evict(sum(len(b) for b in files.values()))
-            self.local.import_segment(name, files)
+            if name in self._pins:
+                self._pins[name][1] += 1
+                return
+        path = self._pin_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        os.utime(path)  # the pin file's mtime: when the segment was last used (eviction's order)
+        with self._lock:
+            if name in self._pins:  # another thread pinned it meanwhile
+                self._pins[name][1] += 1
+                fh.close()
+            else:
+                self._pins[name] = [fh, 1]
+
+    def release(self, name: str) -> None:
+        """One use of a segment ends (`fetch`/`open_segment`/`segment_path` began it); with none
+        left in this process it may be evicted."""
+        with self._lock:
+            pin = self._pins.get(name)
+            if pin is None:
+                return
+            pin[1] -= 1
+            if pin[1] > 0:
+                return
+            del self._pins[name]
+        os.utime(pin[0].name)
+        pin[0].close()
+
+    def pinned(self) -> set[str]:
+        with self._lock:
+            return set(self._pins)
+
+    def fetch(self, name: str) -> Path:
+        """The segment's local folder, fetched (and verified) on first use and pinned until
+        `release`; a local copy that is not the remote's (another writer's bytes) is replaced."""
+        self._share()
+        self._pin(name)
+        try:
+            with self._lock:
+                checked = name in self._checked
+            if self.local.has_segment(name) and not checked and not self._same_as_remote(name):
+                with self._alone() as alone:
+                    if not alone:
+                        raise CacheError(f"the mirror {self.local.root} holds another copy of segment "
+                                         f"{name} than {self.url}, and another process is reading the "
+                                         "mirror: rerun when it has finished, or set DISTILL_MIRROR_DIR")
+                    self.local.remove_segment(name)
+            if not self.local.has_segment(name):
+                files = self.remote.get_segment(name)
+                self._evict(sum(len(b) for b in files.values()))
+                self.local.import_segment(name, files)
+        except BaseException:
+            self.release(name)
+            raise
         with self._lock:
             self._checked.add(name)
         return self.local.root / "segments" / name
@@ -419,27 +489,32 @@ class MirroredStore:
         return self.local.open_segment(name)
 
     def _evict(self, incoming: int) -> None:
-        """Drop least recently used mirrored segments (not held by this process) to stay within
-        `max_bytes` with `incoming` more — only while no other process reads the mirror."""
-        if self.local.disk_bytes() + incoming <= self.max_bytes:
-            return
-        with self._alone() as alone:
-            if alone:
-                self._drop_lru(incoming)
+        """Drop the least recently used mirrored segments that no process pins until the mirror
+        holds at most `max_bytes` with `incoming` more. A segment is deleted only while its pin
+        file is locked exclusively: no reader anywhere holds it, and none starts meanwhile."""
+        import fcntl
 
-    def _drop_lru(self, incoming: int) -> None:
-        segs = []
-        for p in self.local.segments():
-            if p.name in self._held:
-                continue
-            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-            segs.append((p.stat().st_atime, p.name, size))
         total = self.local.disk_bytes() + incoming
-        for _, name, size in sorted(segs):
+        if total <= self.max_bytes:
+            return
+        pinned, candidates = self.pinned(), []
+        for p in self.local.segments():
+            if p.name in pinned:
+                continue
+            pin = self._pin_file(p.name)
+            used = pin.stat().st_mtime if pin.exists() else p.stat().st_mtime
+            candidates.append((used, p.name, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())))
+        (self.local.root / "pins").mkdir(exist_ok=True)
+        for _, name, size in sorted(candidates):
             if total <= self.max_bytes:
                 break
-            self.local.remove_segment(name)
-            total -= size
+            with open(self._pin_file(name), "a+") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # another process reads it
+                    continue
+                self.local.remove_segment(name)
+                total -= size
 
     def remove_segment(self, name: str) -> None:
         self.remote.remove_segment(name)

@@ -360,6 +360,16 @@ def _why(exc: Exception, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def topk_mass_sum(fmt: CacheFormat, logp_bits: Any) -> float:
+    """Σ over a segment's stored slots of the probability they keep (rows of a fixed-K array, or
+    an adaptive-K segment's flat slots), decoded CHUNK_ROWS at a time: a segment's manifest
+    records it per token (`topk_mass`), and `cache info` computes it the same way from files."""
+    import numpy as np
+
+    return float(sum(np.exp(fmt.decode(logp_bits[s:s + CHUNK_ROWS]).astype(np.float64)).sum()
+                     for s in range(0, len(logp_bits), CHUNK_ROWS)))
+
+
 def read_manifest(seg: Path) -> dict:
     return json.loads((seg / "zarr.json").read_text()).get("attributes", {})
 
@@ -467,6 +477,77 @@ def index_problem(table: Any) -> str | None:
     return None
 
 
+def read_manifest_fields(check: SegmentCheck, manifest: Any) -> tuple[int, int]:
+    """Set `check.manifest` and `check.fmt` from a segment manifest and return its (n_tokens,
+    n_entries); raises (NewerFormat, ValueError, …) when it has no readable format or counts."""
+    if not isinstance(manifest, dict):
+        raise ValueError("the manifest is not a JSON object")
+    check.manifest = manifest
+    check.fmt = segment_format(manifest)
+    return _count(manifest, "n_tokens"), _count(manifest, "n_entries")
+
+
+def manifest_layout(check: SegmentCheck) -> dict[str, tuple] | None:
+    """The arrays a segment with `check`'s manifest (already read: `read_manifest_fields`) must
+    hold (`array_layout`), or None with the problem recorded: the recorded vocabulary, the
+    adaptive slot count and the top-K mass checked against what the format allows. Segments
+    written before the manifest recorded the teacher's vocabulary (or the top-K mass) have none:
+    their ids can only be checked to be ≥ 0 (and < 2**31, which int32 storage guarantees)."""
+    m, fmt = check.manifest, check.fmt
+    n_tokens = _count(m, "n_tokens")
+    vocab = m.get("vocab_size")
+    if vocab is not None and (type(vocab) is not int or not fmt.top_k <= vocab < ID_LIMIT):
+        check.problem(f"manifest vocab_size {str(vocab)[:40]!r} is not an integer in [top_k={fmt.top_k}, 2**31)")
+        return None
+    mass = m.get("topk_mass")
+    if mass is not None and (type(mass) not in (int, float) or not 0 <= mass <= 1 + 1e-3):
+        check.problem(f"manifest topk_mass {str(mass)[:40]!r} is not a probability")
+        return None
+    n_slots = None
+    if fmt.adaptive:
+        try:
+            n_slots = _count(m, "n_slots")
+        except Exception as exc:  # noqa: BLE001 - missing or not a number
+            check.problem(f"adaptive-K segment without a readable n_slots in its manifest: {_why(exc)}")
+            return None
+        if not n_tokens * fmt.min_k <= n_slots <= n_tokens * fmt.top_k:
+            check.problem(f"manifest n_slots {n_slots} is outside [{n_tokens * fmt.min_k}, "
+                          f"{n_tokens * fmt.top_k}] for {n_tokens} tokens of k in [{fmt.min_k}, {fmt.top_k}]")
+            return None
+    return array_layout(fmt, n_tokens, n_slots)
+
+
+def check_record(name: str, record: Any) -> SegmentCheck:
+    """The cheap checks a commit record allows without the segment's files (`cache ls/info` on a
+    remote store): its manifest as `check_segment` reads it, and the files it lists exactly those
+    a segment of that manifest has. What the files hold is checked when they are fetched (every
+    segment that arrives is verified in full) and by `cache verify`."""
+    check = SegmentCheck(name, Path(name))
+    try:
+        if isinstance(record, dict) and "unreadable" in record:
+            raise ValueError(record["unreadable"])
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            raise ValueError("not a commit record with a file list")
+        read_manifest_fields(check, record.get("manifest"))
+        layout = manifest_layout(check)
+        if layout is None:
+            return check
+        expected = {"zarr.json", "index.parquet"} | {
+            f"{a}/{rel}" for a, (shape, _, chunks) in layout.items() for rel in ["zarr.json", *chunk_keys(shape, chunks)]}
+        listed = set(record["files"])
+        if listed != expected:
+            missing, extra = sorted(expected - listed), sorted(listed - expected)
+            check.problem("its commit record lists other files than its manifest implies"
+                          + (f" (missing {', '.join(missing[:3])})" if missing else "")
+                          + (f" (unexpected {', '.join(extra[:3])})" if extra else ""))
+    except NewerFormat as exc:
+        check.newer = True
+        check.problem(str(exc))
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile record holds is damage, not a crash
+        check.problem(f"commit record unreadable: {_why(exc)}")
+    return check
+
+
 def _check_segment(check: SegmentCheck, seg: Path, deep: bool) -> None:
     import numpy as np
     import pyarrow.parquet as pq
@@ -483,9 +564,7 @@ def _check_segment(check: SegmentCheck, seg: Path, deep: bool) -> None:
         if group_meta.get("consolidated_metadata") is not None:  # zarr would read arrays' metadata from it
             raise ValueError("it holds consolidated metadata; a segment's arrays are described by their "
                              "own zarr.json only")
-        check.manifest = group_meta.get("attributes", {})
-        check.fmt = segment_format(check.manifest)
-        n_tokens, n_entries = _count(check.manifest, "n_tokens"), _count(check.manifest, "n_entries")
+        n_tokens, n_entries = read_manifest_fields(check, group_meta.get("attributes", {}))
     except FileNotFoundError:
         check.problem("zarr.json (the segment manifest) is missing")
     except NewerFormat as exc:
@@ -504,12 +583,7 @@ def _check_segment(check: SegmentCheck, seg: Path, deep: bool) -> None:
     if check.problems:
         return
     index, fmt = check.index, check.fmt
-    # Segments written before the manifest recorded the teacher's vocabulary have no vocab_size:
-    # their ids can only be checked to be ≥ 0 (and < 2**31, which int32 storage guarantees).
     vocab = check.manifest.get("vocab_size")
-    if vocab is not None and (type(vocab) is not int or not fmt.top_k <= vocab < ID_LIMIT):
-        check.problem(f"manifest vocab_size {str(vocab)[:40]!r} is not an integer in [top_k={fmt.top_k}, 2**31)")
-        return
     if len(index) != n_entries:
         check.problem(f"index.parquet has {len(index)} entries, manifest says {n_entries}")
     expected_offset = 0
@@ -525,18 +599,10 @@ def _check_segment(check: SegmentCheck, seg: Path, deep: bool) -> None:
             check.problem(f"{where}: key does not match its teacher/tokens/K/dtype")
     if expected_offset != n_tokens:
         check.problem(f"entries cover {expected_offset} rows of {n_tokens}")
-    n_slots = None
-    if fmt.adaptive:
-        try:
-            n_slots = _count(check.manifest, "n_slots")
-        except Exception as exc:  # noqa: BLE001 - missing or not a number
-            check.problem(f"adaptive-K segment without a readable n_slots in its manifest: {_why(exc)}")
-            return
-        if not n_tokens * fmt.min_k <= n_slots <= n_tokens * fmt.top_k:
-            check.problem(f"manifest n_slots {n_slots} is outside [{n_tokens * fmt.min_k}, "
-                          f"{n_tokens * fmt.top_k}] for {n_tokens} tokens of k in [{fmt.min_k}, {fmt.top_k}]")
-            return
-    layout = array_layout(fmt, n_tokens, n_slots)
+    layout = manifest_layout(check)
+    if layout is None:
+        return
+    n_slots = check.manifest.get("n_slots")
     for name in ARRAYS:
         if name not in layout and (seg / name).exists():
             check.problem(f"array {name} is not part of a {'fixed' if not fmt.adaptive else 'adaptive'}-K segment")

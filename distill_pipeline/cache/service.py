@@ -37,7 +37,7 @@ import pyarrow.flight as fl
 
 from distill_pipeline.cache.flight import (ACTIONS, BUSY, DEFAULT_MAX_CONCURRENT_UPLOADS,
                                            DEFAULT_MAX_SEGMENT_BYTES, DEFAULT_UPLOAD_WAIT_S, ENTRY_SCHEMA,
-                                           FILE_SCHEMA, MAX_FILES, MAX_HAS_KEYS, MAX_TICKET_KEYS, PART_BYTES,
+                                           FILE_SCHEMA, MAX_FILES, MAX_HAS_KEYS, MAX_RECORD_NAMES, MAX_TICKET_KEYS, PART_BYTES,
                                            TOKEN_ENV, assemble_files, entry_batch, file_batches, record_batches)
 from distill_pipeline.cache.reader import CacheReader
 from distill_pipeline.cache.segment import (CacheError, SegmentRejected, check_against_record, damage_advice,
@@ -283,6 +283,13 @@ class CacheServer(fl.FlightServerBase):
         self._published(name)
         return self.store.commit_record(name)
 
+    def _action_commits(self, body: bytes, info: dict) -> dict[str, dict]:
+        names = [validate_segment_name(n) for n in
+                 _json_keys(body, MAX_RECORD_NAMES, "the body of `commits`", "segment names")]
+        info["segments"] = len(names)
+        published = set(self.store.segment_names())
+        return {n: self.store.commit_record(n) for n in names if n in published}
+
     def _action_has(self, body: bytes, info: dict) -> list[str]:
         keys = _json_keys(body, MAX_HAS_KEYS, "the body of `has`")
         info["entries"] = len(keys)
@@ -408,19 +415,21 @@ def _peer(context) -> str:
         return "?"
 
 
-def _json_keys(value: Any, limit: int, where: str) -> list[str]:
+def _json_keys(value: Any, limit: int, where: str, what: str = "entry keys") -> list[str]:
+    """A JSON list of at most `limit` strings (entry keys: 64 hex characters; segment names: ≤ 128
+    characters), its size bounded before it is parsed."""
     if isinstance(value, (bytes, bytearray)):
-        if len(value) > limit * 80 + 1024:  # before parsing: a key is 64 hex characters
-            raise fl.FlightServerError(f"{where}: {len(value)} bytes, more than {limit} keys can take; "
+        if len(value) > limit * 140 + 1024:
+            raise fl.FlightServerError(f"{where}: {len(value)} bytes, more than {limit} {what} can take; "
                                        "ask in several requests")
         try:
             value = json.loads(value)
         except (UnicodeDecodeError, ValueError):
-            raise fl.FlightServerError(f"{where} is not JSON; send a JSON list of entry keys") from None
+            raise fl.FlightServerError(f"{where} is not JSON; send a JSON list of {what}") from None
     if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
-        raise fl.FlightServerError(f"{where} must be a JSON list of entry keys (strings)")
+        raise fl.FlightServerError(f"{where} must be a JSON list of {what} (strings)")
     if len(value) > limit:
-        raise fl.FlightServerError(f"{where}: {len(value)} keys, over the limit of {limit} per request; "
+        raise fl.FlightServerError(f"{where}: {len(value)} {what}, over the limit of {limit} per request; "
                                    "ask in several requests")
     return value
 

@@ -36,20 +36,15 @@ def _open(path: Optional[str], *, create: bool = False):
     return _cache_call(open_store, path, create=create)
 
 
-def _inspect(path: Optional[str]):
-    """The store as local files (a remote store's mirror synced first), its notes on stderr."""
-    from distill_pipeline.cache.admin import inspect
+def _listing(path: Optional[str]):
+    """The store for `ls`/`info` (a remote one is listed from its commit records, nothing fetched),
+    its notes on stderr."""
+    from distill_pipeline.cache.admin import listing_notes
 
-    seen = _cache_call(inspect, _open(path))
-    for note in seen.notes:
+    store = _open(path)
+    for note in listing_notes(store):
         typer.secho(note, fg=typer.colors.YELLOW, err=True)
-    return seen
-
-
-def _fetch_failures(seen) -> int:
-    for line in seen.failures():
-        typer.secho(line, fg=typer.colors.RED)
-    return len(seen.fetch_failures)
+    return store
 
 
 @cache_app.command("ls")
@@ -59,8 +54,8 @@ def cache_ls(store: Optional[str] = StoreOpt):
     from distill_pipeline.cache.admin import human_bytes, ls
     from distill_pipeline.cache.segment import damage_advice
 
-    seen = _inspect(store)
-    rows = _cache_call(ls, seen.store)
+    st = _listing(store)
+    rows = _cache_call(ls, st)
     typer.echo(f"{'segment':34}{'teacher':14}{'K':>4}{'dtype':>10}{'entries':>9}{'tokens':>10}{'size':>11}")
     for r in rows:
         line = (f"{r['segment']:34}{r['teacher']:14}{r['top_k']:>4}{r['dtype']:>10}{r['entries']:>9}"
@@ -69,10 +64,10 @@ def cache_ls(store: Optional[str] = StoreOpt):
             typer.secho(f"{line}  DAMAGED: {r['damaged']}", fg=typer.colors.RED)
         else:
             typer.echo(line)
-    bad = sum(1 for r in rows if r["damaged"]) + _fetch_failures(seen)
+    bad = sum(1 for r in rows if r["damaged"])
     typer.echo(f"{len(rows)} segment(s)" + (f", {bad} damaged" if bad else ""))
     if bad:
-        fail(f"{bad} damaged segment(s) in {seen.url}; {damage_advice(seen.url)}")
+        fail(f"{bad} damaged segment(s) in {st.url}; {damage_advice(st.url)}")
 
 
 @cache_app.command("info")
@@ -84,8 +79,8 @@ def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
     from distill_pipeline.cache.admin import human_bytes, info
     from distill_pipeline.cache.segment import damage_advice
 
-    seen = _inspect(store)
-    r = _cache_call(info, seen.store, seen.url)
+    st = _listing(store)
+    r = _cache_call(info, st)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
     else:
@@ -98,7 +93,9 @@ def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
         typer.echo(f"bytes per token  {r['bytes_per_token']}")
         typer.echo(f"top-K            {', '.join(map(str, r['top_k']))}")
         typer.echo(f"dtype            {', '.join(r['dtype'])}")
-        typer.echo(f"top-K mass       {r['mean_topk_mass']} (mean probability the stored top-K keeps)")
+        typer.echo(f"top-K mass       {r['mean_topk_mass']} (mean probability the stored top-K keeps"
+                   + (f"; not recorded in the manifests of {r['mass_not_recorded']} segment(s), written "
+                      "before it was, which it leaves out)" if r["mass_not_recorded"] else ")"))
         typer.echo(f"storage KL       {r['reconstruction_kl']} (mean K+1-bin KL, float32 logits → stored values)")
         for t, v in r["teachers"].items():
             typer.echo(f"teacher          {t}…  {v['entries']} entries, {v['tokens']} tokens")
@@ -110,9 +107,9 @@ def cache_info(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
         for problems in r["damaged"].values():
             for p in problems:
                 typer.secho(f"damaged          {p}", fg=typer.colors.RED)
-    if r["damaged"] or _fetch_failures(seen):
-        fail(f"{len(r['damaged']) + len(seen.fetch_failures)} damaged segment(s) in {seen.url} (not "
-             f"counted above); {damage_advice(seen.url)}")
+    if r["damaged"]:
+        fail(f"{len(r['damaged'])} damaged segment(s) in {st.url} (not counted above); "
+             f"{damage_advice(st.url)}")
 
 
 @cache_app.command("verify", help=(

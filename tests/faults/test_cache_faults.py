@@ -623,6 +623,20 @@ def test_verify_finds_bad_values_whose_checksums_match(store, base, kind):
     has(out, seg.name, "entry 0", words, "1 problem(s)", "cache gc --damaged")
 
 
+@pytest.mark.parametrize("mass", [1.5, -0.1, "0.9"])
+def test_a_manifest_topk_mass_that_is_not_a_probability_is_damage(store, mass):
+    """Extraction records the mean top-K mass per token (what `cache info` shows for a remote
+    store without fetching its segments); one that is not a probability is named."""
+    seg = segments(store)[2]
+    assert 0 < manifest(seg)["topk_mass"] <= 1
+    meta = json.loads((seg / "zarr.json").read_text())
+    meta["attributes"]["topk_mass"] = mass
+    (seg / "zarr.json").write_text(json.dumps(meta))
+    code, out = cache("ls", "--store", store)
+    assert code == 1
+    has(out, seg.name, "DAMAGED", "manifest topk_mass", "is not a probability", "1 damaged")
+
+
 def test_a_teacher_id_outside_the_students_vocabulary_names_its_segment(store, base):
     """A cache extracted with a teacher of a larger vocabulary than the student's: the loss's
     gather would fail with a bare index error; the batch's ids are checked first."""

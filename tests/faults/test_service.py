@@ -240,6 +240,12 @@ def test_round_trip_reproduces_the_store(base, tmp_path, servers, monkeypatch):
                 assert got[f].dtype == want[f].dtype and np.array_equal(got[f], want[f]), (key, f)
     assert remote.has(base["keys"][:3] + ["0" * 64]) == set(base["keys"][:3])
     assert remote.stats() == {"segments": len(base["names"]), "entries": N_SEQ}
+    # commit records in bulk (`cache ls/info`): those committed, an absent name left out, and a
+    # request over the limit refused by the server before it reads a record
+    assert remote.commit_records(base["names"] + ["absent"]) == {
+        n: Store(base["store"]).commit_record(n) for n in base["names"]}
+    with pytest.raises(fl.FlightServerError, match="over the limit of 256"):
+        list(fl.connect(server.url).do_action(fl.Action("commits", json.dumps(["a"] * 257).encode())))
     server.stop()
 
 

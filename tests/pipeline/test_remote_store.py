@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from distill_pipeline.cache.reader import CacheReader
@@ -79,6 +80,38 @@ def test_push_ls_verify_pull_round_trip(local, tmp_path):
     code, out = cache("pull", url, tmp_path / "pulled")
     assert code == 0 and "copied 4 segment(s)" in out, out
     assert tree_bytes(tmp_path / "pulled") == tree_bytes(local["store"])
+
+
+def test_ls_and_info_read_commit_records_and_fetch_nothing(local, tmp_path):
+    url = "s3://team-cache/listed"
+    cache("push", local["store"], url)
+    fresh = {"DISTILL_MIRROR_DIR": str(tmp_path / "reader-mirror")}  # the push staged its copies in its own
+    code, out = cache("ls", "--store", url, env_extra=fresh)
+    assert code == 0 and "4 segment(s)" in out, out
+    code, out = cache("info", "--store", url, "--json", env_extra=fresh)
+    assert code == 0, out
+    remote_info = json.loads(out)
+    fetched = tmp_path / "reader-mirror" / "segments"
+    assert not (fetched.exists() and list(fetched.iterdir())), "ls/info fetched segments"
+    code, out = cache("info", "--store", local["store"], "--json")
+    local_info = json.loads(out)
+    same = ("segments", "entries", "tokens", "top_k", "mean_k", "dtype", "teachers", "reconstruction_kl",
+            "mean_topk_mass")  # the mass: the manifests' record remotely, decoded from files locally
+    assert {k: remote_info[k] for k in same} == {k: local_info[k] for k in same}
+    assert remote_info["mass_not_recorded"] == 0 and 0 < remote_info["mean_topk_mass"] <= 1
+    segment_bytes = sum(len(b) for b in tree_bytes(local["store"]).values())
+    assert remote_info["bytes_on_disk"] == segment_bytes
+
+    # a commit record that does not list what its manifest implies is damage, named
+    remote = FsspecRemote(url)
+    name = remote.segment_names()[1]
+    record = remote.commit_record(name)
+    del record["files"]["lse/zarr.json"]
+    remote.fs.pipe(remote._p("commits", f"{name}.json"), json.dumps(record).encode())
+    code, out = cache("ls", "--store", url)
+    assert code == 1 and name in out and "DAMAGED" in out and "missing lse/zarr.json" in out, out
+    code, out = cache("info", "--store", url)
+    assert code == 1 and "3 healthy, 1 damaged" in out, out
 
 
 def test_training_reads_through_the_mirror(local, tmp_path):
@@ -162,19 +195,40 @@ def test_two_teams_share_one_bucket(tmp_path, monkeypatch):
     assert all(ok for _, ok, _ in runner.status(runner.make_plan(second.cfg)))  # nothing local needed
 
 
-def test_mirror_evicts_nothing_another_process_may_read(local, tmp_path):
-    """Eviction (a mirror over DISTILL_MIRROR_GB) deletes only while no other reader holds the
-    mirror's lock: a segment deleted under a reader would read as zeros."""
+def test_mirror_evicts_nothing_a_reader_holds(local, tmp_path):
+    """Eviction (a mirror over DISTILL_MIRROR_GB) deletes only segments no process pins: a
+    segment deleted under a reader would read as zeros."""
     url = "s3://team-cache/evict"
     cache("push", local["store"], url)
     names = FsspecRemote(url).segment_names()
     reader = MirroredStore(FsspecRemote(url), local=tmp_path / "mirror-of-evict")
-    reader.fetch(names[0])  # holds the shared lock from now on
+    reader.fetch(names[0])  # pinned by this store (its shared flock) until released
     small = MirroredStore(FsspecRemote(url), local=reader.local.root, max_bytes=1)
-    small.fetch(names[1])  # over budget, but another reader is there: nothing deleted
+    small.fetch(names[1])  # over budget, but the other reader pins names[0]: nothing deleted
     assert {names[0], names[1]} <= set(reader.local.segment_names())
-    reader._reading.close()  # the other reader is gone
-    reader._reading = None
+    reader.release(names[0])  # the other reader is done with it
     small.fetch(names[2])
     left = set(reader.local.segment_names())
-    assert names[0] not in left and {names[1], names[2]} <= left  # small's own are kept
+    assert names[0] not in left and {names[1], names[2]} <= left  # small's own are pinned
+
+
+def test_a_run_keeps_the_mirror_within_its_bound(local, tmp_path):
+    """A reader going through every segment of a remote store with room for about two: it keeps
+    `max_open_segments` open, releases the rest, and the mirror evicts what is released — every
+    value read equals the local store's, and segments read again are fetched again."""
+    url = "s3://team-cache/bounded"
+    cache("push", local["store"], url)
+    sizes = [sum(len(b) for b in Store(local["store"]).segment_files(n).values())
+             for n in Store(local["store"]).segment_names()]
+    bound = 2.5 * max(sizes)
+    store = MirroredStore(FsspecRemote(url), local=tmp_path / "bounded-mirror", max_bytes=bound)
+    reader = CacheReader(store, max_cached_bytes=1, max_open_segments=1)  # no decoded chunk kept
+    truth = CacheReader(local["store"])
+    peak = 0
+    for key in local["keys"] * 2:  # every segment, twice
+        got, want = reader.get(key), truth.get(key)
+        assert all(np.array_equal(got[f], want[f]) for f in ("ids", "logp", "lse", "label_logp"))
+        peak = max(peak, store.disk_bytes())
+        assert len(reader.open_segments()) == 1 and store.pinned() == set(reader.open_segments())
+    assert peak <= bound, (peak, bound)
+    assert len(store.local.segment_names()) < len(sizes)  # some were evicted
