@@ -11,7 +11,9 @@ Wire formats (all JSON is UTF-8):
 - tickets (`do_get`), JSON objects: {"kind": "index"} → the consolidated index (KEY_COLUMNS +
   segment, as `Store.index_table`); {"kind": "segment", "name": N} → FILE_SCHEMA rows, every file
   of N in order of path, cut into parts of ≤ PART_BYTES; {"kind": "entries", "keys": [...]}
-  (≤ MAX_TICKET_KEYS) → ENTRY_SCHEMA rows, one per key present (absent keys are left out).
+  (≤ MAX_TICKET_KEYS) → ENTRY_SCHEMA rows, one per key present (absent keys are left out);
+  {"kind": "rows", "keys": [...]} (≤ MAX_TICKET_KEYS) → the index rows of those keys, as
+  `Store.lookup` (the index partitions they fall in are read, not the whole index).
 - uploads (`do_put`): descriptor path [b"segment", name], FILE_SCHEMA batches (parts of a file
   consecutive, numbered from 0, each batch ≤ MAX_MESSAGE_BYTES); the server verifies everything
   (`Store.import_segment`) and answers one metadata message {"published": bool} (false: it was
@@ -43,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
+from distill_pipeline.cache.index import empty_rows
 from distill_pipeline.cache.segment import (CacheError, SegmentRejected, check_against_record,
                                             validate_segment_file, validate_segment_name)
 
@@ -335,13 +338,15 @@ class FlightRemote:
         self._action("remove", validate_segment_name(name).encode(), f"remove segment {name}")
 
     def lookup(self, keys: Iterable[str]) -> pa.Table:
-        """The index rows of `keys`. (Filtered from the whole index the service sends: the
-        service has no per-key row lookup yet — `has` is per key.)"""
-        import pyarrow.compute as pc
-
-        wanted = pa.array(sorted(set(keys)), pa.string())
-        index = self.index_table()
-        return index.filter(pc.is_in(index.column("key"), value_set=wanted))
+        """The index rows of `keys` (`rows` tickets of ≤ MAX_TICKET_KEYS keys: the service reads
+        only the index partitions they fall in)."""
+        keys = sorted(set(keys))
+        parts = []
+        for i in range(0, len(keys), MAX_TICKET_KEYS):
+            with self._call("look up keys"):
+                ticket = fl.Ticket(json.dumps({"kind": "rows", "keys": keys[i:i + MAX_TICKET_KEYS]}).encode())
+                parts.append(self._client.do_get(ticket, self._options).read_all())
+        return pa.concat_tables(parts) if parts else empty_rows()
 
     def has(self, keys: Iterable[str]) -> set[str]:
         """The keys the service holds (it looks them up in its own index)."""

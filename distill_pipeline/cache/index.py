@@ -165,7 +165,7 @@ class FsspecIndexFiles:
 
 # ---------------------------------------------------------------------------- rows
 
-def _empty():
+def empty_rows():
     import pyarrow as pa
 
     return pa.table({c: pa.array([], pa.string()) for c in KEY_COLUMNS + ["segment"]})
@@ -325,7 +325,7 @@ def lookup(files: IndexFiles, keys: Iterable[str], live: Callable[[Collection[st
 
     wanted = sorted(set(keys))
     if not wanted:
-        return _empty()
+        return empty_rows()
     value_set = pa.array(wanted, pa.string())
     # loose files first: a packing that runs meanwhile writes their rows into packs before it
     # removes them, so a row is read from one or the other (packs are read after)
@@ -351,7 +351,7 @@ def _live_newest(parts: list[Any], live: Callable[[Collection[str]], set[str]]):
     import pyarrow.compute as pc
 
     if not parts:
-        return _empty()
+        return empty_rows()
     table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts], promote_options="permissive")
     segments = set(pc.unique(table.column("segment")).to_pylist())
     alive = live(segments)

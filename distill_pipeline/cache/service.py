@@ -326,6 +326,11 @@ class CacheServer(fl.FlightServerBase):
                 info["segment"] = validate_segment_name(name)
                 self._published(name)
                 schema, batches = FILE_SCHEMA, file_batches(self._segment_files(name))
+            elif kind == "rows":  # what the keys touch of the index (partitions), not all of it
+                keys = _json_keys(req.get("keys"), MAX_TICKET_KEYS, "the ticket's keys")
+                table = self.store.lookup(keys)
+                info["entries"] = table.num_rows
+                schema, batches = table.schema, iter(table.to_batches())
             else:  # entries
                 keys = _json_keys(req.get("keys"), MAX_TICKET_KEYS, "the ticket's keys")
                 schema, batches = ENTRY_SCHEMA, self._entry_batches(keys, info)
@@ -435,8 +440,8 @@ def _json_keys(value: Any, limit: int, where: str, what: str = "entry keys") -> 
 
 
 def _parse_ticket(raw: bytes) -> dict:
-    usage = ('expected a JSON object: {"kind": "index"}, {"kind": "segment", "name": N} or '
-             '{"kind": "entries", "keys": [...]}')
+    usage = ('expected a JSON object: {"kind": "index"}, {"kind": "rows", "keys": [...]}, '
+             '{"kind": "segment", "name": N} or {"kind": "entries", "keys": [...]}')
     if len(raw) > MAX_TICKET_KEYS * 80 + 1024:  # before parsing: the largest valid ticket's size
         raise fl.FlightServerError(f"ticket of {len(raw)} bytes is too large; {usage} "
                                    f"(at most {MAX_TICKET_KEYS} keys)")
@@ -444,7 +449,7 @@ def _parse_ticket(raw: bytes) -> dict:
         req = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise fl.FlightServerError(f"malformed ticket (not JSON); {usage}") from None
-    if not isinstance(req, dict) or req.get("kind") not in ("index", "segment", "entries"):
+    if not isinstance(req, dict) or req.get("kind") not in ("index", "rows", "segment", "entries"):
         kind = req.get("kind") if isinstance(req, dict) else None
         raise fl.FlightServerError(f"unknown ticket kind {str(kind)[:40]!r}; {usage}")
     return req

@@ -246,7 +246,13 @@ def test_round_trip_reproduces_the_store(base, tmp_path, servers, monkeypatch):
         n: Store(base["store"]).commit_record(n) for n in base["names"]}
     with pytest.raises(fl.FlightServerError, match="over the limit of 256"):
         list(fl.connect(server.url).do_action(fl.Action("commits", json.dumps(["a"] * 257).encode())))
-    server.stop()
+    # key lookups ask for the keys' rows (the service reads their index partitions), never the whole index
+    some = base["keys"][::7] + ["0" * 64]
+    assert rows(remote.lookup(some)) == rows(Store(base["store"]).lookup(some))
+    assert remote.lookup([]).num_rows == 0
+    log = server.stop()
+    gets = [line.split("action=")[1].split()[0] for line in log.splitlines() if "action=get:" in line]
+    assert gets.count("get:index") == 1 and gets.count("get:rows") == 1, gets  # index_table above; lookup
 
 
 def test_upload_then_again_and_sigterm_logs_each_request(base, tmp_path, servers):
