@@ -79,7 +79,7 @@ def stop_group(proc: subprocess.Popen, marker: str) -> None:
 
 
 def env_for(tmp: Path, store: Path) -> dict:
-    return {**os.environ, "DISTILL_PROGRESS": "0", "DISTILL_TENSORBOARD": "0", "RAY_AUTH_MODE": "disabled",
+    return {**os.environ, "DISTILL_PROGRESS": "0", "RAY_AUTH_MODE": "disabled",
             "RAY_TMPDIR": str(tmp), "DISTILL_CACHE_DIR": str(store.parent)}
 
 

@@ -14,8 +14,10 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from distill_pipeline.cache.format import CacheFormat, FormatError
 from distill_pipeline.losses import LOSSES, METHODS, TWO_PHASE, method_loss
+from distill_pipeline.trackers import EXTRA, TRACKERS, missing
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
+TrackerName = Literal[tuple(TRACKERS)]  # type: ignore[valid-type]
 Layout = Literal["auto", "messages", "prompt_completion", "pairs", "conversational", "scored"]
 
 
@@ -369,7 +371,27 @@ class Config(Section):
     evaluate: Evaluate = Evaluate()
     resources: Resources = Resources()
     ray: RayCfg = RayCfg()
+    report_to: list[TrackerName] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="experiment trackers every training node and evaluate "
+        "report to: tensorboard, wandb, mlflow (not fingerprinted)")
     _loss_options: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_known_and_installed(cls, value: Any) -> list[str]:
+        """Refused at load: an unknown tracker, or one whose package is not installed (a run
+        must not train for an hour and then fail to report)."""
+        names = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"expected a list of trackers ({', '.join(TRACKERS)})")
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; accepted: {', '.join(TRACKERS)}")
+        absent = missing(names)
+        if absent:
+            raise ValueError(f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} not "
+                             f"installed: {EXTRA} (or remove it from report_to)")
+        return list(dict.fromkeys(names))
 
     def loss_options(self, key: Literal["loss", "dckd_loss"] = "loss", source: str = "<config>") -> dict[str, Any]:
         """The validated options (defaults filled in) of the loss that `train.loss` or, for adpa+,

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 # Environment a stage reads, by prefix: the pipeline's own settings (cache dir, mirror, service
-# token, progress), the Hugging Face hub and cache, and object-store credentials/endpoints.
+# token, progress), the Hugging Face hub and cache, object-store credentials/endpoints, and the
+# experiment trackers' settings (report_to: WANDB_MODE, WANDB_API_KEY, MLFLOW_TRACKING_URI, …).
 FORWARDED_PREFIXES = ("DISTILL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "AWS_", "GOOGLE_",
-                      "AZURE_", "S3_")
+                      "AZURE_", "S3_", "WANDB_", "MLFLOW_")
 
 
 def default_root() -> Path:

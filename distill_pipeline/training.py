@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from distill_pipeline import checkpoint, parallel
+from distill_pipeline import checkpoint, parallel, trackers
 from distill_pipeline.progress import progress
 
 
@@ -102,13 +102,14 @@ def train_loop(model: Any, *, hp: Any, examples: int,
                counts: Callable[[int], list[dict[str, int]]],
                loss_fn: Callable[[Any, Any, dict], tuple[Any, dict]],
                work_dir: Path, desc: str,
-               on_checkpoint: Callable[[int], None] | None = None) -> dict:
+               on_checkpoint: Callable[[int], dict | None] | None = None) -> dict:
     """Train `model` in place; returns summary metrics. Resumes from `work_dir/checkpoint`.
 
     Under data parallelism (`parallel.group().world` = `hp.workers` > 1) every worker calls this
     with the same arguments: `batches` must accept `(epoch, keep)` (it builds only the kept
     micro-batches), rank r takes micro-batches r·A … r·A+A−1 of each step's N·A, and only rank 0
-    logs and writes; `on_checkpoint` runs on every rank (FSDP's forward is collective)."""
+    logs and writes; `on_checkpoint` runs on every rank (FSDP's forward is collective), and the
+    numbers it returns (the train stage's validation row) go to the trackers (`report_to`)."""
     import torch
 
     group = parallel.group()
@@ -137,15 +138,12 @@ def train_loop(model: Any, *, hp: Any, examples: int,
             print(f"{desc}: resuming at step {step}/{steps}")
             _truncate_log(log_path, step)  # a crash after logging a step but before its checkpoint
         parallel.barrier()
-        if on_checkpoint:  # … or after the checkpoint but before what is written at it
-            on_checkpoint(step)
     elif log_path.exists() and group.main:
         log_path.unlink()
     model.train()
     t0 = time.perf_counter()
     # resumed at the final step (killed after its checkpoint): nothing trains, the log says the rest
     last: dict = _last_logged(log_path) if resumed is not None and group.main else {}
-    writer = _tensorboard(work_dir) if group.main else None
 
     def mine(n: int) -> bool:  # micro-batch n (counted from a step boundary) is this rank's
         return (n % per_step) // accum == group.rank
@@ -153,9 +151,15 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     stream = _from(batches, epoch, consumed, mine if group.world > 1 else None)
     count_stream = _from(counts, epoch, consumed)
     with contextlib.ExitStack() as files:
+        # report_to (trackers.py), rank 0 only: a resumed node continues its tracker runs
+        tracker = files.enter_context(trackers.start(work_dir, resume_step=step) if group.main
+                                      else trackers.Tracker())
+        if resumed is not None and on_checkpoint:  # killed after the checkpoint, before what is written at it
+            tracker.log(step, on_checkpoint(step) or {})
         log = files.enter_context(open(log_path, "a")) if group.main else None
         bar = files.enter_context(progress(total=steps, initial=step, desc=desc, disable=not group.main))
         while step < steps:
+            began = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             norm = step_norm(next(count_stream)[2] for _ in range(per_step))
             sums: dict[str, Any] = {}
@@ -188,19 +192,19 @@ def train_loop(model: Any, *, hp: Any, examples: int,
                     "grad_norm": float(grad_norm), **values}
             if log:
                 log.write(json.dumps(last) + "\n")
-            if writer:
-                for k, v in last.items():
-                    writer.add_scalar(k, v, step)
+            # tokens/s (the step's loss tokens, all workers, over its wall time) goes to the trackers
+            # only: metrics.jsonl stays identical across a crash and resume
+            tokens = sum(v for k, v in norm.items() if k.startswith("tokens_"))
+            tracker.log(step, {**{k: v for k, v in last.items() if k != "step"},
+                               **({"tokens_per_s": tokens / (time.perf_counter() - began)} if tokens else {})})
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
             if step % hp.checkpoint_every == 0 or step == steps:
                 if log:
                     log.flush()
                 checkpoint.save(ckpt, net, opt, {"step": step, "epoch": epoch, "consumed": consumed})
-                if on_checkpoint:
-                    on_checkpoint(step)
-    if writer:
-        writer.close()
+                if on_checkpoint:  # what it returns (the train stage's validation row) is reported
+                    tracker.log(step, on_checkpoint(step) or {})
     model.eval()
     return {"steps": steps, "final_loss": round(last.get("loss", float("nan")), 6),
             "train_seconds": round(time.perf_counter() - t0, 2),
@@ -235,16 +239,6 @@ def to_device(batch: Any, dev: Any) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, dev) for v in batch)
     return batch
-
-
-def _tensorboard(work_dir: Path):
-    if os.environ.get("DISTILL_TENSORBOARD", "1") == "0":
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: JSONL only
-        return None
-    return SummaryWriter(str(work_dir / "tensorboard"))
 
 
 def save_trained(model: Any, tok: Any, folder: Path) -> None:

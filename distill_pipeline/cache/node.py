@@ -41,14 +41,20 @@ def write_node_file(out: Any, store: CacheStore, fmt: Any, source: str, teachers
                                                                  pa.string())}), Path(out) / KEYS_FILE)
 
 
-def node_segments_missing(folder: Any) -> tuple[int, int]:
-    """(segments gone, segments) of those that held the node's entries when it was published."""
+def node_segments(folder: Any) -> list[str | None]:
+    """Per key of the node, the segment that held it when the node was published (None: not in
+    the store then)."""
     import pyarrow.parquet as pq
 
     try:
-        segments = pq.read_table(Path(folder) / KEYS_FILE, columns=["segment"]).column("segment").to_pylist()
+        return pq.read_table(Path(folder) / KEYS_FILE, columns=["segment"]).column("segment").to_pylist()
     except Exception as exc:  # noqa: BLE001 - missing, truncated, written before segments were recorded
         raise _node_damaged(folder, KEYS_FILE, exc) from None
+
+
+def node_segments_missing(folder: Any) -> tuple[int, int]:
+    """(segments gone, segments) of those that held the node's entries when it was published."""
+    segments = node_segments(folder)
     held = set(segments) - {None}  # None: an entry that was not in the store when published
     gone = len(held - set(open_store(node_store(folder), create=False).segment_names()))
     return gone + (None in segments), len(held) + (None in segments)
@@ -77,6 +83,11 @@ def _node_meta(folder: Any) -> dict:
         return meta
     except Exception as exc:  # noqa: BLE001 - missing file, bad JSON, missing field
         raise _node_damaged(folder, NODE_FILE, exc) from None
+
+
+def node_meta(folder: Any) -> dict:
+    """teachers.json: {"store", "format", "source", "teachers": role → {"identity", "path"}}."""
+    return _node_meta(folder)
 
 
 def node_store(folder: Any) -> str:
@@ -108,3 +119,46 @@ def run_nodes(run_dir: Path) -> list[Path]:
         if stage == "teacher_logits":
             nodes.append(manifest.parent)
     return nodes
+
+
+def node_stats(folder: Any) -> dict:
+    """What an extraction node's entries cost and keep, from the manifests of the segments that
+    held them when it was published (cheap checks; no log-probs decoded): tokens, bytes on disk
+    per token, stored slots per token (`mean_k`: K for a fixed K) and storage KL (the segments'
+    `reconstruction_kl`, token-weighted). A segment may also hold other nodes' entries: the figures
+    are those of the segments. A remote store is read from its local mirror (no network), so
+    segments never fetched there count as `absent`, like segments deleted from a local store."""
+    from distill_pipeline.cache.remote import is_remote, mirror_root
+    from distill_pipeline.cache.segment import check_segment
+    from distill_pipeline.cache.store import Store
+
+    url = node_store(folder)
+    held = sorted(set(node_segments(folder)) - {None})
+    root = mirror_root(url) if is_remote(url) else url
+    out = {"store": url, "read_from": str(root), "segments": len(held), "absent": 0, "damaged": 0,
+           "tokens": 0, "bytes": 0, "bytes_per_token": None, "mean_k": None, "storage_kl": None}
+    try:
+        store = Store(root, create=False)
+    except CacheError:  # gone, or never mirrored here: every segment is absent
+        out["absent"] = len(held)
+        return out
+    slots, kl = 0, 0.0
+    for name in held:
+        seg = store.segment_path(name)
+        if not seg.is_dir():
+            out["absent"] += 1
+            continue
+        check = check_segment(seg, deep=False)
+        if check.damaged:
+            out["damaged"] += 1
+            continue
+        n = int(check.manifest["n_tokens"])
+        out["tokens"] += n
+        slots += int(check.manifest["n_slots"]) if check.fmt.adaptive else n * check.fmt.top_k
+        kl += float(check.manifest.get("reconstruction_kl", 0.0)) * n
+        out["bytes"] += sum(f.stat().st_size for f in seg.rglob("*") if f.is_file())
+    if out["tokens"]:
+        out.update(bytes_per_token=round(out["bytes"] / out["tokens"], 2),
+                   mean_k=round(slots / out["tokens"], 2),
+                   storage_kl=float(f"{kl / out['tokens']:.3g}"))
+    return out

@@ -4,6 +4,7 @@
     distill-pipeline run teacher_dpo -c …      # builds missing upstream nodes first
     distill-pipeline status -c …               # every node: up to date, or will run and why
     distill-pipeline plan | methods | compare
+    distill-pipeline report RUN_DIR [--out FILE.html]   # one self-contained HTML page of a run
     distill-pipeline cache …                   # cli/cache.py
 
 `main()` is the entry point: known errors print one message, anything else is reported as a bug
@@ -74,6 +75,7 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
 
     One run per run dir at a time (a second one exits, or queues with --wait). Ctrl-C or SIGTERM
     stops the running stages and keeps their partial output: rerun the same command to resume."""
+    from distill_pipeline.pipeline.cards import invocation
     from distill_pipeline.pipeline.runner import Interrupted, make_plan, run as run_plan
 
     from distill_pipeline.models import fetch_imports
@@ -85,7 +87,7 @@ def run(stages: List[str] = typer.Argument(None, help="'all' (default), stage na
     try:
         fetch_imports({**{f"models.{r}": getattr(cfg.models, r) for r in IMPORTS},
                        "evaluate.reward_model": cfg.evaluate.reward_model})
-        plan = make_plan(cfg)
+        plan = make_plan(cfg, invocation=invocation(config, sets))  # for the model cards
         ran = run_plan(plan, list(stages or ["all"]), force=force, use_ray=not no_ray, wait=wait,
                        memory_check=not no_memory_check)
     except _errors() as exc:
@@ -167,6 +169,21 @@ def compare(paths: List[str] = typer.Argument(..., help="run directories or conf
     except OSError as exc:
         fail(f"cannot write {png}: {exc.strerror or exc}; pass --out with a writable path")
     typer.echo(f"wrote {png} and {png.with_suffix('.json')}")
+
+
+@app.command()
+def report(run_dir: str = typer.Argument(..., help="a run dir (the run_dir of a config)"),
+           out: Optional[str] = typer.Option(None, "--out", help="HTML path (default: <run dir>/report.html)")):
+    """One self-contained HTML page of a run dir: the node graph with fingerprints and timings,
+    training curves, the evaluate tables and win rates, cache statistics."""
+    from distill_pipeline.cache.segment import CacheError
+    from distill_pipeline.pipeline.report import ReportError, write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except (ReportError, CacheError) as exc:
+        fail(str(exc), 2)
+    typer.echo(f"wrote {path}")
 
 
 from distill_pipeline.cli.cache import cache_app  # noqa: E402 - the commands above first in --help

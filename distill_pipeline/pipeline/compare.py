@@ -25,7 +25,7 @@ def _run_dir(path: str) -> Path:
     return p
 
 
-def _label(train_folder: Path) -> str:
+def method_label(train_folder: Path) -> str:
     m = json.loads((train_folder / "manifest.json").read_text())
     loss = m["summary"].get("loss") or m["config"]["loss"]
     init = m["inputs"].get("init", {}).get("node", "")
@@ -49,7 +49,7 @@ def collect(paths: list[str]) -> dict[str, dict[str, Any]]:
         results = json.loads((ev.parent / "results.json").read_text())
         for role, res in results.items():
             folder = Path(manifest["inputs"][role]["path"])
-            label = _label(folder) if role.startswith("train") else role
+            label = method_label(folder) if role.startswith("train") else role
             if label in rows:
                 continue
             curve = []

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from distill_pipeline import trackers
 from distill_pipeline.config import TrainHP
 from distill_pipeline.env import apply_driver_context
 from distill_pipeline.parallel import group
@@ -40,18 +41,21 @@ def workers_of(view: Any) -> int:
 
 def execute_node(stage_name: str, view: Any, inputs: dict[str, str], partial: str,
                  num_threads: int | None = None, context: dict | None = None,
-                 worker_resources: tuple[float, float] = (1, 0)) -> dict:
+                 worker_resources: tuple[float, float] = (1, 0),
+                 tracking: trackers.NodeRun | None = None) -> dict:
     """Run one stage into its partial folder; returns the stage summary. Runs in a Ray task,
     with the driver's environment and working directory. A training node with `workers > 1`
     runs on that many Ray Train workers, each holding `worker_resources` (CPUs, GPUs); this task
-    only waits for them."""
+    only waits for them. `tracking`: the node's `report_to` trackers and what they are told."""
     apply_driver_context(context)
     out = Path(partial)
     out.mkdir(parents=True, exist_ok=True)
     if workers_of(view) > 1:
         cpus, gpus = worker_resources
-        return launch(stage_name, view, inputs, out, cpus=cpus, gpus=gpus, context=context)
-    return _run_stage(stage_name, view, inputs, out, num_threads)
+        return launch(stage_name, view, inputs, out, cpus=cpus, gpus=gpus, context=context,
+                      tracking=tracking)
+    with trackers.bound(tracking):
+        return _run_stage(stage_name, view, inputs, out, num_threads)
 
 
 def _run_stage(stage_name: str, view: Any, inputs: dict[str, str], out: Path, threads: int | None) -> dict:
@@ -66,7 +70,8 @@ def _worker(config: dict) -> None:
     """The body of every Ray Train worker of a data-parallel node."""
     apply_driver_context(config["context"])
     out = Path(config["out"])
-    summary = _run_stage(config["stage"], config["view"], config["inputs"], out, config["threads"])
+    with trackers.bound(config["tracking"]):  # opened by rank 0 only (training.train_loop)
+        summary = _run_stage(config["stage"], config["view"], config["inputs"], out, config["threads"])
     if group().main:
         tmp = out / (SUMMARY + ".tmp")
         tmp.write_text(json.dumps(summary))
@@ -74,7 +79,7 @@ def _worker(config: dict) -> None:
 
 
 def launch(stage: str, view: Any, inputs: dict[str, str], out: Path, *, cpus: float, gpus: float,
-           context: dict | None) -> dict:
+           context: dict | None, tracking: trackers.NodeRun | None = None) -> dict:
     """Run `stage` on `workers_of(view)` Ray Train workers; returns rank 0's summary. A worker
     that dies fails the node (its checkpoint stays: rerunning resumes from it)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -88,7 +93,7 @@ def launch(stage: str, view: Any, inputs: dict[str, str], out: Path, *, cpus: fl
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"stage": stage, "view": view, "inputs": inputs, "out": str(out),
-                           "context": context, "threads": max(1, int(cpus))},
+                           "context": context, "threads": max(1, int(cpus)), "tracking": tracking},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
                                      resources_per_worker=per_worker),

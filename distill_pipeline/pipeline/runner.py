@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distill_pipeline import trackers
 from distill_pipeline.env import driver_context
+from distill_pipeline.pipeline import cards
 from distill_pipeline.pipeline.launch import execute_node, workers_of
 from distill_pipeline.pipeline.recipes import NodeSpec, build_graph
 from distill_pipeline.provenance import package_versions
@@ -48,6 +50,7 @@ class Plan:
     contents: dict[str, str]       # what dependents hash: the same minus the view's LAYOUT fields
     run_dir: Path
     broken: dict[str, str | None] = field(default_factory=dict)  # published but no longer usable
+    invocation: dict | None = None  # the command line it came from (cards.invocation), if any
 
     def node(self, name: str) -> NodeSpec:
         return next(n for n in self.nodes if n.name == name)
@@ -77,7 +80,9 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(canonical(value).encode()).hexdigest()
 
 
-def make_plan(cfg: Any) -> Plan:
+def make_plan(cfg: Any, invocation: dict | None = None) -> Plan:
+    """The run graph of `cfg` with every node's fingerprint; `invocation` (the command line, see
+    `cards.invocation`) goes into the model cards of the nodes this plan publishes."""
     nodes = build_graph(cfg)
     fps: dict[str, str] = {}
     contents: dict[str, str] = {}
@@ -95,7 +100,7 @@ def make_plan(cfg: Any) -> Plan:
     run_dir = Path(cfg.run_dir).expanduser().resolve()  # absolute: workers may run elsewhere
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory")
-    return Plan(cfg, nodes, fps, contents, run_dir)
+    return Plan(cfg, nodes, fps, contents, run_dir, invocation=invocation)
 
 
 def select(plan: Plan, targets: list[str]) -> list[str]:
@@ -198,7 +203,8 @@ def status(plan: Plan) -> list[tuple[str, bool, str]]:
 
 # ---------------------------------------------------------------------------- execution
 
-def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
+def _publish(plan: Plan, name: str, summary: dict, started: float,
+             echo: Callable[[str], None] = print) -> None:
     node, stage = plan.node(name), get_stage(plan.node(name).stage)
     partial, final = plan.partial(name), plan.folder(name)
     missing = [o for o in stage.outputs if not (partial / o).exists()]
@@ -216,11 +222,24 @@ def _publish(plan: Plan, name: str, summary: dict, started: float) -> None:
         "versions": package_versions(), "host": platform.node(),
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if cards.publishes_model(node.stage):  # in the partial folder: published with the model
+        _card(name, echo, cards.write_card, plan, name, partial, manifest)
     if final.exists():  # a stale folder without manifest (crash after rename is impossible)
         shutil.rmtree(final)
     os.replace(partial, final)
     plan.broken[name] = None
     record_state(plan, name)
+    _card(name, echo, cards.refresh_evaluated, plan, name)  # evaluate: the scored models' cards
+
+
+def _card(name: str, echo: Callable[[str], None], write: Callable, *args: Any) -> None:
+    """A model card is documentation: failing to write one must not lose a trained node (its
+    checkpoint is gone once it finished), so it is reported and the node published without it."""
+    try:
+        write(*args)
+    except Exception as exc:  # noqa: BLE001 - any failure: say so, publish anyway
+        echo(f"{name}: model card not written ({type(exc).__name__}: {exc}); the node is published "
+             "without it")
 
 
 def record_state(plan: Plan, name: str) -> None:
@@ -252,6 +271,11 @@ def preflight(plan: Plan, todo: list[str], echo: Callable[[str], None] = print, 
     from distill_pipeline.data import DataView, validate_dataset
     from distill_pipeline.models import check_model_spec, check_same_tokenizer, load_tokenizer
 
+    try:  # report_to: installed, logged in, a store MLflow can open (trackers.preflight)
+        for line in trackers.preflight(plan.cfg.report_to, plan.run_dir):
+            echo(f"preflight: {line}")
+    except trackers.TrackerError as exc:
+        raise PipelineError(str(exc)) from None
     template = plan.cfg.data.template()
     models = {f"models.{n.view.role}": n.view.model for n in plan.nodes  # sft and import nodes
               if n.stage in ("sft", "import_model")}
@@ -348,6 +372,19 @@ def run(plan: Plan, targets: list[str], *, force: bool = False, use_ray: bool = 
     return todo
 
 
+def _tracking(plan: Plan, name: str) -> trackers.NodeRun | None:
+    """What the node's `report_to` tracker runs are told: grouping (run dir, lineage), the
+    fingerprint and the node's view (not fingerprinted: report_to reruns nothing)."""
+    if not plan.cfg.report_to:
+        return None
+    node = plan.node(name)
+    return trackers.NodeRun(
+        report_to=tuple(plan.cfg.report_to), run_dir=str(plan.run_dir), node=name, stage=node.stage,
+        fingerprint=plan.fingerprints[name], method=plan.cfg.method,
+        lineage=tuple(_lineage_words(_lineage(plan, name))),
+        config=flatten(node.view.model_dump(mode="json")))
+
+
 def _inputs(plan: Plan, name: str) -> dict[str, str]:
     return {role: str(plan.folder(up)) for role, up in plan.node(name).needs.items()}
 
@@ -355,11 +392,12 @@ def _inputs(plan: Plan, name: str) -> dict[str, str]:
 def _run_one_inline(plan: Plan, name: str, echo: Callable[[str], None]) -> None:
     node, started = plan.node(name), time.time()
     try:
-        summary = execute_node(node.stage, node.view, _inputs(plan, name), str(plan.partial(name)))
+        summary = execute_node(node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
+                               tracking=_tracking(plan, name))
     except Exception as exc:
         raise PipelineError(f"{name} failed: {type(exc).__name__}: {exc}\n"
                             f"partial output kept in {plan.partial(name)}") from exc
-    _publish(plan, name, summary, started)
+    _publish(plan, name, summary, started, echo)
     echo(_summary_line(plan, name, summary, time.time() - started))
 
 
@@ -421,7 +459,7 @@ def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: th
                 held = (0, 0) if workers_of(node.view) > 1 else (cpus, gpus)  # its workers hold them
                 ref = remote.options(num_cpus=held[0], num_gpus=held[1], name=name).remote(
                     node.stage, node.view, _inputs(plan, name), str(plan.partial(name)),
-                    max(1, int(cpus)), context, (cpus, gpus))
+                    max(1, int(cpus)), context, (cpus, gpus), _tracking(plan, name))
                 running[ref] = name
                 started[name] = time.time()
                 pending.remove(name)
@@ -437,7 +475,7 @@ def _schedule(plan: Plan, todo: list[str], echo: Callable[[str], None], stop: th
                     failures.append(f"{name} failed: {type(cause).__name__}: {cause}\n"
                                     f"partial output kept in {plan.partial(name)}")
                 else:
-                    _publish(plan, name, summary, started[name])
+                    _publish(plan, name, summary, started[name], echo)
                     echo(_summary_line(plan, name, summary, time.time() - started[name]))
             if stop.is_set():
                 raise Interrupted("signal")

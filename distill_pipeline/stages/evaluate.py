@@ -48,6 +48,7 @@ def run(view: EvaluateView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data.tokenize import decode_response
     from distill_pipeline.metrics import evaluate_model, results_table
     from distill_pipeline.models import load_ref, model_ref
+    from distill_pipeline.trackers import start
 
     cfg = view.evaluate
     results, responses = {}, {}
@@ -87,6 +88,8 @@ def run(view: EvaluateView, inputs: dict, out: Path) -> dict:
     for kind, by_role in scores.items():
         _score_columns(results, kind, by_role)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    with start(out) as tracker:  # report_to: the table, as <model>/<metric>
+        tracker.log(0, {f"{role}/{k}": v for role, r in results.items() for k, v in r.items()})
     with open(out / "responses.jsonl", "w") as fh:
         for role, rs in responses.items():
             for i, (e, r) in enumerate(zip(examples, rs)):

@@ -76,14 +76,16 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
                      seed=hp.seed, cache=cache, extras=extras)
     validation = pair_examples(view.validation, tok) if view.validation else []
 
-    def validate(step: int) -> None:  # on every worker (FSDP's forward is collective), written by rank 0
+    def validate(step: int) -> dict | None:
+        """On every worker (FSDP's forward is collective), written by rank 0; the row (without its
+        step) is what the trackers get."""
         if not validation:
-            return
+            return None
         model.eval()
         r = evaluate_model(model, tok, validation, batch_size=64, max_new_tokens=view.max_new_tokens)
         model.train()
         if not group().main:
-            return
+            return None
         row = {"step": step, **{f"val_{k}": v for k, v in r.items() if k != "n"}}
         path = out / "validation.jsonl"  # rewritten whole: a resumed run validates its checkpoint again
         rows = [line for line in (path.read_text().splitlines() if path.exists() else [])
@@ -91,6 +93,7 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in [*rows, json.dumps(row)]))
         os.replace(tmp, path)
+        return {k: v for k, v in row.items() if k != "step"}
 
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(spec, view.options), counts=stream.counts, work_dir=out,

@@ -28,15 +28,15 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _tree(run_dir: Path, method: str, **train) -> dict:
-    tree = tiny_tree(run_dir, method=method)
+def _tree(run_dir: Path, method: str, report_to: tuple = (), **train) -> dict:
+    tree = tiny_tree(run_dir, method=method, report_to=list(report_to))
     tree["train"] = {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "checkpoint_every": 3, **train}
     return tree
 
 
-def trajectory(root: Path, method: str, name: str, **train):
+def trajectory(root: Path, method: str, name: str, report_to: tuple = (), **train):
     """(per-step losses, per-step grad norms, final weights) of the train node."""
-    cfg = load_config(write_config(root / f"{method}-{name}.yaml", _tree(root / "run", method, **train)))
+    cfg = load_config(write_config(root / f"{method}-{name}.yaml", _tree(root / "run", method, report_to, **train)))
     plan = runner.make_plan(cfg)
     upstream = [n.name for n in plan.nodes if n.name not in ("train", "evaluate")]
     runner.run(plan, upstream, use_ray=False, echo=lambda s: None)  # built once, shared by every run
@@ -62,7 +62,7 @@ def root(tmp_path_factory):
 def dpo_runs(root):
     """DPO: the policy's reference log-probs are scored on 1/N of the pairs by each worker."""
     return {"1x2": trajectory(root, "dpo", "1x2", grad_accum=2),
-            "ddp2x1": trajectory(root, "dpo", "ddp2x1", workers=2, grad_accum=1),
+            "ddp2x1": trajectory(root, "dpo", "ddp2x1", ("tensorboard", "mlflow"), workers=2, grad_accum=1),
             "fsdp2x1": trajectory(root, "dpo", "fsdp2x1", workers=2, grad_accum=1, strategy="fsdp")}
 
 
@@ -72,6 +72,25 @@ def test_two_ddp_workers_equal_one_worker_with_twice_the_accumulation(dpo_runs):
 
 def test_fsdp_matches_ddp(dpo_runs):
     assert_same(dpo_runs["fsdp2x1"], dpo_runs["ddp2x1"], rel=1e-4, atol=1e-4)
+
+
+def test_only_rank_0_reports_to_the_trackers(dpo_runs, root):
+    """report_to with two DDP workers: one TensorBoard event file and one MLflow run for the
+    node, each holding every step once (rank 1 opens no tracker)."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plan = runner.make_plan(load_config(root / "dpo-ddp2x1.yaml"))
+    folder = plan.folder("train")
+    assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    client = MlflowClient(tracking_uri=(plan.run_dir / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name(plan.run_dir.name).experiment_id
+    runs = client.search_runs([experiment], filter_string="tags.node = 'train'")
+    assert len(runs) == 1
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == [1, 2, 3]
 
 
 def test_the_check_can_fail_a_different_step_is_told_apart(dpo_runs, root):

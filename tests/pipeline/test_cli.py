@@ -65,9 +65,15 @@ def test_run_twice_then_set_change(tmp_path):
 
 def test_run_single_stage_builds_upstream_first(tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_tree(tmp_path / "run", method="adpa"))
-    out = cli("run", "teacher_dpo", "-c", str(config), "--no-ray")
+    out = cli("run", "teacher_dpo", "-c", str(config), "--no-ray", "--set", "teacher_dpo.beta=0.2",
+              cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert executed(out.stdout) == ["sft.teacher", "teacher_dpo"]
+    # each model card records the command line that made it, run from where it ran
+    card = next((tmp_path / "run").glob("teacher_dpo-*/model/README.md")).read_text()
+    assert (f"```bash\ndistill-pipeline run teacher_dpo -c {config} --set teacher_dpo.beta=0.2\n```"
+            in card), card
+    assert f"from the working directory `{tmp_path}`" in card
 
 
 def test_config_error_is_one_clean_message(tmp_path):

@@ -7,21 +7,15 @@ import pytest
 
 from distill_pipeline.generation import BackendError, gpu_available, pick_backend
 from distill_pipeline.pipeline import runner
-from distill_pipeline.config import load_config
-from tests.conftest import tiny_tree, write_config
 
-MODEL_FILES = {".distill-identity.json", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json"}
+MODEL_FILES = {".distill-identity.json", "README.md", "chat_template.jinja", "config.json",
+               "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 
-@pytest.fixture(scope="module")
-def done_plan(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stages")
-    cfg = load_config(write_config(tmp / "c.yaml", tiny_tree(tmp / "run", method="adpa")))
-    plan = runner.make_plan(cfg)
-    ran = runner.run(plan, ["all"], use_ray=False, echo=lambda s: None)
-    assert ran == [n.name for n in plan.nodes]
-    return plan
+@pytest.fixture
+def done_plan(adpa_run):
+    """The session's tiny ADPA run (tests/conftest.py), every node run in process."""
+    return adpa_run
 
 
 def files(folder):

@@ -66,6 +66,7 @@ def perturb(path: str, value: Any, method: str, tmp) -> Any:
         "resources.gpu_memory_gb": None,  # only valid beside resources.gpus > 0 (a config error alone)
         "teacher_logits.top_mass": 0.999,
         "teacher_logits.min_k": None,  # only valid beside top_mass (a config error alone)
+        "report_to": ["tensorboard", "wandb", "mlflow"],  # read by no view: reruns nothing
     }
     if path in special:
         return special[path]
@@ -178,6 +179,7 @@ ALL_ADPA = {"sft.teacher", "sft.student", "teacher_dpo", "rollouts", "teacher_lo
     ("rollouts.seed=3", set()), ("rollouts.top_p=0.5", set()),
     ("sft.teacher.checkpoint_every=3", set()), ("teacher_dpo.checkpoint_every=3", set()),
     ("teacher_logits.num_workers=3", set()), ("teacher_logits.batch_tokens=512", set()),
+    ("report_to=[tensorboard, wandb, mlflow]", set()),  # trackers: where metrics also go
     # where the cache lives: the extraction node only
     ("teacher_logits.unit_tokens=99", {"teacher_logits.rollouts"}),
     ("teacher_logits.store=/tmp/elsewhere", {"teacher_logits.rollouts"}),
