@@ -66,6 +66,17 @@ def set_rng_state(state: Any) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _frozen(model: Any) -> set[str]:
+    """Names of the parameters that do not train (LoRA: the base's; otherwise none)."""
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _state_options(model: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=bool(_frozen(model)))
+
+
 def save(ckpt: Path, model: Any, opt: Any, position: dict) -> None:
     """Checkpoint `model` (what the loss calls: the DDP wrapper or the model), `opt` and the loop
     `position`. With several workers every rank must call it (each writes its shards)."""
@@ -77,7 +88,9 @@ def save(ckpt: Path, model: Any, opt: Any, position: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     if g.world == 1:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), **position,
+        frozen = _frozen(model)  # not saved: they never change (LoRA: the checkpoint is the adapters)
+        state = {k: v for k, v in model.state_dict().items() if k not in frozen}
+        torch.save({"model": state, "opt": opt.state_dict(), **position,
                     "rng": rng_state()}, tmp / SINGLE)
         swap_in(tmp, ckpt)
         return
@@ -85,7 +98,7 @@ def save(ckpt: Path, model: Any, opt: Any, position: dict) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     parallel.barrier()
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = get_state_dict(model, opt, options=_state_options(model))
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
     torch.save(rng_state(), tmp / f"rng-{g.rank}.pt")
     parallel.barrier()
@@ -106,7 +119,12 @@ def load(ckpt: Path, model: Any, opt: Any) -> dict | None:
         if not recover(ckpt, SINGLE):
             return None
         state = torch.load(ckpt / SINGLE, weights_only=False)
-        model.load_state_dict(state["model"])
+        frozen = _frozen(model)
+        missing, unexpected = model.load_state_dict(state["model"], strict=not frozen)
+        if unexpected or set(missing) - frozen:
+            raise RuntimeError(f"{ckpt} does not hold this model's trainable parameters (missing "
+                               f"{sorted(set(missing) - frozen)[:3]}, unexpected {sorted(unexpected)[:3]}): "
+                               "it was written by another configuration; delete it to start over")
         opt.load_state_dict(state["opt"])
         set_rng_state(state["rng"])
         return {k: state[k] for k in ("step", "epoch", "consumed")}
@@ -121,9 +139,11 @@ def load(ckpt: Path, model: Any, opt: Any) -> dict | None:
         return None
     if position.get("workers") != g.world:
         raise RuntimeError(f"{ckpt} was written by {position.get('workers')} workers, not {g.world}")
-    msd, osd = get_state_dict(model, opt)
+    options = _state_options(model)
+    msd, osd = get_state_dict(model, opt, options=options)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(ckpt / "state"))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=options)
     set_rng_state(torch.load(ckpt / f"rng-{g.rank}.pt", weights_only=False))
     return position

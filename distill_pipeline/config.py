@@ -204,6 +204,26 @@ def _check_jinja(text: str, where: str) -> None:
                          "prompt)") from None
 
 
+class LoraSpec(Section):
+    """LoRA adapters (the `peft` library) in place of full fine-tuning: only the adapters train."""
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names (suffixes) that get adapters, or all-linear (every linear layer "
+                    "but the LM head)")
+    merge: bool = Field(False, description="publish merged full weights as model/ (the adapter "
+                        "also goes to adapter/); off: model/ is the adapter, loaded over its base")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module (e.g. q_proj, v_proj) or all-linear")
+        return value
+
+
 class TrainHP(Section):
     """Optimiser settings shared by every training stage."""
     lr: float = Field(1e-4, gt=0)
@@ -224,6 +244,8 @@ class TrainHP(Section):
         "fp32", description="bf16-mixed: bfloat16 autocast, float32 weights and optimizer; bf16: "
         "weights, gradients and optimizer state in bfloat16")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    lora: LoraSpec | None = Field(None, description="train LoRA adapters instead of every weight "
+                                  "(`lora: {}` for the defaults)")
 
 
 # Training sections of the tree (TrainHP), by config path.
@@ -248,7 +270,8 @@ def ignored_settings(cfg: "Config") -> list[str]:
 
 
 # TrainHP options added after runs existed, at the values that train as before (View.ADDED)
-TRAIN_OPTIONS_ADDED = {"workers": 1, "strategy": "ddp", "precision": "fp32", "gradient_checkpointing": False}
+TRAIN_OPTIONS_ADDED = {"workers": 1, "strategy": "ddp", "precision": "fp32", "gradient_checkpointing": False,
+                       "lora": None}
 HP_ADDED = {f"hp.{k}": v for k, v in TRAIN_OPTIONS_ADDED.items()}
 
 

@@ -11,6 +11,10 @@ per-input digests:
   and shapes, so the multiset of shard digests fixes every (name, tensor) pair. Files under
   `original/` (duplicate weights) are never read. A file's sha256 is what the Hugging Face cache
   names an LFS blob, so a hub snapshot and a plain copy of it get the same identity.
+- **adapter_config.json** (a LoRA adapter directory, whose weights are `adapter_model.safetensors`)
+  — parsed, minus `ADAPTER_CONFIG_IGNORED` (the base's location, peft's bookkeeping): an adapter
+  directory's content identity is the adapter's alone; `models.teacher_identity` combines it with
+  its base's.
 - **config.json** — parsed, minus the keys in `CONFIG_IGNORED` (metadata and runtime switches that
   do not change the forward pass: `_name_or_path`, `transformers_version`, `use_cache`, …), then
   canonical JSON (sorted keys), so formatting does not count either. `torch_dtype` / `dtype`
@@ -66,7 +70,12 @@ CONFIG_IGNORED = frozenset({
 TOKENIZER_CONFIG_IGNORED = frozenset({
     "name_or_path", "_name_or_path", "_commit_hash", "tokenizer_file", "transformers_version",
 })
-_JSON_INPUTS = {"config.json": CONFIG_IGNORED, "tokenizer.json": frozenset(),
+# A LoRA adapter's config: where its base lives is a location, not content (the base's own identity
+# is combined with the adapter's by `models.teacher_identity`); peft's bookkeeping neither.
+ADAPTER_CONFIG_IGNORED = frozenset({"base_model_name_or_path", "revision", "inference_mode",
+                                    "peft_version", "auto_mapping"})
+_JSON_INPUTS = {"config.json": CONFIG_IGNORED, "adapter_config.json": ADAPTER_CONFIG_IGNORED,
+                "tokenizer.json": frozenset(),
                 "tokenizer_config.json": TOKENIZER_CONFIG_IGNORED,
                 "special_tokens_map.json": frozenset(), "added_tokens.json": frozenset(),
                 "chat_template.json": frozenset()}
@@ -106,7 +115,7 @@ def _weight_names(d: Path, names: set[str]) -> list[str]:
             except (OSError, ValueError, AttributeError):
                 pass  # damaged index: fall back to the files themselves
         st = sorted(n for n in names if n.endswith(suffix) and not n.startswith("consolidated")
-                    and (suffix == ".safetensors" or n.startswith("pytorch_model")))
+                    and (suffix == ".safetensors" or n.startswith(("pytorch_model", "adapter_model"))))
         if st:
             return st
     return []

@@ -252,6 +252,8 @@ def config_problems(config: dict, where: str) -> list[str]:
 
 
 def _model_problems(d: Path) -> list[str]:
+    if is_adapter(d):
+        return _adapter_problems(d)
     config, weights = d / "config.json", _weight_files(d)
     missing = [what for what, gone in (("config.json", not config.is_file()),
                                        ("weights", not weights)) if gone]
@@ -288,6 +290,11 @@ def _has_chat_template(d: Path, tokenizer_config: dict | None) -> bool:
 
 
 def _tokenizer_problems(d: Path, *, template: bool, deep: bool) -> list[str]:
+    if is_adapter(d) and not _has_tokenizer_files(d):
+        try:
+            d = base_dir(d)
+        except ModelError as exc:
+            return [str(exc)]
     names = {p.name for p in d.iterdir() if p.is_file()}
     if "tokenizer.json" not in names:
         vocab = sorted(n for n in names if n.endswith((".model", ".tiktoken"))
@@ -382,7 +389,10 @@ def load_tokenizer(spec: Any, chat_template: str | None = None):
         if problems:
             raise _error(prefix, problems, src.todo())
     try:
-        tok = AutoTokenizer.from_pretrained(src.load_from)
+        tok = AutoTokenizer.from_pretrained(
+            str(tokenizer_dir(src.local)) if src.local is not None else src.load_from)
+    except ModelError:
+        raise
     except Exception as exc:  # transformers raises many types; the user needs one message
         raise _load_failed(src, prefix, exc, model=False) from exc
     if tok.pad_token is None:
@@ -422,7 +432,10 @@ def load_model(spec: Any, *, seed: int = 0):
         if problems:
             raise _error(prefix, problems, src.todo())
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.load_from, dtype=dtype)
+        model = (_load_weights(src.local, dtype) if src.local is not None and is_adapter(src.local)
+                 else AutoModelForCausalLM.from_pretrained(src.load_from, dtype=dtype))
+    except ModelError:
+        raise
     except Exception as exc:
         raise _load_failed(src, prefix, exc, model=True) from exc
     return model.to(device())
@@ -439,15 +452,17 @@ def load_checkpoint(path: Path, *, dtype: str = "auto"):
     """Model (in the dtype it was saved in, on `device()`) + tokenizer saved by a stage.
     A missing or damaged folder is a ModelError naming it and the stage to rerun with --force."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     _quiet_transformers()
     path = Path(path)
     _check_stage_dir(path, model=True, tokenizer=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(str(path))
+        model = _load_weights(path, torch_dtype)
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(path)))
+    except ModelError:
+        raise
     except Exception as exc:
         problems = _dir_problems(path, model=True, tokenizer=True, deep=True)
         raise _stage_error(path, problems or [f"{type(exc).__name__}: {exc}"]) from exc
@@ -462,10 +477,125 @@ def load_tokenizer_dir(path: Path):
     path = Path(path)
     _check_stage_dir(path, model=False, tokenizer=True)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir(path)))
     except Exception as exc:
         problems = _dir_problems(path, model=False, tokenizer=True, deep=True)
         raise _stage_error(path, problems or [f"{type(exc).__name__}: {exc}"]) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters (peft): a directory with adapter_config.json and adapter_model.safetensors, whose
+# `base_model_name_or_path` names the base — a hub id, an absolute path, or a path relative to the
+# adapter directory (how the pipeline publishes an adapter over a base saved beside it). Loaded as
+# the base with the adapter merged in; `load_adapter_pair` keeps it unmerged (adapter on/off).
+
+ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def is_adapter(d: Path) -> bool:
+    return (Path(d) / ADAPTER_CONFIG).is_file()
+
+
+def _has_tokenizer_files(d: Path) -> bool:
+    return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
+
+
+def _adapter_problems(d: Path) -> list[str]:
+    config, why = _read_json(d / ADAPTER_CONFIG)
+    if why:
+        return [why]
+    problems = []
+    if not isinstance(config.get("base_model_name_or_path"), str) or not config["base_model_name_or_path"]:
+        problems.append(f"{d / ADAPTER_CONFIG} names no base model (base_model_name_or_path): set it "
+                        "to the base's directory or hub id")
+    weights = [d / w for w in _ADAPTER_WEIGHTS if (d / w).is_file()]
+    if not weights:
+        problems.append(f"no adapter weights in {d} (expected adapter_model.safetensors)")
+    problems.extend(why for f in weights if f.suffix == ".safetensors"
+                    for why in [_safetensors_problem(f)] if why)
+    return problems
+
+
+def adapter_base(d: Path) -> str:
+    """What an adapter names as its base: a path relative to the adapter directory resolved
+    against it, else the name as written (an absolute path or a hub id)."""
+    d = Path(d)
+    problems = _adapter_problems(d)
+    if problems:
+        raise ModelError(f"LoRA adapter {d}: {'; '.join(problems)}")
+    base = json.loads((d / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    rel = Path(base).expanduser()
+    if not rel.is_absolute() and (d / rel).is_dir():
+        return str((d / rel).resolve())
+    return base
+
+
+def base_dir(d: Path) -> Path:
+    """The local directory of an adapter's base (a hub id: its snapshot in the local cache)."""
+    base = adapter_base(d)
+    return import_path(base, f"the base model {base!r} of the LoRA adapter {d}")
+
+
+def tokenizer_dir(d: Path) -> Path:
+    """Where a model directory's tokenizer is: its own, or (an adapter without one) its base's."""
+    d = Path(d)
+    return tokenizer_dir(base_dir(d)) if is_adapter(d) and not _has_tokenizer_files(d) else d
+
+
+def config_dir(d: Path) -> Path:
+    """The directory whose config.json describes the model (an adapter's: its base's, down the chain)."""
+    return config_dir(base_dir(d)) if is_adapter(d) else d
+
+
+def _load_weights(d: Path, dtype: Any):
+    """from_pretrained of a model directory; an adapter's base with the adapter merged in."""
+    from transformers import AutoModelForCausalLM
+
+    if not is_adapter(d):
+        return AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
+    from peft import PeftModel
+
+    base = _load_weights(base_dir(d), dtype)
+    return PeftModel.from_pretrained(base, str(d)).merge_and_unload()
+
+
+def load_adapter_pair(adapter: Path, *, dtype: str = "auto"):
+    """(peft model, tokenizer) of an adapter directory, unmerged: the base with the adapter on,
+    and — inside `model.disable_adapter()` — the base alone. One copy of the base serves both."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    adapter = Path(adapter)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    base = _load_weights(base_dir(adapter), torch_dtype)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(adapter)))
+    return model.to(device()), tok
+
+
+@dataclass(frozen=True)
+class AdapterSide:
+    """A teacher that is one side of a LoRA adapter loaded once (`load_adapter_pair`): the adapted
+    model (`on`), or its base (the adapter disabled). What `teacher_logits` extracts the DPO
+    teacher and its reference from when the one is an adapter over the other."""
+    adapter: str
+    on: bool
+    dtype: str = "auto"
+
+
+def adapter_over(model: "ModelRef", base: "ModelRef") -> bool:
+    """Whether `model` is a LoRA adapter whose base is `base` (same content identity, loaded in the
+    same dtype with the same chat template): then one copy of the base serves both."""
+    if (not is_adapter(Path(model.path)) or model.dtype != base.dtype
+            or model.chat_template != base.chat_template):
+        return False
+    try:
+        return teacher_identity(base_dir(Path(model.path))) == teacher_identity(Path(base.path))
+    except (ModelError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,10 +677,8 @@ def import_identity(path: Path, dtype: str, chat_template: str | None) -> str:
     """An import's identity: its content identity (`identity.py`) when it is loaded as saved;
     loaded in another dtype than its config's, or with `data.chat_template` replacing its own,
     a hash of the content identity and those choices (other log-probs, another identity)."""
-    from distill_pipeline.identity import content_identity
-
-    content = content_identity(Path(path))
-    config = _read_json(Path(path) / "config.json")[0] or {}
+    content = teacher_identity(Path(path))
+    config = _read_json(config_dir(Path(path)) / "config.json")[0] or {}
     saved = config.get("dtype") or config.get("torch_dtype") or "float32"
     if dtype in ("auto", saved) and chat_template is None:
         return content
@@ -703,10 +831,16 @@ def describe(model) -> str:
 
 def teacher_identity(model_dir: Path) -> str:
     """Teacher part of a cache key: the checkpoint's content identity (`identity.py`), memoised
-    in the directory against (size, mtime_ns, ctime_ns) of every input, re-validated every call."""
+    in the directory against (size, mtime_ns, ctime_ns) of every input, re-validated every call.
+    A LoRA adapter directory: a hash of the adapter's content identity (config and weights) and
+    its base's identity (wherever the base lives)."""
     from distill_pipeline.identity import content_identity
 
-    return content_identity(Path(model_dir))
+    own = content_identity(Path(model_dir))
+    if not is_adapter(Path(model_dir)):
+        return own
+    payload = json.dumps({"adapter": own, "base": teacher_identity(base_dir(Path(model_dir)))}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def save_model(model, tok, folder: Path, state_dict: dict | None = None, dtype: Any = None) -> None:

@@ -123,7 +123,8 @@ def train_loop(model: Any, *, hp: Any, examples: int,
     dev = next(model.parameters()).device
     steps = total_steps(hp, examples)
     warmup = int(hp.warmup_ratio * steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters
+                            lr=hp.lr, weight_decay=hp.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, steps, warmup))
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = work_dir / "checkpoint"

@@ -119,6 +119,8 @@ def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int,
 
     from distill_pipeline.data.tokenize import collate
 
+    if hasattr(model, "get_base_model"):  # a peft model: its causal LM, adapters inside (on or off)
+        model = model.get_base_model()
     ids, mask, _ = collate([r.prompt_ids for r in batch], [r.response_ids for r in batch], pad_id)
     dev = next(model.parameters()).device
     ids, mask = ids.to(dev), mask.to(dev)
@@ -197,25 +199,38 @@ class Extractor:
         self.models: dict[str, tuple] = {}
         self.throttle = float(os.environ.get("DISTILL_EXTRACT_THROTTLE_S", "0"))
 
-    def _model(self, teacher: str):
-        if teacher not in self.models:
-            from distill_pipeline.models import ModelRef, load_ref
+    def _model(self, teacher: str) -> tuple[Any, int, Any]:
+        """(model, pad id, context to run it in) of a teacher, loaded on first use. A teacher given
+        as a `models.AdapterSide` shares one loaded copy of its adapter's base with the other side:
+        the adapter on, or disabled (`peft`'s context) for the base."""
+        import contextlib
 
-            ref = self.teacher_dirs[teacher]  # a models.ModelRef, or a stage's model directory
-            model, tok = load_ref(ref if isinstance(ref, ModelRef) else ModelRef(str(ref)))
+        from distill_pipeline.models import AdapterSide, ModelRef, load_adapter_pair, load_ref
+
+        ref = self.teacher_dirs[teacher]  # a models.ModelRef or AdapterSide, or a stage's model directory
+        key = ("adapter", ref.adapter, ref.dtype) if isinstance(ref, AdapterSide) else teacher
+        if key not in self.models:
+            if isinstance(ref, AdapterSide):
+                model, tok = load_adapter_pair(ref.adapter, dtype=ref.dtype)
+            else:
+                model, tok = load_ref(ref if isinstance(ref, ModelRef) else ModelRef(str(ref)))
             model.eval()
-            self.models[teacher] = (model, tok.pad_token_id)
-        return self.models[teacher]
+            self.models[key] = (model, tok.pad_token_id)
+        model, pad_id = self.models[key]
+        context = (model.disable_adapter() if isinstance(ref, AdapterSide) and not ref.on
+                   else contextlib.nullcontext())
+        return model, pad_id, context
 
     def run(self, unit: Unit) -> tuple[str, int, bool]:
         import numpy as np
 
-        model, pad_id = self._model(unit.teacher)
+        model, pad_id, context = self._model(unit.teacher)
         results: dict[str, dict] = {}
-        for batch in _batches(unit.requests, self.batch_tokens):
-            for r, res in zip(batch, topk_for_batch(model, batch, pad_id, self.fmt.top_k,
-                                                    self.head_chunk_rows)):
-                results[r.key] = res
+        with context:
+            for batch in _batches(unit.requests, self.batch_tokens):
+                for r, res in zip(batch, topk_for_batch(model, batch, pad_id, self.fmt.top_k,
+                                                        self.head_chunk_rows)):
+                    results[r.key] = res
         entries, offset = [], 0
         for r in unit.requests:  # unit order, independent of batching
             entries.append({"key": r.key, "teacher": r.teacher, "offset": offset, "n_tokens": r.n_tokens,

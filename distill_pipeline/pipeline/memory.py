@@ -16,8 +16,12 @@ The estimates are deliberately simple sums (bytes):
   optimizer state by the workers and adds the gathered root (embeddings, LM head) and two
   gathered layers; `ddp` adds its gradient buckets (one more copy of the gradients);
   `bf16-mixed` without FSDP or checkpointing keeps autocast's bfloat16 copy of every weight;
+- LoRA (`lora` on a training node): the frozen base's weights + the adapters' weights,
+  gradients and AdamW moments (`lora_params`: r × (in + out) per adapted layer); activations as
+  without it; no reference copy (DPO scores its reference before training, with the policy);
 - extraction: every teacher it holds + one forward's activations (no gradients) + the LM head's
-  chunk (`head_chunk_rows` × V float32, twice);
+  chunk (`head_chunk_rows` × V float32, twice) — a DPO teacher that is a LoRA adapter over its
+  reference shares one base (`models.load_adapter_pair`);
 - rollouts: the policy + its KV cache (2 × layers × batch × length × hidden);
 - evaluate: the largest model + its logits over a batch.
 
@@ -83,6 +87,8 @@ def model_shape(spec: Any) -> Shape:
         name = spec.name_or_path
         src = m._resolve(name, f"model {name!r}")  # offline and not cached: a clear ModelError
         local = src.local if src.local is not None else m._cached_snapshot(name)
+        if local is not None and m.is_adapter(local):  # a LoRA adapter: its base's shape
+            local = m.config_dir(local)
         if local is not None and (local / "config.json").is_file():
             source = str(local)
         elif local is None:
@@ -120,9 +126,27 @@ def model_shape(spec: Any) -> Shape:
                  kv_hidden=hidden * kv_heads // heads, bytes_per_param=_dtype_bytes(spec, config))
 
 
+LORA_MODULES = {"q_proj": ("hidden", "hidden"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
+                "o_proj": ("hidden", "hidden"), "gate_proj": ("hidden", "inter"),
+                "up_proj": ("hidden", "inter"), "down_proj": ("inter", "hidden")}
+
+
+def lora_params(shape: Shape, spec: Any) -> int:
+    """Parameters of LoRA adapters (r × (in + out) per adapted linear layer, every layer) on the
+    Llama-style module names of `LORA_MODULES`; `all-linear` adapts all of them. Names this
+    table does not know count as a hidden × hidden layer each (an estimate)."""
+    width = {"hidden": shape.hidden, "kv": shape.kv_hidden, "inter": shape.intermediate}
+    names = list(LORA_MODULES) if spec.target_modules == "all-linear" else spec.target_modules
+    per_layer = sum(width[LORA_MODULES[m][0]] + width[LORA_MODULES[m][1]] if m in LORA_MODULES
+                    else 2 * shape.hidden for m in names)
+    return spec.r * per_layer * shape.layers
+
+
 def training(shape: Shape, sequences: int, length: int, hp: TrainHP = TrainHP()) -> dict[str, int]:
     """One training step of `sequences` × `length` tokens per worker with AdamW, under `hp`'s
-    precision, gradient checkpointing, workers and strategy (defaults: fp32, none, 1)."""
+    precision, gradient checkpointing, workers and strategy (defaults: fp32, none, 1). With
+    `lora`, gradients and AdamW's moments are the adapters' alone (the frozen base keeps its
+    weights only; activations stay: the gradient still flows through every layer)."""
     from distill_pipeline.losses import CHUNK_ROWS
 
     precision = hp.precision
@@ -138,8 +162,10 @@ def training(shape: Shape, sequences: int, length: int, hp: TrainHP = TrainHP())
     else:
         acts = tokens * shape.layers * layer * act
     shard = workers if fsdp else 1
-    parts = {"weights": shape.params * b // shard, "gradients": shape.params * b // shard,
-             "optimizer (AdamW)": 2 * shape.params * b // shard, "activations": acts,
+    trained = lora_params(shape, hp.lora) if hp.lora is not None else shape.params
+    weights = shape.params + (trained if hp.lora is not None else 0)
+    parts = {"weights": weights * b // shard, "gradients": trained * b // shard,
+             "optimizer (AdamW)": 2 * trained * b // shard, "activations": acts,
              "logits (B x T x V)": LOGIT_COPIES * tokens * shape.vocab * act
              + (3 * min(CHUNK_ROWS, tokens) * shape.vocab * 4 if act < 4 else 0)}
     if fsdp:
@@ -148,7 +174,7 @@ def training(shape: Shape, sequences: int, length: int, hp: TrainHP = TrainHP())
         gathered = 2 if precision == "bf16-mixed" else b  # FSDP gathers bfloat16 copies then
         parts["FSDP gathered (root + 2 layers)"] = (root + 2 * per_layer) * gathered
     elif workers > 1:
-        parts["DDP gradient buckets"] = shape.params * b
+        parts["DDP gradient buckets"] = trained * b
     if precision == "bf16-mixed" and not fsdp and not checkpointing:
         parts["bf16 weight copies (autocast)"] = shape.params * 2  # each layer's, kept for backward
     return parts
@@ -208,8 +234,15 @@ def plan_memory(plan: Any) -> list[NodeEstimate]:
             ext = view.extraction
             teachers = [shape_of(n.needs["teacher"])] + ([shape_of(n.needs["reference"])]
                                                          if "reference" in n.needs else [])
-            est.parts = {f"teacher {i + 1} weights": t.params * t.bytes_per_param for i, t in enumerate(teachers)}
             t = teachers[0]
+            dpo = plan.node(n.needs["teacher"])
+            lora = dpo.view.hp.lora if dpo.stage == "teacher_dpo" else None
+            if lora is not None and not lora.merge and len(teachers) == 2:  # an adapter over the reference
+                est.parts = {"teachers' shared base weights": t.params * t.bytes_per_param,
+                             "DPO teacher's LoRA adapter": lora_params(t, lora) * 4}
+            else:
+                est.parts = {f"teacher {i + 1} weights": s.params * s.bytes_per_param
+                             for i, s in enumerate(teachers)}
             est.parts["activations (no grad)"] = inference(t, ext.batch_tokens)["activations (no grad)"]
             est.parts["LM-head chunk"] = 2 * min(ext.head_chunk_rows, ext.batch_tokens) * t.vocab * 4
         elif n.stage == "rollouts":

@@ -35,16 +35,18 @@ def view_for(cfg, role: str) -> SftView:
 
 
 def run(view: SftView, inputs: dict, out: Path) -> dict:
+    from distill_pipeline import lora
     from distill_pipeline.batches import Batches, Field, loss_fn_for
     from distill_pipeline.data import sft_examples
     from distill_pipeline.losses import LOSSES
     from distill_pipeline.models import describe, load_model, load_tokenizer
     from distill_pipeline.parallel import group
-    from distill_pipeline.training import finish, save_trained, train_loop
+    from distill_pipeline.training import finish, train_loop
 
     hp = view.hp
     tok = load_tokenizer(view.model, view.chat_template)
     model = load_model(view.model, seed=hp.seed)
+    model, base = lora.prepare(model, tok, hp.lora, lora.base_of_spec(view.model), out)
     examples = sft_examples(view.data, tok)
     if group().main:
         print(f"sft: {describe(model)}, {len(examples)} examples")
@@ -53,7 +55,7 @@ def run(view: SftView, inputs: dict, out: Path) -> dict:
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(LOSSES["sft"], {}), counts=stream.counts,
                          work_dir=out, desc=f"sft {view.role}")
-    save_trained(model, tok, out / "model")
+    lora.save(model, tok, out, hp.lora, base)
     finish(out)
     return {**summary, "examples": len(examples)}
 

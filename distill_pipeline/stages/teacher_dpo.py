@@ -33,8 +33,9 @@ def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.losses import LOSSES, POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref
+    from distill_pipeline import lora
     from distill_pipeline.models import load_ref, model_ref
-    from distill_pipeline.training import finish, save_trained, train_loop
+    from distill_pipeline.training import finish, train_loop
 
     hp, spec = view.hp, LOSSES["dpo"]
     reference = model_ref(inputs["reference"])
@@ -45,10 +46,12 @@ def run(view: TeacherDpoView, inputs: dict, out: Path) -> dict:
                       batch_size=hp.batch_size)
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, extras=(f"{POLICY_REF}_w", f"{POLICY_REF}_l"))
+    # LoRA: adapters over the reference (their base), which the policy's start already scored
+    policy, base = lora.prepare(policy, tok, hp.lora, lora.base_of_ref(reference), out)
     summary = train_loop(policy, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(spec, {"beta": hp.beta}), counts=stream.counts,
                          work_dir=out, desc="teacher_dpo")
-    save_trained(policy, tok, out / "model")
+    lora.save(policy, tok, out, hp.lora, base)
     finish(out)
     return {**summary, "pairs": len(examples)}
 

@@ -59,7 +59,7 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.cache.extract import extract, gpus_per_worker, make_request
     from distill_pipeline.cache.node import write_node_file
     from distill_pipeline.cache.remote import is_remote, open_store
-    from distill_pipeline.models import load_ref_tokenizer, model_ref, ref_identity
+    from distill_pipeline.models import AdapterSide, adapter_over, load_ref_tokenizer, model_ref, ref_identity
 
     cfg, fmt = view.extraction, view.extraction.format
     roles = ["teacher", "reference"] if view.source == "rollouts" else ["teacher"]
@@ -69,7 +69,12 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     seqs = sequences(view, inputs, tok)
     store = open_store(cfg.store, create=not is_remote(cfg.store))  # a remote one: see preflight
     requests = [make_request(identities[role], p, r, fmt) for role in roles for p, r in seqs]
-    stats = extract(requests, store, {identities[r]: ref for r, ref in refs.items()}, fmt,
+    teachers: dict = {identities[r]: ref for r, ref in refs.items()}
+    shared = "reference" in refs and adapter_over(refs["teacher"], refs["reference"])
+    if shared:  # the DPO teacher is a LoRA adapter over the reference: load the base once
+        side = lambda on: AdapterSide(refs["teacher"].path, on, refs["teacher"].dtype)  # noqa: E731
+        teachers = {identities["teacher"]: side(True), identities["reference"]: side(False)}
+    stats = extract(requests, store, teachers, fmt,
                     num_workers=cfg.num_workers, batch_tokens=cfg.batch_tokens,
                     unit_tokens=cfg.unit_tokens, threads_per_worker=cfg.threads_per_worker,
                     head_chunk_rows=cfg.head_chunk_rows,
@@ -77,7 +82,7 @@ def run(view: TeacherLogitsView, inputs: dict, out: Path) -> dict:
     write_node_file(out, store, fmt, view.source,
                     {role: {"identity": identities[role], "path": refs[role].path} for role in roles},
                     [r.key for r in requests])
-    return {**stats, "store": store.url}
+    return {**stats, "store": store.url, **({"one_base": True} if shared else {})}
 
 
 def check_output(folder: Path) -> str | None:

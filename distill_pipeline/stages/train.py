@@ -57,12 +57,14 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples, rollout_examples
     from distill_pipeline.losses import POLICY_REF
     from distill_pipeline.metrics import attach_policy_ref, evaluate_model
+    from distill_pipeline import lora
     from distill_pipeline.models import load_ref, model_ref
     from distill_pipeline.parallel import group
-    from distill_pipeline.training import finish, save_trained, train_loop
+    from distill_pipeline.training import finish, train_loop
 
     spec, hp = LOSSES[view.loss], view.hp
-    model, tok = load_ref(model_ref(inputs["init"]))
+    init = model_ref(inputs["init"])
+    model, tok = load_ref(init)
     examples = (rollout_examples(inputs["rollouts"]) if "r" in spec.responses
                 else pair_examples(view.data, tok))
     cache = TeacherSource(*open_node(inputs["cache"])) if spec.cache else None
@@ -74,6 +76,7 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
         extras = (f"{POLICY_REF}_w", f"{POLICY_REF}_l")
     stream = Batches(examples, fields_for(spec), batch_size=hp.batch_size, pad_id=tok.pad_token_id,
                      seed=hp.seed, cache=cache, extras=extras)
+    model, base = lora.prepare(model, tok, hp.lora, lora.base_of_ref(init), out)  # after the reference scores
     validation = pair_examples(view.validation, tok) if view.validation else []
 
     def validate(step: int) -> dict | None:
@@ -98,7 +101,7 @@ def run(view: TrainView, inputs: dict, out: Path) -> dict:
     summary = train_loop(model, hp=hp, examples=len(examples), batches=stream.epoch,
                          loss_fn=loss_fn_for(spec, view.options), counts=stream.counts, work_dir=out,
                          desc=f"train {view.loss}", on_checkpoint=validate)
-    save_trained(model, tok, out / "model")
+    lora.save(model, tok, out, hp.lora, base)
     finish(out)
     final = {}  # the last checkpoint (always the final step) validated the final weights
     if validation and group().main:

@@ -45,7 +45,7 @@ def test_training_options_change_the_estimate():
 
     def hp(**kw):
         return SimpleNamespace(**{"precision": "fp32", "gradient_checkpointing": False, "workers": 1,
-                                  "strategy": "ddp", **kw})
+                                  "strategy": "ddp", "lora": None, **kw})
 
     base = training(shape, 3, 5, hp())
     assert base == training(shape, 3, 5)  # the defaults
@@ -162,3 +162,50 @@ def test_plan_refuses_a_model_config_with_impossible_sizes(tmp_path, field, valu
     assert f"model '{teacher}'" in out.stderr and f"{field} is {value}" in out.stderr, out.stderr
     assert str(teacher / "config.json") in out.stderr, out.stderr
     assert "bug" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def _llama_1b(folder):
+    """Llama-3.2-1B's config.json (tied embeddings) and a tokenizer."""
+    import json
+
+    _llama_8b(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, tie_word_embeddings=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_lora_adapters_are_counted_exactly():
+    from distill_pipeline.config import LoraSpec, TrainHP
+    from distill_pipeline.pipeline.memory import Shape, lora_params
+
+    llama_8b = Shape(params=8_030_261_248, layers=32, hidden=4096, intermediate=14336, vocab=128256,
+                     kv_hidden=1024, bytes_per_param=2)
+    # peft's count for r=16 on every linear layer of Llama-3-8B: 41,943,040 (print_trainable_parameters)
+    assert lora_params(llama_8b, LoraSpec(r=16, target_modules="all-linear")) == 41_943_040
+    assert lora_params(llama_8b, LoraSpec(r=8, target_modules=["q_proj", "v_proj"])) == 8 * 32 * (8192 + 5120)
+    shape = Shape(params=10_000, layers=2, hidden=8, intermediate=16, vocab=100, kv_hidden=8, bytes_per_param=4)
+    full, adapted = training(shape, 3, 5, TrainHP()), training(shape, 3, 5, TrainHP(lora={"r": 2}))
+    trained = lora_params(shape, LoraSpec(r=2))
+    assert adapted["gradients"] == trained * 4 and adapted["optimizer (AdamW)"] == 2 * trained * 4
+    assert adapted["weights"] == full["weights"] + trained * 4 and adapted["activations"] == full["activations"]
+
+
+def test_the_paper_recipe_fits_one_80gb_gpu_with_lora_and_not_without(tmp_path):
+    """configs/paper-llama3-dpomix-lora.yaml (8B teacher, 1B student) on one 80 GB GPU: every node
+    fits, extraction holds the teachers' base once; the full fine-tune on one GPU does not fit."""
+    from distill_pipeline.config import load_config
+
+    teacher, student = _llama_8b(tmp_path / "llama-8b"), _llama_1b(tmp_path / "llama-1b")
+    sets = [f"models.teacher.name_or_path={teacher}", f"models.student.name_or_path={student}",
+            f"run_dir={tmp_path / 'run'}"]
+    lora = runner.make_plan(load_config(ROOT / "configs/paper-llama3-dpomix-lora.yaml", sets))
+    assert check(lora) == [], report(lora)
+    extraction = {e.node: e for e in plan_memory(lora)}["teacher_logits.rollouts"].parts
+    assert extraction["teachers' shared base weights"] == 8_030_261_248 * 2
+    assert not [k for k in extraction if k.startswith("teacher 2")]
+    full = runner.make_plan(load_config(ROOT / "configs/paper-llama3-dpomix.yaml", sets + [
+        "resources.gpu_memory_gb=80", *(f"{s}.workers=1" for s in ("sft.teacher", "sft.student", "teacher_dpo", "train"))]))
+    refused = check(full)
+    assert any(p.startswith("sft.teacher: needs about") for p in refused), refused
