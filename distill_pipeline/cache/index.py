@@ -41,7 +41,9 @@ FENCES = b"distill.fences"
 
 class IndexFiles(Protocol):
     """A store's index/ folder. Names are relative to it (`<segment>.parquet`,
-    `<pp>/pack-….arrow`)."""
+    `<pp>/pack-….arrow`). `threads`: partitions a lookup reads at once (each read is a request
+    on an object store, a page fault on a local disk)."""
+    threads: int
 
     def names(self, sub: str = "") -> list[str]: ...          # files directly in index/<sub>
     def listing(self) -> dict[str, list[str]]: ...            # every file: folder ("" or <pp>) → names
@@ -54,6 +56,7 @@ class IndexFiles(Protocol):
 class LocalIndexFiles:
     """index/ of a local store: written under a temporary name and renamed into place; packs are
     memory-mapped (a lookup's resident memory is the pages it touches)."""
+    threads = 1
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -103,7 +106,9 @@ class LocalIndexFiles:
 
 
 class FsspecIndexFiles:
-    """index/ of an object store (fsspec): a put is atomic; packs are read by range requests."""
+    """index/ of an object store (fsspec): a put is atomic; packs are read by range requests,
+    `threads` partitions at a time (a request's latency, not its bytes, is what a lookup waits on)."""
+    threads = 16
 
     def __init__(self, fs: Any, folder: str):
         self.fs, self.folder = fs, folder
@@ -331,18 +336,29 @@ def lookup(files: IndexFiles, keys: Iterable[str], live: Callable[[Collection[st
     # removes them, so a row is read from one or the other (packs are read after)
     loose = [hit for t in _parse_loose(files.read(_loose(files)))
              if (hit := t.filter(pc.is_in(t.column("key"), value_set=value_set))).num_rows]
-    packed: list[Any] = []
     by_part: dict[str, list[str]] = {}
     for k in wanted:
         by_part.setdefault(partition(k), []).append(k)
     listing = files.listing()  # after the loose files were read (see above): one listing
-    for part, ks in sorted(by_part.items()):
+
+    def hits(item: tuple[str, list[str]]):
+        part, ks = item
         batches = _partition_batches(files, part, ks, listing.get(part, []))
-        if batches:
-            table = pa.Table.from_batches(batches)
-            hit = table.filter(pc.is_in(table.column("key"), value_set=pa.array(ks, pa.string())))
-            if hit.num_rows:
-                packed.append(hit)
+        if not batches:
+            return None
+        table = pa.Table.from_batches(batches)
+        hit = table.filter(pc.is_in(table.column("key"), value_set=pa.array(ks, pa.string())))
+        return hit if hit.num_rows else None
+
+    parts = sorted(by_part.items())
+    if files.threads > 1 and len(parts) > 1:  # an object store: partitions read concurrently
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(files.threads, len(parts))) as pool:
+            found = list(pool.map(hits, parts))
+    else:
+        found = [hits(item) for item in parts]
+    packed = [t for t in found if t is not None]
     return _live_newest(packed + loose, live)  # loose rows are the newer ones
 
 
