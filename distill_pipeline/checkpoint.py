@@ -67,14 +67,17 @@ def set_rng_state(state: Any) -> None:
 
 
 def _frozen(model: Any) -> set[str]:
-    """Names of the parameters that do not train (LoRA: the base's; otherwise none)."""
-    return {n for n, p in model.named_parameters() if not p.requires_grad}
+    """Names of the parameters that do not train (LoRA: the base's; otherwise none), every name of
+    a tied weight included (the state dict holds each of them)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def _state_options(model: Any):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=bool(_frozen(model)))
+    frozen = bool(_frozen(model))  # saved without them, so loaded without them too: every
+    # trainable key must be in the checkpoint (dcp.load raises otherwise), frozen ones are absent
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
 def save(ckpt: Path, model: Any, opt: Any, position: dict) -> None:

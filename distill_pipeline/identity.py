@@ -158,6 +158,10 @@ def _digest(path: Path, rel: str, kind: str) -> str:
             return sha256_file(path)
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k not in _JSON_INPUTS[rel]}
+            if rel == "adapter_config.json":  # peft writes these sets in hash-seed order
+                for name in ("target_modules", "modules_to_save", "exclude_modules"):
+                    if isinstance(data.get(name), list):
+                        data[name] = sorted(data[name], key=str)
             if rel == "config.json" and "torch_dtype" in data:  # renamed `dtype` in 4.56
                 data.setdefault("dtype", data["torch_dtype"])
                 del data["torch_dtype"]

@@ -96,7 +96,7 @@ def publish(model: Any, tok: Any, out: Path, spec: LoraSpec, base: str) -> None:
     `base`, in `model/` — or, with `spec.merge`, in `adapter/`, and the merged weights in `model/`
     (loaded back from the adapter: what downstream nodes would compute from it)."""
     out = Path(out)
-    state = parallel.full_state_dict(model)  # several workers: rank 0 gathers the shards
+    state = parallel.full_state_dict(model, trainable_only=True)  # several workers: the adapters' shards
     if parallel.group().main:
         folder = out / ("adapter" if spec.merge else "model")
         peft_model = getattr(model, "module", model)  # DDP wraps it

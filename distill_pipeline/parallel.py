@@ -63,6 +63,10 @@ def prepare(model: Any, hp: Any) -> Any:
     # saved back in the dtype it was loaded in (`training.save_trained`): models.*.dtype
     model.distill_saved_dtype = next(model.parameters()).dtype
     model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    if precision == "bf16" and any(not p.requires_grad for p in model.parameters()):
+        for p in model.parameters():  # LoRA: a bfloat16 base, float32 adapters (and AdamW state)
+            if p.requires_grad:
+                p.data = p.data.float()
     if hp.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
@@ -167,11 +171,13 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def full_state_dict(model: Any) -> dict | None:
-    """The whole model's state dict on rank 0 (None elsewhere); every rank must call it."""
+def full_state_dict(model: Any, *, trainable_only: bool = False) -> dict | None:
+    """The whole model's state dict on rank 0 (None elsewhere); every rank must call it.
+    `trainable_only`: without frozen parameters (LoRA: the adapters, not the base)."""
     if group().world == 1:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=trainable_only))
     return sd if group().main else None

@@ -106,21 +106,32 @@ class CacheReader:
                     idle = next((name for name in self._groups if not self._uses.get(name)), None)
                     if idle is None:
                         break
-                    del self._groups[idle], self._paths[idle]
-                    self._uses.pop(idle, None)
-                    for key in [k for k in self._arrays if k[0] == idle]:
-                        del self._arrays[key]
-                    self.store.release(idle)
+                    self._close(idle)
+
+    def _close(self, segment: str) -> None:  # (with _open_lock held)
+        del self._groups[segment], self._paths[segment]
+        self._uses.pop(segment, None)
+        for key in [k for k in list(self._arrays) if k[0] == segment]:
+            del self._arrays[key]
+        self.store.release(segment)
 
     def open_segments(self) -> list[str]:
         with self._open_lock:
             return list(self._groups)
 
+    def close(self) -> None:
+        """Release every segment still open (a mirror may then evict them); the reader stays
+        usable (segments are opened again when read)."""
+        with self._open_lock:
+            for segment in [s for s in list(self._groups) if not self._uses.get(s)]:
+                self._close(segment)
+
     def _array(self, group: Any, segment: str, field: str):
-        arr = self._arrays.get((segment, field))
-        if arr is None:
-            arr = self._arrays[(segment, field)] = group[field]
-            self._chunk_rows[(segment, field)] = arr.chunks[0]
+        with self._open_lock:
+            arr = self._arrays.get((segment, field))
+            if arr is None:
+                arr = self._arrays[(segment, field)] = group[field]
+                self._chunk_rows[(segment, field)] = arr.chunks[0]
         return arr
 
     def _format(self, segment: str):

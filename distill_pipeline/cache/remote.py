@@ -403,10 +403,14 @@ class MirroredStore:
         committed the same segment first, with other bytes (another machine's rounding), the
         local copy is dropped: what is read is always the remote's."""
         self._share()
-        self.local.publish(segment_id, data, manifest)
-        uploaded = self.remote.put_segment(segment_id, self.local.segment_files(segment_id))
-        if not uploaded and not self._same_as_remote(segment_id):
-            self.local.remove_segment(segment_id)
+        self._pin(segment_id)  # another process's eviction must not delete it mid-upload
+        try:
+            self.local.publish(segment_id, data, manifest)
+            uploaded = self.remote.put_segment(segment_id, self.local.segment_files(segment_id))
+            if not uploaded and not self._same_as_remote(segment_id):
+                self.local.remove_segment(segment_id)
+        finally:
+            self.release(segment_id)
         self._evict(0)  # an extraction's staged uploads stay within the bound too
         return uploaded
 
@@ -486,7 +490,11 @@ class MirroredStore:
 
     def open_segment(self, name: str):
         self.fetch(name)
-        return self.local.open_segment(name)
+        try:
+            return self.local.open_segment(name)
+        except BaseException:
+            self.release(name)
+            raise
 
     def _evict(self, incoming: int) -> None:
         """Drop the least recently used mirrored segments that no process pins until the mirror
@@ -502,8 +510,11 @@ class MirroredStore:
             if p.name in pinned:
                 continue
             pin = self._pin_file(p.name)
-            used = pin.stat().st_mtime if pin.exists() else p.stat().st_mtime
-            candidates.append((used, p.name, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())))
+            try:  # another process may be evicting it right now
+                used = pin.stat().st_mtime if pin.exists() else p.stat().st_mtime
+                candidates.append((used, p.name, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())))
+            except FileNotFoundError:
+                continue
         (self.local.root / "pins").mkdir(exist_ok=True)
         for _, name, size in sorted(candidates):
             if total <= self.max_bytes:
@@ -556,5 +567,10 @@ class MirroredStore:
         checksum), then upload it. False if the remote already has it."""
         if name in set(self.remote.segment_names()):
             return False
-        self.local.import_segment(name, files, max_bytes=max_bytes)
-        return self.remote.put_segment(name, self.local.segment_files(name))  # the verified copy
+        self._share()
+        self._pin(name)  # not evicted by another process between verifying and uploading
+        try:
+            self.local.import_segment(name, files, max_bytes=max_bytes)
+            return self.remote.put_segment(name, self.local.segment_files(name))  # the verified copy
+        finally:
+            self.release(name)

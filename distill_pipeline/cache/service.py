@@ -287,8 +287,14 @@ class CacheServer(fl.FlightServerBase):
         names = [validate_segment_name(n) for n in
                  _json_keys(body, MAX_RECORD_NAMES, "the body of `commits`", "segment names")]
         info["segments"] = len(names)
-        published = set(self.store.segment_names())
-        return {n: self.store.commit_record(n) for n in names if n in published}
+        published, out = set(self.store.segment_names()), {}
+        for n in names:
+            if n in published:
+                try:
+                    out[n] = self.store.commit_record(n)
+                except CacheError:  # removed since it was listed: left out, as an absent name is
+                    continue
+        return out
 
     def _action_has(self, body: bytes, info: dict) -> list[str]:
         keys = _json_keys(body, MAX_HAS_KEYS, "the body of `has`")

@@ -162,10 +162,13 @@ def training(shape: Shape, sequences: int, length: int, hp: TrainHP = TrainHP())
     else:
         acts = tokens * shape.layers * layer * act
     shard = workers if fsdp else 1
-    trained = lora_params(shape, hp.lora) if hp.lora is not None else shape.params
-    weights = shape.params + (trained if hp.lora is not None else 0)
-    parts = {"weights": weights * b // shard, "gradients": trained * b // shard,
-             "optimizer (AdamW)": 2 * trained * b // shard, "activations": acts,
+    if hp.lora is None:
+        weights, trained, tb = shape.params * b, shape.params, b
+    else:  # adapters, their gradients and AdamW state in float32 whatever the base's precision
+        trained, tb = lora_params(shape, hp.lora), 4
+        weights = shape.params * b + trained * tb
+    parts = {"weights": weights // shard, "gradients": trained * tb // shard,
+             "optimizer (AdamW)": 2 * trained * tb // shard, "activations": acts,
              "logits (B x T x V)": LOGIT_COPIES * tokens * shape.vocab * act
              + (3 * min(CHUNK_ROWS, tokens) * shape.vocab * 4 if act < 4 else 0)}
     if fsdp:
@@ -174,7 +177,7 @@ def training(shape: Shape, sequences: int, length: int, hp: TrainHP = TrainHP())
         gathered = 2 if precision == "bf16-mixed" else b  # FSDP gathers bfloat16 copies then
         parts["FSDP gathered (root + 2 layers)"] = (root + 2 * per_layer) * gathered
     elif workers > 1:
-        parts["DDP gradient buckets"] = trained * b
+        parts["DDP gradient buckets"] = trained * tb
     if precision == "bf16-mixed" and not fsdp and not checkpointing:
         parts["bf16 weight copies (autocast)"] = shape.params * 2  # each layer's, kept for backward
     return parts

@@ -194,15 +194,16 @@ def test_merge_publishes_merged_weights_and_the_adapter(lora_run, tmp_path):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
+    x = torch.randint(6, 180, (2, 9))
+    with torch.no_grad():
+        trained = model.eval()(input_ids=x).logits  # the adapted model as it was trained
     lora.save(model, tok, tmp_path, spec, base)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "model" / "model.safetensors").is_file() and not (tmp_path / "model" / "adapter_config.json").exists()
     merged, _ = load_checkpoint(tmp_path / "model")
-    via_adapter, _ = load_checkpoint(tmp_path / "adapter")
-    x = torch.randint(6, 180, (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=x).logits, via_adapter(input_ids=x).logits)
-        assert not torch.allclose(merged(input_ids=x).logits, load_checkpoint(tmp_path / "base")[0](input_ids=x).logits)
+        torch.testing.assert_close(merged(input_ids=x).logits, trained, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(trained, load_checkpoint(tmp_path / "base")[0](input_ids=x).logits)
 
 
 @pytest.mark.parametrize("lora, words", [
@@ -223,3 +224,103 @@ def test_target_modules_that_match_nothing_are_named():
 
     with pytest.raises(ValueError, match="lora.target_modules.*nope"):
         lora.wrap(load_model(ModelSpec(preset="tiny-student")), LoraSpec(target_modules=["nope"]))
+
+
+def _dp_worker(rank: int, world: int, port: int, work: str, strategy: str, crash_at: int | None, out: str) -> None:
+    """One of `world` gloo workers training a LoRA student (train_loop as a Ray Train worker runs it)."""
+    import os
+
+    import torch.distributed as dist
+
+    from distill_pipeline import lora
+    from distill_pipeline.training import train_loop
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = lora.wrap(load_model(ModelSpec(preset="tiny-student"), seed=0), LoraSpec(**LORA))
+        g = torch.Generator().manual_seed(1)
+        data = [torch.randint(6, 180, (2, 12), generator=g) for _ in range(8)]
+
+        def batches(epoch, keep=None):
+            return (d for i, d in enumerate(data) if keep is None or keep(i))
+
+        def loss_fn(m, ids, norm):
+            loss = m(input_ids=ids, labels=ids).loss / norm["micro_batches"]
+            return loss, {"nll": loss}
+
+        def crash(step):
+            if step == crash_at:
+                raise SystemExit(3)
+        hp = TrainHP(lr=1e-2, max_steps=4, batch_size=2, checkpoint_every=2, workers=world,
+                     strategy=strategy, lora=LORA)
+        train_loop(model, hp=hp, examples=16, batches=batches, counts=lambda e: [{"micro_batches": 1}] * 8,
+                   loss_fn=loss_fn, work_dir=Path(work), desc="dp", on_checkpoint=crash)
+        state = {n: p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+                 for n, p in model.named_parameters() if p.requires_grad}
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, *args) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_dp_worker, args=(world, port, *args), nprocs=world, join=True, start_method="spawn")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp"])  # (DDP takes the same checkpoint path: DCP)
+def test_two_workers_resume_a_lora_run_from_its_adapter_checkpoint(tmp_path, strategy):
+    """Two gloo workers (FSDP2): a run killed after its step-2 checkpoint resumes from the
+    adapters alone (the checkpoint leaves the frozen base out) to the same adapters."""
+    _spawn(2, str(tmp_path / "a"), strategy, None, str(tmp_path / "a.pt"))
+    with pytest.raises(Exception):  # noqa: B017 - a worker exits 3 at step 2 (ProcessExitedException)
+        _spawn(2, str(tmp_path / "b"), strategy, 2, str(tmp_path / "b.pt"))
+    _spawn(2, str(tmp_path / "b"), strategy, None, str(tmp_path / "b.pt"))
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert a.keys() == b.keys() and all("lora_" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_tied_embedding_stays_out_of_the_adapter_checkpoint(tmp_path):
+    """A tied LM head is the frozen embedding under a second name: not saved (a 1B student's
+    checkpoint would otherwise carry its 0.5 GB embedding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill_pipeline import checkpoint, lora
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    model = lora.wrap(model, LoraSpec(**LORA))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    checkpoint.save(tmp_path / "ckpt", model, opt, {"step": 1, "epoch": 0, "consumed": 1})
+    saved = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)["model"]
+    assert saved and all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k]
+    assert checkpoint.load(tmp_path / "ckpt", model, opt)["step"] == 1
+
+
+def test_an_adapters_identity_does_not_depend_on_the_order_peft_wrote_its_module_sets(tmp_path):
+    """peft writes target_modules (a set) in hash-seed order: the same adapter, another order."""
+    from distill_pipeline.identity import content_identity, forget
+
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj", "k_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    first = content_identity(adapter)
+    config["target_modules"] = ["v_proj", "k_proj", "q_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    forget(adapter)
+    assert content_identity(adapter) == first
+    config["target_modules"] = ["v_proj", "k_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    forget(adapter)
+    assert content_identity(adapter) != first
