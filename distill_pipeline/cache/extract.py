@@ -153,16 +153,86 @@ def topk_for_batch(model: Any, batch: list[Request], pad_id: int, top_k: int,
     return out
 
 
+# Post-head work runs on blocks of rows holding about this many bytes of float32 logits, so the
+# passes after the first over a block (shift, exp, sum, gathers) read cache, not memory; with
+# the grouped top-K, the step is ~2x cheaper than a logsumexp and topk over a whole 1024-row
+# chunk (docs/BENCHMARKS.md, benchmarks/head_topk_bench.py). Every step is row-wise, so a row's
+# result does not depend on which rows share its block (tests/unit/test_head_topk.py).
+POST_HEAD_BLOCK_BYTES = 4 << 20
+TOPK_GROUP = 32  # ids per group whose maximum pre-selects the top-K candidates on CPU
+
+
 def _head_topk(logits: Any, labels: Any, top_k: int) -> tuple:
-    """(top-K ids, top-K log-probs, lse, label log-prob, V) as numpy, from (n, V) float32 logits."""
+    """(top-K ids, top-K log-probs, lse, label log-prob, V) as numpy, from (n, V) float32 logits,
+    which it overwrites. The same values as log_softmax, topk, gather: a per-row shift keeps
+    the order, so the top-K is taken on the raw logits and lse is subtracted from the K values
+    and the label logit only (the same float32 subtraction, so the same bits)."""
     import torch
 
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    logits -= lse[:, None]  # in place: the log-probs, without a second (n, V) tensor
-    top = logits.topk(top_k, dim=-1)  # sorted by probability, descending
-    label_logp = logits.gather(1, labels[:, None]).squeeze(1)  # (n,)
-    return (top.indices.int().cpu().numpy(), top.values.cpu().numpy(), lse.cpu().numpy(),
-            label_logp.cpu().numpy(), int(logits.shape[-1]))
+    n, vocab = logits.shape
+    on_cpu = logits.device.type == "cpu"
+    rows = max(1, POST_HEAD_BLOCK_BYTES // (4 * vocab)) if on_cpu else max(n, 1)
+    parts = [_rows_topk(logits[s:s + rows], labels[s:s + rows], top_k, on_cpu)
+             for s in range(0, max(n, 1), rows)]
+    ids, logp, lse, label_logp = (torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(4))
+    return ids, logp, lse, label_logp, int(vocab)
+
+
+def _rows_topk(x: Any, labels: Any, k: int, grouped: bool) -> tuple:
+    """One block of rows: int32 ids (r, K) by probability descending, float32 log-probs (r, K),
+    lse (r,), label log-prob (r,). Leaves exp(x - max) in x."""
+    ids, m = _topk_ids(x, k) if grouped else (x.topk(k, dim=-1).indices, x.amax(-1))
+    top = x.gather(1, ids)  # (r, K) raw logits, descending
+    label = x.gather(1, labels[:, None]).squeeze(1)  # (r,)
+    # lse exactly as torch.logsumexp computes it (same ops, same bits), without its (r, V)
+    # temporary: x itself is shifted and exponentiated, once the raw values are read
+    m = m.masked_fill(m.abs() == float("inf"), 0)
+    lse = x.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)  # (r,)
+    return ids.int(), top - lse[:, None], lse, label - lse
+
+
+def _topk_ids(x: Any, k: int) -> tuple:
+    """`x.topk(k).indices` (r, K) and the row maxima (r,), cheaper on a CPU: torch's CPU topk
+    walks the whole row (~60 us per 32k-vocabulary row). Here the K groups of TOPK_GROUP ids with
+    the largest maxima hold every top-K logit (any other group's maximum is below K values), so
+    topk runs on those K x TOPK_GROUP candidates. That result is the one whole-row topk gives
+    whenever the top K+1 logits are distinct (the order is then unique); a row where they are
+    not (ties, which topk orders by its own rule), where group maxima tie at the threshold, or
+    with NaN/inf, takes the whole-row topk instead — so the ids never depend on the shortcut."""
+    import torch
+
+    r, vocab = x.shape
+    n_groups = vocab // TOPK_GROUP
+    if n_groups <= k:  # a small vocabulary: nothing to skip
+        return x.topk(k, dim=-1).indices, x.amax(-1)
+    full = n_groups * TOPK_GROUP
+    gmax = x[:, :full].view(r, n_groups, TOPK_GROUP).amax(-1)  # (r, G) each group's maximum
+    if full < vocab:  # the last ids form one shorter group
+        gmax = torch.cat([gmax, x[:, full:].amax(-1, keepdim=True)], 1)  # (r, G + 1)
+    m = gmax.amax(-1)  # (r,) row maxima
+    gkey = _sortable(gmax)  # (r, G') integer keys: integer topk is cheaper than float topk
+    best = gkey.topk(k, dim=-1, sorted=False)
+    ok = ((gkey >= best.values.amin(-1, keepdim=True)).sum(-1) == k) & m.isfinite()  # (r,)
+    cand = (best.indices[:, :, None] * TOPK_GROUP
+            + torch.arange(TOPK_GROUP, device=x.device)).view(r, k * TOPK_GROUP)  # candidate ids
+    past = cand >= vocab  # the shorter last group's missing ids
+    ckey = _sortable(x.gather(1, cand.clamp_max_(vocab - 1)))  # (r, K * TOPK_GROUP)
+    ckey.masked_fill_(past, torch.iinfo(torch.int32).min)
+    top = ckey.topk(k + 1, dim=-1)  # sorted; one more to see a tie at the K-th place
+    ids = cand.gather(1, top.indices[:, :k])  # (r, K)
+    ok &= (top.values[:, 1:] != top.values[:, :-1]).all(-1)
+    if not bool(ok.all()):
+        slow = (~ok).nonzero().squeeze(1)
+        ids[slow] = x[slow].topk(k, dim=-1).indices
+    return ids, m
+
+
+def _sortable(v: Any) -> Any:
+    """float32 → int32 keys in the same order (equal keys for equal floats: -0.0 is made 0.0)."""
+    import torch
+
+    bits = (v + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def segment_data(fmt: CacheFormat, ids: Any, logp: Any, lse: Any, label_logp: Any, entries: list[dict],
