@@ -77,8 +77,13 @@ def test_kill9_then_resume_is_bit_identical(teacher, tmp_path):
     done_before = len(list(segments.iterdir()))
     assert 2 <= done_before < clean["units"], "the kill must land mid-extraction"
     resumed = run_extraction(teacher, tmp_path / "crash", n, unit_tokens=unit)
-    assert resumed["units"] == clean["units"] - done_before  # only the unfinished units
-    assert tree_bytes(tmp_path / "crash") == tree_bytes(tmp_path / "clean")
+    # only the unfinished units — and, when the kill landed between a segment's rename into place
+    # and its index write, that unit too: its keys look missing, it is extracted again and found
+    # already there (re-indexed, not rewritten: the bytes below stay identical)
+    assert clean["units"] - done_before <= resumed["units"] <= clean["units"] - done_before + 1
+    a, b = tree_bytes(tmp_path / "crash"), tree_bytes(tmp_path / "clean")
+    assert a == b, ("files only in one", sorted(set(a) ^ set(b))[:5],
+                    "files that differ", [k for k in a if k in b and a[k] != b[k]][:5])
     assert verify(Store(tmp_path / "crash"))[1] == []
 
 
