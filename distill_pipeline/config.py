@@ -93,9 +93,36 @@ class NumbersTask(Section):
     seed: int = 0
 
 
+class DemoWriter(Section):
+    """The imperfect writer of the `numbers-ranked` task's SFT completions (docs/TASKS.md)."""
+    digit_error: float = Field(0.03, ge=0.0, le=1.0, description="chance of a slip per digit")
+    zero_drop: float = Field(0.3, ge=0.0, le=1.0, description="chance of dropping silent zeros")
+    teen_confusion: float = Field(0.3, ge=0.0, le=1.0, description="chance of a teen/-ty swap (14 ↔ 40)")
+
+
+class SampleWriter(Section):
+    """The imperfect policy whose two answers make each `numbers-ranked` preference pair."""
+    digit_error: float = Field(0.12, ge=0.0, le=1.0, description="chance of a slip per digit")
+    zero_drop: float = Field(0.6, ge=0.0, le=1.0, description="chance of dropping silent zeros")
+    teen_confusion: float = Field(0.6, ge=0.0, le=1.0, description="chance of a teen/-ty swap (14 ↔ 40)")
+
+
+class RankedTask(Section):
+    """The built-in `numbers-ranked` task's writers: `demos` writes the SFT completions, `samples`
+    the two responses of every preference pair (ranked by partial credit). Sizes and seed come
+    from `data.numbers` (its `noise` is the numbers task's own and is not read here)."""
+    demos: DemoWriter = DemoWriter()
+    samples: SampleWriter = SampleWriter()
+
+
+# Built-in tasks (`builtin:<name>`), described in docs/TASKS.md.
+BUILTIN_TASKS = ("numbers", "numbers-ranked")
+
+
 class DataSpec(Section):
-    """One dataset: the built-in task, a local JSONL/Parquet file, or `hf://owner/name`."""
-    source: str = Field(..., description="'builtin:numbers', a .jsonl/.parquet path, or hf://id")
+    """One dataset: a built-in task, a local JSONL/Parquet file, or `hf://owner/name`."""
+    source: str = Field(..., description="'builtin:numbers' (or another built-in task), a "
+                        ".jsonl/.parquet path, or hf://id")
     layout: Layout = "auto"
     split: str = "train"
     limit: int | None = Field(None, ge=1)
@@ -104,8 +131,9 @@ class DataSpec(Section):
     def _source_exists(self):
         s = self.source
         if s.startswith("builtin:"):
-            if s != "builtin:numbers":
-                raise ValueError(f"unknown built-in dataset {s!r}; accepted: builtin:numbers")
+            if s.removeprefix("builtin:") not in BUILTIN_TASKS:
+                raise ValueError(f"unknown built-in dataset {s!r}; accepted: "
+                                 + ", ".join(f"builtin:{t}" for t in BUILTIN_TASKS))
         elif not s.startswith("hf://"):
             p = Path(s).expanduser()
             if p.suffix not in (".jsonl", ".json", ".parquet"):
@@ -125,6 +153,7 @@ class Data(Section):
     validation: DataSpec | None = Field(None, description="pairs for the train stage's validation "
                                         "reward accuracy (tune here, report on eval)")
     numbers: NumbersTask = NumbersTask()
+    ranked: RankedTask = RankedTask()
     max_length: int = Field(256, ge=8, description="prompt + response tokens; longer rows are skipped")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0,
                                     description="refuse a dataset with more bad rows than this")

@@ -1,10 +1,11 @@
 """Scoring shared by stages: sequence log-probs, the reference log-probs of DPO-style losses,
-held-out metrics (task accuracy, reward accuracy, mean generated length) and their table."""
+held-out metrics (task accuracy, reward accuracy, mean generated length, task reward) and their
+table."""
 from __future__ import annotations
 
 from typing import Any
 
-METRICS = ("task_accuracy", "reward_accuracy", "mean_length")
+METRICS = ("task_accuracy", "reward_accuracy", "mean_length", "task_reward")
 # With a reward model (`rm_*`) and the teacher judge (`judge_*`): mean score of the greedy
 # responses, and win rate vs the SFT student (evaluate stage).
 SCORES = ("rm_reward", "rm_win_rate", "judge_reward", "judge_win_rate")
@@ -72,9 +73,10 @@ def attach_policy_ref(examples: list[dict], ref, pad_id: int, strategy: str = "d
 
 def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int, desc: str = "evaluate",
                    with_responses: bool = False):
-    """task_accuracy (rows with `answer`: greedy output == answer), reward_accuracy (chosen gets the
-    higher mean log-prob), mean_length (generated tokens, EOS included). With `with_responses`,
-    (that dict, the greedy responses' token ids)."""
+    """task_accuracy (rows with `answer`: greedy output == answer), task_reward (rows with
+    `answer`: mean partial credit of the greedy output, `task_rewards`), reward_accuracy (chosen
+    gets the higher mean log-prob), mean_length (generated tokens, EOS included). With
+    `with_responses`, (that dict, the greedy responses' token ids)."""
     from distill_pipeline.data.tokenize import decode_response
     from distill_pipeline.generation import generate_hf
 
@@ -84,10 +86,23 @@ def evaluate_model(model, tok, examples, *, batch_size: int, max_new_tokens: int
                             max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
     result = {"reward_accuracy": wins / len(examples),
               "mean_length": sum(map(len, responses)) / len(responses), "n": len(examples)}
-    if all("answer" in e for e in examples):
+    rewards = task_rewards(tok, examples, responses)
+    if rewards is not None:
         correct = sum(decode_response(tok, r).strip() == e["answer"] for e, r in zip(examples, responses))
         result["task_accuracy"] = correct / len(examples)
+        result["task_reward"] = sum(rewards) / len(rewards)
     return (result, responses) if with_responses else result
+
+
+def task_rewards(tok, examples: list[dict], responses: list[list[int]]) -> list[float] | None:
+    """Per example, the partial credit of the response against the row's `answer` (1 − edit
+    distance / longer length; data.ranked.partial_credit); None unless every row has an answer."""
+    from distill_pipeline.data.ranked import partial_credit
+    from distill_pipeline.data.tokenize import decode_response
+
+    if not examples or not all("answer" in e for e in examples):
+        return None
+    return [partial_credit(decode_response(tok, r), e["answer"]) for e, r in zip(examples, responses)]
 
 
 def results_table(rows: dict[str, dict], first: str = "model") -> str:

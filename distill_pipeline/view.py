@@ -44,6 +44,11 @@ class View(BaseModel):
                 node = node.setdefault(p, {})
             node[leaf] = True
         dump = self.model_dump(mode="json", exclude=exclude or None)
+        self._drop_added(dump)
+        return dump
+
+    def _drop_added(self, dump: dict) -> None:
+        """Remove ADDED fields holding their as-before value, here and in nested views."""
         for dotted, default in self.ADDED.items():
             *parents, leaf = dotted.split(".")
             node = dump
@@ -51,7 +56,10 @@ class View(BaseModel):
                 node = node.get(p) if isinstance(node, dict) else None
             if isinstance(node, dict) and leaf in node and node[leaf] == default:
                 del node[leaf]
-        return dump
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, View) and isinstance(dump.get(name), dict):
+                value._drop_added(dump[name])
 
     def config_paths(self) -> dict[str, str | None]:
         """Every leaf of the view (dotted) → the config path it holds (None: recipe constant)."""

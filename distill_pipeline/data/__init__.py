@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from distill_pipeline.config import Data, DataSpec, Layout, NumbersTask
+from distill_pipeline.config import Data, DataSpec, Layout, NumbersTask, RankedTask
 from distill_pipeline.data.readers import BadRows, DataError, check_readable, read_dataset
 from distill_pipeline.data.tokenize import encode_rows
 from distill_pipeline.identity import sha256_file
@@ -37,8 +37,10 @@ class DataView(View):
     limit: int | None = None
     max_length: int
     max_bad_fraction: float
-    numbers: NumbersTask | None = None  # the built-in task only
+    numbers: NumbersTask | None = None  # the built-in tasks only
+    ranked: RankedTask | None = None    # builtin:numbers-ranked only
     sha256: str | None = None           # local files only
+    ADDED = {"ranked": None}
 
     def origins(self) -> dict[str, str | None]:
         spec = f"data.{self.which}"
@@ -49,6 +51,7 @@ class DataView(View):
                 "limit": None if builtin else f"{spec}.limit",
                 "max_length": "data.max_length", "max_bad_fraction": "data.max_bad_fraction",
                 "numbers": "data.numbers" if builtin else None,
+                "ranked": "data.ranked" if self.ranked is not None else None,
                 "sha256": None if builtin or hub else f"{spec}.source"}
 
     def spec(self) -> DataSpec:
@@ -82,6 +85,7 @@ def data_view(data: Data, which: str) -> DataView:
                     limit=None if builtin else spec.limit,
                     max_length=data.max_length, max_bad_fraction=data.max_bad_fraction,
                     numbers=data.numbers if builtin else None,
+                    ranked=data.ranked if spec.source == "builtin:numbers-ranked" else None,
                     sha256=None if builtin or hub else file_digest(spec.source, which))
 
 
@@ -109,7 +113,7 @@ def validate_dataset(view: DataView) -> str:
     `data.preferences: 1500 rows, pairs layout (3 skipped: 3 chosen == rejected (rows 4, 9, 12))`.
     Meant for the pipeline's preflight, which calls it for every dataset before the first stage.
     """
-    rows, bad = read_dataset(view.spec(), view.which, view.numbers)  # as the stages read it
+    rows, bad = read_dataset(view.spec(), view.which, view.numbers, view.ranked)  # as the stages read it
     _refuse(bad, view, len(rows))
     text = f"data.{view.which}: {len(rows)} row{'' if len(rows) == 1 else 's'}, {bad.layout} layout"
     if bad.count:
@@ -118,12 +122,12 @@ def validate_dataset(view: DataView) -> str:
 
 
 def sft_examples(view: DataView, tok: Any) -> list[dict]:
-    rows, bad = read_dataset(view.spec(), "sft", view.numbers)
+    rows, bad = read_dataset(view.spec(), "sft", view.numbers, view.ranked)
     return _finish(bad, view, encode_rows(tok, rows, ["response"], view.max_length, bad))
 
 
 def pair_examples(view: DataView, tok: Any) -> list[dict]:
-    rows, bad = read_dataset(view.spec(), view.which, view.numbers)
+    rows, bad = read_dataset(view.spec(), view.which, view.numbers, view.ranked)
     return _finish(bad, view, encode_rows(tok, rows, ["chosen", "rejected"], view.max_length, bad))
 
 

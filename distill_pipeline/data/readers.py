@@ -571,15 +571,27 @@ def _not_object_reason(raw: Any) -> str:
     return f"{_json_type(raw)}, not a JSON object"
 
 
-def read_dataset(spec: Any, kind: str, numbers: Any = None) -> tuple[list[dict], BadRows]:
+def _builtin_task(source: str, numbers: Any, ranked: Any) -> dict[str, list[dict]]:
+    if source == "builtin:numbers":
+        from distill_pipeline.data.toy import make_task
+
+        return make_task(**numbers.model_dump())
+    from distill_pipeline.data.ranked import ErrorModel, make_ranked_task
+
+    sizes = numbers.model_dump(exclude={"noise"})
+    return make_ranked_task(**sizes, demos=ErrorModel(**ranked.demos.model_dump()),
+                            samples=ErrorModel(**ranked.samples.model_dump()))
+
+
+def read_dataset(spec: Any, kind: str, numbers: Any = None, ranked: Any = None) -> tuple[list[dict], BadRows]:
     """Read the dataset of a `DataSpec` as `kind` ('sft', 'preferences', 'validation' or 'eval').
+    `numbers` (config.NumbersTask) sizes a built-in task; `ranked` (config.RankedTask) sets the
+    writers of `builtin:numbers-ranked`.
 
     Returns the usable rows (each with its 1-based `row` number) and the `BadRows` report; raises
     `DataError` when the source as a whole cannot be read (see the module docstring)."""
-    if spec.source == "builtin:numbers":
-        from distill_pipeline.data.toy import make_task
-
-        task = make_task(**numbers.model_dump())
+    if spec.source.startswith("builtin:"):
+        task = _builtin_task(spec.source, numbers, ranked)
         raws = list(enumerate(task[kind], start=1))
         layout = "prompt_completion" if kind == "sft" else "pairs"
     else:

@@ -70,18 +70,25 @@ def drop_zeros(answer: str) -> str:
     return answer.replace("0", "")
 
 
+def split_numbers(rng: random.Random, *, n_eval: int, n_validation: int, max_value: int, n_sft: int,
+                  task: str = "numbers") -> tuple[list[int], list[int], list[int]]:
+    """(eval, validation, train) numbers: 0..max_value shuffled by `rng`, disjoint; the SFT set is
+    the first `n_sft` train numbers, preference pairs cycle through all of them."""
+    held_out = n_eval + n_validation
+    if n_sft + held_out > max_value + 1:
+        raise ValueError(f"{task} task: n_sft + n_eval + n_validation = {n_sft + held_out} exceeds "
+                         f"the {max_value + 1} distinct numbers 0..{max_value}; raise max_value")
+    numbers = list(range(max_value + 1))
+    rng.shuffle(numbers)
+    return numbers[:n_eval], numbers[n_eval:held_out], numbers[held_out:]
+
+
 def make_task(*, n_sft: int, n_pairs: int, n_eval: int, max_value: int, noise: float,
               seed: int, n_validation: int = 100) -> dict[str, list[dict]]:
     """Deterministic SFT / preference / validation / eval rows for the numbers task."""
-    held_out = n_eval + n_validation
-    if n_sft + held_out > max_value + 1:
-        raise ValueError(f"numbers task: n_sft + n_eval + n_validation = {n_sft + held_out} exceeds "
-                         f"the {max_value + 1} distinct numbers 0..{max_value}; raise max_value")
     rng = random.Random(seed)
-    numbers = list(range(max_value + 1))
-    rng.shuffle(numbers)
-    eval_numbers, train_numbers = numbers[:n_eval], numbers[held_out:]
-    validation_numbers = numbers[n_eval:held_out]
+    eval_numbers, validation_numbers, train_numbers = split_numbers(
+        rng, n_eval=n_eval, n_validation=n_validation, max_value=max_value, n_sft=n_sft)
     sft_numbers = train_numbers[:n_sft]
     sft = []
     for n in sft_numbers:

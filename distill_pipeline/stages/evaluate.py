@@ -1,6 +1,8 @@
 """Stage `evaluate`: score every model of the run on the held-out set.
 
-Metrics per model: `task_accuracy` (built-in numbers task: greedy answer == digits), `reward_accuracy`
+Metrics per model: `task_accuracy` (rows with an `answer`, as the built-in tasks': greedy answer ==
+answer), `task_reward` (its partial credit: 1 − edit distance / length, the numbers-ranked task's
+reward, per prompt in `responses.jsonl`), `reward_accuracy`
 (share of held-out pairs where the model gives the chosen response the higher mean log-prob),
 `mean_length` (generated tokens, EOS included); with `evaluate.reward_model`, `rm_reward` (mean
 score of the model's greedy responses) and `rm_win_rate` (share of prompts where its response
@@ -46,7 +48,7 @@ def view_for(cfg) -> EvaluateView:
 def run(view: EvaluateView, inputs: dict, out: Path) -> dict:
     from distill_pipeline.data import pair_examples
     from distill_pipeline.data.tokenize import decode_response
-    from distill_pipeline.metrics import evaluate_model, results_table
+    from distill_pipeline.metrics import evaluate_model, results_table, task_rewards
     from distill_pipeline.models import load_ref, model_ref
     from distill_pipeline.trackers import start
 
@@ -87,6 +89,7 @@ def run(view: EvaluateView, inputs: dict, out: Path) -> dict:
         notes.append(f"teacher judge: skipped (needs both {' and '.join(JUDGE)} in the run)")
     for kind, by_role in scores.items():
         _score_columns(results, kind, by_role)
+    credit = {role: task_rewards(tok, examples, rs) for role, rs in responses.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     with start(out) as tracker:  # report_to: the table, as <model>/<metric>
         tracker.log(0, {f"{role}/{k}": v for role, r in results.items() for k, v in r.items()})
@@ -95,6 +98,7 @@ def run(view: EvaluateView, inputs: dict, out: Path) -> dict:
             for i, (e, r) in enumerate(zip(examples, rs)):
                 fh.write(json.dumps({"model": role, "prompt": e["prompt"],
                                      "response": decode_response(tok, r), "response_ids": r,
+                                     **({} if credit[role] is None else {"task_reward": credit[role][i]}),
                                      **{kind: by_role[role][i] for kind, by_role in scores.items()}})
                          + "\n")
     (out / "table.txt").write_text("\n".join([results_table(results), *notes]) + "\n")
@@ -118,6 +122,6 @@ def report(folder: Path) -> str:
     return (folder / "table.txt").read_text().rstrip()
 
 
-STAGE = Stage(version=2, kind="generate", view=EvaluateView,
+STAGE = Stage(version=3, kind="generate", view=EvaluateView,
               inputs={ANY_ROLE: "every model of the run, by node name"},
               outputs=("results.json", "responses.jsonl", "table.txt"), run=run, report=report)

@@ -91,7 +91,7 @@ def test_compare_table_and_plot(shared, tmp_path):
                           "--out", str(tmp_path / "c.png")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["method", "task_accuracy", "reward_accuracy", "mean_length",
+    assert lines[0].split() == ["method", "task_accuracy", "reward_accuracy", "mean_length", "task_reward",
                                 "judge_reward", "judge_win_rate"]
     labels = {l.split()[0] for l in lines[1:] if l and not l.startswith("wrote")}
     assert {"sft.student", "sft.teacher", "teacher_dpo", "dckd", "adpa+"} <= labels

@@ -80,6 +80,11 @@ def test_evaluate_outputs(done_plan):
     for r in results.values():
         assert 0 <= r["task_accuracy"] <= 1 and 0 <= r["reward_accuracy"] <= 1 and r["n"] == 12
         assert 1 <= r["mean_length"] <= 6
+        assert r["task_accuracy"] <= r["task_reward"] <= 1  # partial credit ≥ exact match
+    rows = [json.loads(line) for line in (folder / "responses.jsonl").read_text().splitlines()]
+    for role, r in results.items():  # the mean of the per-prompt partial credits
+        mine = [row["task_reward"] for row in rows if row["model"] == role]
+        assert len(mine) == 12 and abs(sum(mine) / 12 - r["task_reward"]) < 1e-12
     assert "task_accuracy" in (folder / "table.txt").read_text()
 
 

@@ -315,7 +315,7 @@ def test_options_added_later_leave_existing_fingerprints_alone(tiny_config):
 # stage version bump), and say so in the change.
 QUICKSTART_FINGERPRINTS = {
     "sft.teacher": "259677bf924a4071", "sft.student": "42d3832e7c6e25ff", "teacher_dpo": "4ea61d4cd6230411",
-    "rollouts": "1f094452c777b289", "train": "3db421491858554a", "evaluate": "8309bb1cf90e8967"}
+    "rollouts": "1f094452c777b289", "train": "3db421491858554a", "evaluate": "8581885c44cd8bd9"}  # evaluate v3: task_reward
 
 
 def test_quickstart_fingerprints_are_pinned():
