@@ -14,17 +14,33 @@ from tests.conftest import ROOT
 
 @pytest.mark.slow
 def test_replication_smoke(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/replicate.py", "--smoke", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+    out = subprocess.run([sys.executable, "benchmarks/replicate.py", "--task", "numbers-ranked", "--smoke",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "DISTILL_PROGRESS": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads((tmp_path / "replication.json").read_text())
-    assert set(report["methods"]) == {"sft", "dpo", "dckd", "tvkd", "adpa", "adpa+"}
-    for r in report["methods"].values():
-        assert 0 <= r["task_accuracy"][0] <= 1 and r["task_accuracy"][1] == 0.0  # one seed
-    assert [c["claim"] for c in report["claim"]] == ["adpa+ >= adpa", "adpa > dckd", "dckd >= dpo", "dpo >= sft"]
-    assert (tmp_path / "replication.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| adpa+ |" in (tmp_path / "replication.md").read_text()
+    folder = tmp_path / "numbers-ranked"
+    report = json.loads((folder / "replication.json").read_text())
+    assert list(report["methods"]) == ["sft", "sft-yw", "dpo", "dckd", "adpa", "adpa+",
+                                       "adpa-no-sft", "dckd-no-yl", "dckd-sft-teacher"]
+    ms = report["methods"]
+    assert ms["adpa+"]["setting"] == {"alpha": ms["dckd"]["setting"]["alpha"],
+                                      "gamma": ms["adpa"]["setting"]["gamma"], "lr": ms["adpa"]["setting"]["lr"]}
+    assert ms["dckd-no-yl"]["setting"] == ms["dckd"]["setting"]
+    for r in ms.values():
+        assert 0 <= r["task_accuracy"][0] <= r["task_reward"][0] <= 1 and r["task_reward"][1] == 0.0  # one seed
+    assert [r["relation"] for r in report["relations"]][:4] == ["adpa+ >= adpa", "adpa > dckd", "dckd >= dpo",
+                                                                 "dpo >= sft"]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("relation ")]
+    assert len(lines) == len(report["relations"]) == 9
+    for line, rel in zip(lines, report["relations"]):
+        lo, hi = rel["ci"]
+        assert line == (f"relation {rel['relation']}: {rel['verdict']} (diff {rel['diff']:+.4f}, "
+                        f"95% CI [{lo:+.4f}, {hi:+.4f}])") and lo <= rel["diff"] <= hi
+    assert (folder / "replication.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| adpa+ |" in (folder / "replication.md").read_text()
+    tasks = subprocess.run([sys.executable, "benchmarks/replicate.py", "--list-tasks"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert tasks.stdout.split() == ["numbers", "numbers-ranked"]
 
 
 @pytest.mark.slow

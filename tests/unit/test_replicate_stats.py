@@ -1,0 +1,45 @@
+"""The replication benchmark's statistics: the paired bootstrap interval and its verdict."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks/replicate.py")
+replicate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(replicate)
+
+
+def test_interval_of_a_clear_difference_excludes_zero_and_holds():
+    rng = np.random.default_rng(1)
+    diffs = [rng.normal(0.05, 0.1, 200) for _ in range(5)]
+    point, lo, hi = replicate.paired_bootstrap(diffs, n_boot=4000)
+    assert point == pytest.approx(np.mean([d.mean() for d in diffs]))
+    assert 0 < lo < point < hi
+    assert replicate.verdict(lo, hi) == "holds"
+    point, lo, hi = replicate.paired_bootstrap([-d for d in diffs], n_boot=4000)
+    assert lo < hi < 0 and replicate.verdict(lo, hi) == "reversed"
+
+
+def test_interval_covers_seed_to_seed_spread_not_only_prompt_noise():
+    # every seed's prompts agree tightly, but the seeds disagree on the sign: inconclusive
+    diffs = [np.full(200, m) + np.random.default_rng(k).normal(0, 0.01, 200)
+             for k, m in enumerate([0.06, -0.04, 0.05, -0.05, 0.02])]
+    _, lo, hi = replicate.paired_bootstrap(diffs, n_boot=4000)
+    assert lo < 0 < hi and replicate.verdict(lo, hi) == "inconclusive"
+    assert hi - lo > 0.04  # the seeds' spread, not the prompts' (~0.002)
+
+
+def test_interval_matches_a_plain_two_level_bootstrap():
+    rng = np.random.default_rng(3)
+    diffs = [rng.normal(m, 0.2, 50) for m in (0.0, 0.1, 0.02)]
+    _, lo, hi = replicate.paired_bootstrap(diffs, n_boot=20_000, seed=5)
+    plain = []
+    for _ in range(20_000):  # the definition, one resample at a time
+        seeds = rng.integers(3, size=3)
+        plain.append(np.mean([diffs[s][rng.integers(50, size=50)].mean() for s in seeds]))
+    assert lo == pytest.approx(np.percentile(plain, 2.5), abs=0.006)
+    assert hi == pytest.approx(np.percentile(plain, 97.5), abs=0.006)
