@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--task-seed", default="each",
                     help="'each' (default): every seed regenerates the data and retrains SFT and "
                          "teachers; a number: that seed's data, SFT and teachers for every seed")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
     ap.add_argument("--methods", nargs="+", default=BASELINES + ABLATIONS,
                     help=f"of {' '.join(BASELINES + ABLATIONS + OTHERS)}")
     ap.add_argument("--smoke", action="store_true", help="one seed, one setting per method, 3 steps")
