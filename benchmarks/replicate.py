@@ -9,6 +9,8 @@ config's). Each method's own knob is searched with the learning rate — DCKD al
 {0.1, 0.2, 0.5, 1, 2, 5}, ADPA gamma in {0.5, 1, 1.5, 2, 3, 5}; ADPA+ takes DCKD's alpha and ADPA's
 gamma and searches the learning rate; DPO and SFT on y_w search the learning rate — on the first
 seed's validation split (by the task's metric), and the picked setting trains with every seed.
+The DPO teacher's learning rate is picked first, the same way, by the teacher's own validation
+score (`--teacher-lrs`; none: the task config's), before any student trains.
 The `sft` row is the SFT student itself; `sft-yw` is further SFT on the pairs' chosen answers.
 Ablations (the paper's Table 3): ADPA without its SFT term, DCKD without its y_l term (= forward-KL
 KD on y_w at DCKD's alpha) and DCKD with the SFT teacher in place of the DPO teacher.
@@ -116,6 +118,20 @@ def setting_tree(tree: dict, name: str, setting: dict) -> dict:
     return t
 
 
+def teacher_validation(tree: dict) -> dict:
+    """Train the DPO teacher of `tree` and score it on the validation split (as evaluate would)."""
+    from distill_pipeline.data import data_view, pair_examples
+    from distill_pipeline.metrics import evaluate_model
+    from distill_pipeline.models import load_ref, model_ref
+
+    plan = runner.make_plan(config_from_dict({**tree, "method": "dpo"}))
+    runner.run(plan, ["teacher_dpo"], use_ray=False, echo=lambda s: None)
+    model, tok = load_ref(model_ref(plan.folder("teacher_dpo")))
+    examples = pair_examples(data_view(plan.cfg.data, "validation"), tok)
+    return evaluate_model(model.eval(), tok, examples, batch_size=plan.cfg.evaluate.batch_size,
+                          max_new_tokens=plan.cfg.evaluate.max_new_tokens, desc="teacher validation")
+
+
 def train_only(tree: dict) -> dict:
     """Train (no evaluate) and return the train node's final validation row."""
     plan = runner.make_plan(config_from_dict(tree))
@@ -177,6 +193,9 @@ def main() -> None:
                     help="'each' (default): every seed regenerates the data and retrains SFT and "
                          "teachers; a number: that seed's data, SFT and teachers for every seed")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
+    ap.add_argument("--teacher-lrs", type=float, nargs="*", default=[1e-4, 3e-4, 1e-3],
+                    help="the DPO teacher's learning rate is picked from these on the first seed's "
+                         "validation split, by the teacher's own score (none given: the task config's)")
     ap.add_argument("--methods", nargs="+", default=BASELINES + ABLATIONS,
                     help=f"of {' '.join(BASELINES + ABLATIONS + OTHERS)}")
     ap.add_argument("--smoke", action="store_true", help="one seed, one setting per method, 3 steps")
@@ -195,8 +214,20 @@ def main() -> None:
     out = Path(args.out) / args.task
     out.mkdir(parents=True, exist_ok=True)
     tree = task_tree(args.task, out, args.smoke)
-    trees = {s: seeded(tree, s, task_seed) for s in args.seeds}
     t0 = time.perf_counter()
+    first = args.seeds[0]
+    teacher: dict = {"lr": tree["teacher_dpo"].get("lr"), "validation": {}}
+    if args.teacher_lrs:
+        lrs = args.teacher_lrs[:1] if args.smoke else args.teacher_lrs
+        teacher["validation"] = {lr: teacher_validation(seeded({**tree, "teacher_dpo": {**tree["teacher_dpo"], "lr": lr}},
+                                                               first, task_seed)) for lr in lrs}
+        teacher["lr"] = max(lrs, key=lambda lr: (teacher["validation"][lr].get(metric) or 0,
+                                                 teacher["validation"][lr]["reward_accuracy"]))
+        tree["teacher_dpo"]["lr"] = teacher["lr"]
+        print(f"teacher_dpo lr {teacher['lr']:g} (validation {metric}: "
+              + ", ".join(f"{lr:g} → {v.get(metric):.4f}" for lr, v in teacher["validation"].items()) + ")",
+              flush=True)
+    trees = {s: seeded(tree, s, task_seed) for s in args.seeds}
     # methods whose setting another method takes come first
     # (the SFT student's row comes from any other method's evaluation of the same seed)
     methods = sorted(args.methods, key=lambda m: (m == "sft", m not in ("dckd", "adpa"),
@@ -204,11 +235,12 @@ def main() -> None:
     models_of_seed: dict[int, dict] = {}
     report: dict = {"command": " ".join(sys.argv), "task": args.task, "metric": metric, "seeds": args.seeds,
                     "task_seed": args.task_seed, "lr_grid": args.lrs, "grids": grids, "methods": {},
+                    "teacher_dpo": {"lr": teacher["lr"],
+                                    "validation": {str(lr): v for lr, v in teacher["validation"].items()}},
                     "protocol": "teacher DPO beta 0.05; AdamW (0.9, 0.999), weight decay 0, clip 1.0, "
                                 "cosine with warmup ratio 0.1 on every training node; student batch "
                                 f"{tree['train'].get('batch_size')} for every method"}
     picked: dict[str, dict] = {}
-    first = args.seeds[0]
     for name in methods:
         t_method = time.perf_counter()
         if name == "sft":
@@ -297,7 +329,9 @@ def markdown(report: dict) -> str:
     metric, n = report["metric"], len(report["seeds"])
     md = [f"Task `{report['task']}`, {n} seed(s) over the whole pipeline (task seed: {report['task_seed']}); "
           f"mean ± sd over seeds on the eval split; settings picked on seed {report['seeds'][0]}'s validation "
-          f"split by {metric}.", "",
+          f"split by {metric}; DPO teacher (beta 0.05) at lr {report['teacher_dpo']['lr']:g}"
+          + (f", picked on that validation split from {', '.join(report['teacher_dpo']['validation'])} "
+             "by its own score" if report["teacher_dpo"]["validation"] else " (the task config's)") + ".", "",
           "| method | picked setting | task reward | task accuracy | reward accuracy | judge win rate vs SFT student |",
           "|---|---|---|---|---|---|"]
     for name, r in report["methods"].items():

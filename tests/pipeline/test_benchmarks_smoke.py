@@ -22,6 +22,9 @@ def test_replication_smoke(tmp_path):
     report = json.loads((folder / "replication.json").read_text())
     assert list(report["methods"]) == ["sft", "sft-yw", "dpo", "dckd", "adpa", "adpa+",
                                        "adpa-no-sft", "dckd-no-yl", "dckd-sft-teacher"]
+    teacher = report["teacher_dpo"]  # picked on validation (smoke: the first candidate only)
+    assert teacher["lr"] == 1e-4 and list(teacher["validation"]) == ["0.0001"]
+    assert 0 <= teacher["validation"]["0.0001"]["task_reward"] <= 1
     ms = report["methods"]
     assert ms["adpa+"]["setting"] == {"alpha": ms["dckd"]["setting"]["alpha"],
                                       "gamma": ms["adpa"]["setting"]["gamma"], "lr": ms["adpa"]["setting"]["lr"]}
