@@ -118,18 +118,19 @@ def setting_tree(tree: dict, name: str, setting: dict) -> dict:
     return t
 
 
-def teacher_validation(tree: dict) -> dict:
-    """Train the DPO teacher of `tree` and score it on the validation split (as evaluate would)."""
+def teacher_validation(tree: dict, node: str = "teacher_dpo") -> dict:
+    """Train `node` (the DPO teacher, or its SFT reference) of `tree` and score it on the
+    validation split, as evaluate scores models on the eval split."""
     from distill_pipeline.data import data_view, pair_examples
     from distill_pipeline.metrics import evaluate_model
     from distill_pipeline.models import load_ref, model_ref
 
     plan = runner.make_plan(config_from_dict({**tree, "method": "dpo"}))
-    runner.run(plan, ["teacher_dpo"], use_ray=False, echo=lambda s: None)
-    model, tok = load_ref(model_ref(plan.folder("teacher_dpo")))
+    runner.run(plan, [node], use_ray=False, echo=lambda s: None)
+    model, tok = load_ref(model_ref(plan.folder(node)))
     examples = pair_examples(data_view(plan.cfg.data, "validation"), tok)
     return evaluate_model(model.eval(), tok, examples, batch_size=plan.cfg.evaluate.batch_size,
-                          max_new_tokens=plan.cfg.evaluate.max_new_tokens, desc="teacher validation")
+                          max_new_tokens=plan.cfg.evaluate.max_new_tokens, desc=f"{node} validation")
 
 
 def train_only(tree: dict) -> dict:
@@ -224,9 +225,10 @@ def main() -> None:
         teacher["lr"] = max(lrs, key=lambda lr: (teacher["validation"][lr].get(metric) or 0,
                                                  teacher["validation"][lr]["reward_accuracy"]))
         tree["teacher_dpo"]["lr"] = teacher["lr"]
+        teacher["reference"] = teacher_validation(seeded(tree, first, task_seed), "sft.teacher")
         print(f"teacher_dpo lr {teacher['lr']:g} (validation {metric}: "
-              + ", ".join(f"{lr:g} → {v.get(metric):.4f}" for lr, v in teacher["validation"].items()) + ")",
-              flush=True)
+              + ", ".join(f"{lr:g} → {v.get(metric):.4f}" for lr, v in teacher["validation"].items())
+              + f"; its SFT reference {teacher['reference'].get(metric):.4f})", flush=True)
     trees = {s: seeded(tree, s, task_seed) for s in args.seeds}
     # methods whose setting another method takes come first
     # (the SFT student's row comes from any other method's evaluation of the same seed)
@@ -236,7 +238,8 @@ def main() -> None:
     report: dict = {"command": " ".join(sys.argv), "task": args.task, "metric": metric, "seeds": args.seeds,
                     "task_seed": args.task_seed, "lr_grid": args.lrs, "grids": grids, "methods": {},
                     "teacher_dpo": {"lr": teacher["lr"],
-                                    "validation": {str(lr): v for lr, v in teacher["validation"].items()}},
+                                    "validation": {str(lr): v for lr, v in teacher["validation"].items()},
+                                    "reference_validation": teacher.get("reference")},
                     "protocol": "teacher DPO beta 0.05; AdamW (0.9, 0.999), weight decay 0, clip 1.0, "
                                 "cosine with warmup ratio 0.1 on every training node; student batch "
                                 f"{tree['train'].get('batch_size')} for every method"}
@@ -330,8 +333,7 @@ def markdown(report: dict) -> str:
     md = [f"Task `{report['task']}`, {n} seed(s) over the whole pipeline (task seed: {report['task_seed']}); "
           f"mean ± sd over seeds on the eval split; settings picked on seed {report['seeds'][0]}'s validation "
           f"split by {metric}; DPO teacher (beta 0.05) at lr {report['teacher_dpo']['lr']:g}"
-          + (f", picked on that validation split from {', '.join(report['teacher_dpo']['validation'])} "
-             "by its own score" if report["teacher_dpo"]["validation"] else " (the task config's)") + ".", "",
+          + teacher_note(report["teacher_dpo"], metric) + ".", "",
           "| method | picked setting | task reward | task accuracy | reward accuracy | judge win rate vs SFT student |",
           "|---|---|---|---|---|---|"]
     for name, r in report["methods"].items():
@@ -342,6 +344,14 @@ def markdown(report: dict) -> str:
     md += [relation_line(*rel["relation"].split(" "), rel) for rel in report["relations"]]
     md += ["```", ""]
     return "\n".join(md)
+
+
+def teacher_note(teacher: dict, metric: str) -> str:
+    if not teacher["validation"]:
+        return " (the task config's)"
+    picked = teacher["validation"][str(teacher["lr"])].get(metric)
+    return (f", picked on that validation split from {', '.join(teacher['validation'])} by its own {metric} "
+            f"({picked:.4f}; its SFT reference: {teacher['reference_validation'].get(metric):.4f})")
 
 
 def plot(report: dict, path: Path) -> None:

@@ -25,6 +25,7 @@ def test_replication_smoke(tmp_path):
     teacher = report["teacher_dpo"]  # picked on validation (smoke: the first candidate only)
     assert teacher["lr"] == 1e-4 and list(teacher["validation"]) == ["0.0001"]
     assert 0 <= teacher["validation"]["0.0001"]["task_reward"] <= 1
+    assert 0 <= teacher["reference_validation"]["task_reward"] <= 1  # the SFT teacher, beside it
     ms = report["methods"]
     assert ms["adpa+"]["setting"] == {"alpha": ms["dckd"]["setting"]["alpha"],
                                       "gamma": ms["adpa"]["setting"]["gamma"], "lr": ms["adpa"]["setting"]["lr"]}
