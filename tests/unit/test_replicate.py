@@ -1,4 +1,4 @@
-"""The replication benchmark's statistics: the paired bootstrap interval and its verdict."""
+"""The replication benchmark: its seeds, the paired bootstrap interval and its verdict."""
 from __future__ import annotations
 
 import importlib.util
@@ -43,3 +43,27 @@ def test_interval_matches_a_plain_two_level_bootstrap():
         plain.append(np.mean([diffs[s][rng.integers(50, size=50)].mean() for s in seeds]))
     assert lo == pytest.approx(np.percentile(plain, 2.5), abs=0.006)
     assert hi == pytest.approx(np.percentile(plain, 97.5), abs=0.006)
+
+
+def test_a_seed_covers_the_whole_pipeline_unless_the_task_seed_pins_it(tmp_path):
+    tree = replicate.task_tree("numbers-ranked", tmp_path, smoke=True)
+    paths = [".".join(p) for p in replicate.TRAIN_SECTIONS]
+
+    def seeds(t: dict) -> dict:
+        out = {"data": t["data"]["numbers"]["seed"]}
+        for path in replicate.TRAIN_SECTIONS:
+            node = t
+            for part in path:
+                node = node[part]
+            out[".".join(path)] = node["seed"]
+        return out
+
+    assert seeds(replicate.seeded(tree, 4, None)) == {"data": 4, **{p: 4 for p in paths}}
+    pinned = seeds(replicate.seeded(tree, 4, 1))
+    assert pinned == {"data": 1, "sft.teacher": 1, "sft.student": 1, "teacher_dpo": 1, "train": 4}
+    assert tree["teacher_dpo"]["beta"] == 0.05  # the paper's protocol on every training node
+    for path in replicate.TRAIN_SECTIONS:
+        node = tree
+        for part in path:
+            node = node[part]
+        assert (node["warmup_ratio"], node["weight_decay"], node["max_grad_norm"]) == (0.1, 0.0, 1.0)
