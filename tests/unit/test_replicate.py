@@ -67,3 +67,21 @@ def test_a_seed_covers_the_whole_pipeline_unless_the_task_seed_pins_it(tmp_path)
         for part in path:
             node = node[part]
         assert (node["warmup_ratio"], node["weight_decay"], node["max_grad_norm"]) == (0.1, 0.0, 1.0)
+
+
+def test_each_row_trains_what_its_name_says(tmp_path):
+    tree = replicate.seeded(replicate.task_tree("numbers-ranked", tmp_path, smoke=True), 0, None)
+    st = replicate.setting_tree
+    plus = st(tree, "adpa+", {"alpha": 0.5, "gamma": 2.0, "lr": 3e-4})
+    assert plus["method"] == "adpa+" and plus["train"]["dckd_loss"] == {"alpha": 0.5}
+    assert plus["train"]["loss"] == {"gamma": 2.0} and plus["train"]["lr"] == 3e-4
+    assert st(tree, "adpa-no-sft", {"gamma": 2.0, "lr": 1e-3})["train"]["loss"] == {"gamma": 2.0, "sft_weight": 0.0}
+    no_yl = st(tree, "dckd-no-yl", {"alpha": 0.5, "lr": 1e-3})
+    assert no_yl["method"] == "vanilla_kd" and no_yl["train"]["loss"] == {"alpha": 0.5}
+    assert st(tree, "sft-yw", {"lr": 1e-4})["method"] == "sft"
+    assert st(tree, "dckd", {"alpha": 2.0, "lr": 1e-4})["train"]["loss"] == {"alpha": 2.0}
+    assert "teacher_dpo" not in st(tree, "dckd", {"alpha": 2.0, "lr": 1e-4})["models"]
+    swapped = st(tree, "dckd-sft-teacher", {"alpha": 2.0, "lr": 1e-4})  # trains the seed's SFT teacher
+    plan = replicate.runner.make_plan(replicate.config_from_dict({**tree, "method": "dckd"}))
+    assert swapped["method"] == "dckd"
+    assert swapped["models"]["teacher_dpo"] == {"name_or_path": str(plan.folder("sft.teacher") / "model")}
