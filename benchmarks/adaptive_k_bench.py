@@ -21,16 +21,41 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from replicate import base_tree, run  # noqa: E402
 
 from distill_pipeline.cache.admin import info  # noqa: E402
 from distill_pipeline.cache.store import Store  # noqa: E402
+from distill_pipeline.config import config_from_dict  # noqa: E402
+from distill_pipeline.pipeline import runner  # noqa: E402
 
 FORMATS = {"fixed K=50": None, "top_mass 0.999": 0.999, "top_mass 0.99": 0.99}
+
+
+def base_tree(config: Path, out: Path, smoke: bool) -> dict:
+    """The config's tree with this benchmark's run dir; with `smoke`, tiny data and 3 steps."""
+    tree = yaml.safe_load(config.read_text())
+    tree["run_dir"] = str(out / "run")
+    tree.setdefault("teacher_logits", {})["store"] = str(out / "store")
+    if smoke:
+        tree["data"]["numbers"] = {"n_sft": 64, "n_pairs": 32, "n_eval": 16, "n_validation": 8, "max_value": 9999}
+        tiny = {"max_steps": 3, "batch_size": 8, "checkpoint_every": 3}
+        tree["sft"] = {"teacher": {**tiny, "lr": 3e-3}, "student": {**tiny, "lr": 3e-3}}
+        tree["teacher_dpo"] = {**tiny, "lr": 1e-3}
+        tree["train"] = {**tree.get("train", {}), **tiny}
+    return tree
+
+
+def run(tree: dict, method: str, lr: float, seed: int) -> dict:
+    """Train `method` (the student's seed `seed`; SFT and teachers shared) and evaluate it."""
+    t = json.loads(json.dumps(tree))
+    t["method"] = method
+    t["train"] = {**t.get("train", {}), "lr": lr, "seed": seed}
+    plan = runner.make_plan(config_from_dict(t))
+    runner.run(plan, ["all"], use_ray=False, echo=lambda s: None)
+    return {"eval": json.loads((plan.folder("evaluate") / "results.json").read_text())["train"]}
 
 
 def main() -> None:
