@@ -61,37 +61,35 @@ PIPELINE_METHOD = {"sft-yw": "sft", "dckd-no-yl": "vanilla_kd", "adpa-no-sft": "
 PARENT = {"adpa-no-sft": "adpa", "dckd-no-yl": "dckd", "dckd-sft-teacher": "dckd"}
 
 
+def sections(tree: dict):
+    """(path, section dict) of every training node of `tree` (created empty where absent)."""
+    for path in TRAIN_SECTIONS:
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        yield path, node
+
+
 def task_tree(task: str, out: Path, smoke: bool) -> dict:
     tree = yaml.safe_load((ROOT / TASKS[task][0]).read_text())
     tree["run_dir"] = str(out / "run")
     tree.setdefault("teacher_logits", {})["store"] = str(out / "store")
     tree["teacher_dpo"] = {**tree.get("teacher_dpo", {}), "beta": 0.05}
-    for path in TRAIN_SECTIONS:
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
+    for _, node in sections(tree):
         node.update(warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0)
+        if smoke:
+            node.update(max_steps=3, batch_size=8, checkpoint_every=3)
     if smoke:
         tree["data"]["numbers"] = {**tree["data"]["numbers"], "n_sft": 64, "n_pairs": 32, "n_eval": 16,
                                    "n_validation": 8, "max_value": 9999}
-        tiny = {"max_steps": 3, "batch_size": 8, "checkpoint_every": 3}
-        for path in TRAIN_SECTIONS:
-            node = tree
-            for part in path:
-                node = node[part]
-            node.update(tiny)
     return tree
 
 
 def seeded(tree: dict, seed: int, task_seed: int | None) -> dict:
     """The tree of one seed: the data (unless --task-seed pins it) and every training node's seed."""
     t = json.loads(json.dumps(tree))
-    data_seed = seed if task_seed is None else task_seed
-    t["data"]["numbers"]["seed"] = data_seed
-    for path in TRAIN_SECTIONS:
-        node = t
-        for part in path:
-            node = node[part]
+    t["data"]["numbers"]["seed"] = seed if task_seed is None else task_seed
+    for path, node in sections(t):
         node["seed"] = seed if task_seed is None or path == ("train",) else task_seed
     return t
 

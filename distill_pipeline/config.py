@@ -93,6 +93,9 @@ class NumbersTask(Section):
     seed: int = 0
 
 
+# Two classes, not one with two instances: each writer needs its own defaults, so that
+# `--set data.ranked.demos.digit_error=…` keeps the other demos defaults (a partial override
+# validates against the class).
 class DemoWriter(Section):
     """The imperfect writer of the `numbers-ranked` task's SFT completions (docs/TASKS.md)."""
     digit_error: float = Field(0.03, ge=0.0, le=1.0, description="chance of a slip per digit")

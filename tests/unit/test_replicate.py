@@ -50,22 +50,14 @@ def test_a_seed_covers_the_whole_pipeline_unless_the_task_seed_pins_it(tmp_path)
     paths = [".".join(p) for p in replicate.TRAIN_SECTIONS]
 
     def seeds(t: dict) -> dict:
-        out = {"data": t["data"]["numbers"]["seed"]}
-        for path in replicate.TRAIN_SECTIONS:
-            node = t
-            for part in path:
-                node = node[part]
-            out[".".join(path)] = node["seed"]
-        return out
+        return {"data": t["data"]["numbers"]["seed"],
+                **{".".join(path): node["seed"] for path, node in replicate.sections(t)}}
 
     assert seeds(replicate.seeded(tree, 4, None)) == {"data": 4, **{p: 4 for p in paths}}
     pinned = seeds(replicate.seeded(tree, 4, 1))
     assert pinned == {"data": 1, "sft.teacher": 1, "sft.student": 1, "teacher_dpo": 1, "train": 4}
     assert tree["teacher_dpo"]["beta"] == 0.05  # the paper's protocol on every training node
-    for path in replicate.TRAIN_SECTIONS:
-        node = tree
-        for part in path:
-            node = node[part]
+    for _, node in replicate.sections(tree):
         assert (node["warmup_ratio"], node["weight_decay"], node["max_grad_norm"]) == (0.1, 0.0, 1.0)
 
 
